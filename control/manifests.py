@@ -1,0 +1,188 @@
+"""Manifest directories → cluster state (DESIGN.md section 5).
+
+A directory holds files ending .yaml, .yml or .json, each with one or more documents
+(multi-document YAML, or ``kind: List`` with ``items``) of the kinds Namespace, Pod,
+NetworkPolicy and ClusterProperty. YAML goes through libyaml's C loader: the pure-Python
+loader is several times slower and reading manifests is part of every ``mcnp matrix``.
+
+Two modes share one reader: *strict* (offline tools: the first invalid object stops the
+run with one line naming file, object and field) and *lenient* (the daemon: invalid
+objects are collected as errors, new invalid policies are replaced by their
+fail-closed stand-in, everything else keeps flowing — rule S9).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Optional
+
+import yaml
+
+from . import objects
+from .model import ClusterSet, ClusterState, InvalidObject, Options
+
+logger = logging.getLogger(__name__)
+
+try:
+    _Loader = yaml.CSafeLoader
+except AttributeError:  # pragma: no cover - PyYAML built without libyaml
+    raise ImportError("mcnp needs PyYAML built with libyaml (yaml.CSafeLoader)") from None
+
+SUFFIXES = (".yaml", ".yml", ".json")
+KINDS = ("Namespace", "Pod", "NetworkPolicy", "ClusterProperty")
+
+
+@dataclass
+class Document:
+    source: str  # "path" or "path#index" for multi-document files
+    obj: Mapping[str, Any]
+
+
+@dataclass
+class LoadResult:
+    state: ClusterState
+    declared_name: Optional[str] = None  # from a ClusterProperty
+    notes: list[str] = field(default_factory=list)
+    errors: list[InvalidObject] = field(default_factory=list)
+
+
+def manifest_files(path: str) -> list[str]:
+    if not os.path.isdir(path):
+        raise InvalidObject(path, "directory", "path", "is not a directory")
+    return sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(SUFFIXES) and not f.startswith("."))
+
+
+def read_file(path: str) -> Iterator[Document]:
+    """Documents of one file, ``kind: List`` flattened. Unparsable files raise."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if path.endswith(".json"):
+            docs = [json.loads(data)]
+        else:
+            docs = list(yaml.load_all(data, Loader=_Loader))
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        detail = str(e).replace("\n", " ")
+        raise InvalidObject(path, "file", "-", f"cannot be parsed: {detail}") from None
+    multi = len(docs) > 1
+    for i, doc in enumerate(docs):
+        src = f"{path}#{i}" if multi else path
+        if doc is None:
+            continue
+        if not isinstance(doc, Mapping):
+            raise InvalidObject(src, "document", "-", f"must be an object, not {type(doc).__name__}")
+        if doc.get("kind") == "List" or (doc.get("kind", "").endswith("List") and "items" in doc):
+            items = doc.get("items") or []
+            if not isinstance(items, list):
+                raise InvalidObject(src, "List", "items", "must be a list")
+            for j, item in enumerate(items):
+                if not isinstance(item, Mapping):
+                    raise InvalidObject(src, "List", f"items[{j}]", "must be an object")
+                yield Document(f"{src}[{j}]", item)
+        else:
+            yield Document(src, doc)
+
+
+def read_directory(path: str) -> list[Document]:
+    return [doc for f in manifest_files(path) for doc in read_file(f)]
+
+
+def build_cluster(name: str, docs: list[Document], strict: bool = True) -> LoadResult:
+    """Parse documents into one cluster's state. ``strict`` raises on the first invalid
+    object; lenient mode records it and, for policies, installs the fail-closed
+    stand-in (rule S9)."""
+    result = LoadResult(ClusterState(name))
+    state = result.state
+    seen: dict[tuple, str] = {}
+
+    def reject(err: InvalidObject) -> None:
+        if strict:
+            raise err
+        logger.warning("Cluster %s: rejected %s", name, err)
+        result.errors.append(err)
+
+    for doc in docs:
+        kind = doc.obj.get("kind")
+        if kind not in KINDS:
+            note = f"{doc.source}: {objects.describe(doc.obj)}: ignored (kind {kind!r} is not one mcnp reads)"
+            result.notes.append(note)
+            continue
+        try:
+            if kind == "ClusterProperty":
+                value = objects.cluster_property_value(doc.obj, doc.source)
+                if value is not None:
+                    if result.declared_name not in (None, value):
+                        raise InvalidObject(doc.source, objects.describe(doc.obj), "spec.value", f"declares cluster {value!r}, another ClusterProperty declares {result.declared_name!r}")
+                    result.declared_name = value
+                continue
+            if kind == "Namespace":
+                obj = objects.namespace(doc.obj, name, doc.source)
+                key = (kind, obj.name)
+            elif kind == "Pod":
+                obj = objects.pod(doc.obj, name, doc.source)
+                key = (kind, obj.namespace, obj.name)
+            else:
+                obj = objects.network_policy(doc.obj, name, doc.source)
+                key = (kind, obj.namespace, obj.name)
+            if key in seen:
+                raise InvalidObject(doc.source, objects.describe(doc.obj), "metadata.name", f"duplicate of the object in {seen[key]}")
+            seen[key] = doc.source
+        except InvalidObject as err:
+            reject(err)
+            if kind == "NetworkPolicy" and not strict:
+                stand_in = objects.fail_closed_policy(doc.obj, name, doc.source, err)
+                if stand_in is not None and (stand_in.namespace, stand_in.name) not in state.policies:
+                    state.policies[(stand_in.namespace, stand_in.name)] = stand_in
+            continue
+        if kind == "Namespace":
+            state.namespaces[obj.name] = obj
+        elif kind == "Pod":
+            state.pods[(obj.namespace, obj.name)] = obj
+        else:
+            state.policies[(obj.namespace, obj.name)] = obj
+    return result
+
+
+def load_cluster(name: Optional[str], path: str, strict: bool = True) -> LoadResult:
+    """Load one manifest directory. The cluster's name comes from ``name`` or, when that
+    is None, from its ClusterProperty; if both are given they must agree (rule M1)."""
+    docs = read_directory(path)
+    declared = None
+    for doc in docs:
+        if doc.obj.get("kind") == "ClusterProperty":
+            value = objects.cluster_property_value(doc.obj, doc.source)
+            if value is not None:
+                if name is not None and value != name:
+                    raise InvalidObject(doc.source, objects.describe(doc.obj), "spec.value", f"declares cluster {value!r} but it was given as {name!r}")
+                declared = declared or value
+    cluster = name or declared
+    if cluster is None:
+        raise InvalidObject(path, "directory", "-", "has no cluster name: give NAME=DIR or add a ClusterProperty cluster.clusterset.k8s.io")
+    if not objects.DNS_LABEL.match(cluster):
+        raise InvalidObject(path, "directory", "-", f"invalid cluster name {cluster!r} (must be an RFC 1123 label)")
+    return build_cluster(cluster, docs, strict)
+
+
+def parse_cluster_arg(text: str) -> tuple[Optional[str], str]:
+    """``NAME=DIR`` (or a bare ``DIR`` whose ClusterProperty names it)."""
+    name, sep, path = text.partition("=")
+    if not sep:
+        return None, text
+    return name, path
+
+
+def load_clusterset(specs: list[tuple[Optional[str], str]], options: Options = Options(), strict: bool = True) -> tuple[ClusterSet, list[str]]:
+    """Load several directories into one cluster set; duplicate names are an error."""
+    cset = ClusterSet(options=options)
+    notes: list[str] = []
+    for name, path in specs:
+        result = load_cluster(name, path, strict)
+        cname = result.state.name
+        if cname in cset.clusters:
+            raise InvalidObject(path, "directory", "--cluster", f"duplicate cluster name {cname!r}")
+        cset.clusters[cname] = result.state
+        notes.extend(result.notes)
+    return cset, notes

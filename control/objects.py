@@ -1,0 +1,329 @@
+"""Kubernetes objects (as ``kubectl get -o yaml`` prints them) → validated model values.
+
+This module is the one choke point that rejects invalid input. It validates what the
+API server would (so a manifest the server would refuse cannot silently mean
+something) and raises :class:`~control.model.InvalidObject` naming the source, the
+object and the field path.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any, Mapping, Optional
+
+from .model import (
+    EVERYTHING,
+    NS_NAME_KEY,
+    PROTOCOLS,
+    ContainerPort,
+    InvalidObject,
+    IPBlock,
+    Namespace,
+    Peer,
+    Pod,
+    Policy,
+    PortSpec,
+    Requirement,
+    Rule,
+    Selector,
+)
+
+_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_IANA_SVC_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def describe(obj: Mapping[str, Any]) -> str:
+    """``Kind namespace/name`` for messages, robust to malformed metadata."""
+    kind = obj.get("kind", "object") if isinstance(obj, Mapping) else "object"
+    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+    meta = meta if isinstance(meta, Mapping) else {}
+    name = meta.get("name", "?")
+    ns = meta.get("namespace")
+    return f"{kind} {ns}/{name}" if ns else f"{kind} {name}"
+
+
+class _Ctx:
+    """Where we are, so every error names file, object and field."""
+
+    def __init__(self, source: str, obj: Mapping[str, Any]):
+        self.source = source
+        self.obj = describe(obj)
+
+    def fail(self, path: str, message: str) -> InvalidObject:
+        return InvalidObject(self.source, self.obj, path, message)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _mapping(ctx: _Ctx, value: Any, path: str, required: bool = False) -> Mapping[str, Any]:
+    if value is None:
+        if required:
+            raise ctx.fail(path, "is required")
+        return {}
+    if not isinstance(value, Mapping):
+        raise ctx.fail(path, f"must be an object, not {type(value).__name__}")
+    return value
+
+
+def _list(ctx: _Ctx, value: Any, path: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ctx.fail(path, f"must be a list, not {type(value).__name__}")
+    return value
+
+
+def _label_key(ctx: _Ctx, key: Any, path: str) -> str:
+    if not isinstance(key, str) or not key:
+        raise ctx.fail(path, f"invalid label key {key!r}")
+    prefix, _, name = key.rpartition("/")
+    if prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
+        raise ctx.fail(path, f"invalid label key {key!r}: bad prefix")
+    if len(name) > 63 or not _LABEL_NAME.match(name):
+        raise ctx.fail(path, f"invalid label key {key!r}")
+    return key
+
+
+def _label_value(ctx: _Ctx, value: Any, path: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ctx.fail(path, f"invalid label value {value!r}")
+    value = str(value)
+    if len(value) > 63 or not _LABEL_VALUE.match(value):
+        raise ctx.fail(path, f"invalid label value {value!r}")
+    return value
+
+
+def labels_of(ctx: _Ctx, value: Any, path: str) -> dict[str, str]:
+    return {_label_key(ctx, k, f"{path}.{k}"): _label_value(ctx, v, f"{path}.{k}") for k, v in _mapping(ctx, value, path).items()}
+
+
+def selector(ctx: _Ctx, value: Any, path: str) -> Selector:
+    """A LabelSelector: matchLabels and matchExpressions, ANDed."""
+    value = _mapping(ctx, value, path)
+    unknown = set(value) - {"matchLabels", "matchExpressions"}
+    if unknown:
+        raise ctx.fail(f"{path}.{sorted(unknown)[0]}", "unknown selector field")
+    reqs = [Requirement(k, "In", frozenset([v])) for k, v in labels_of(ctx, value.get("matchLabels"), f"{path}.matchLabels").items()]
+    for i, expr in enumerate(_list(ctx, value.get("matchExpressions"), f"{path}.matchExpressions")):
+        p = f"{path}.matchExpressions[{i}]"
+        expr = _mapping(ctx, expr, p)
+        key = _label_key(ctx, expr.get("key"), f"{p}.key")
+        op = expr.get("operator")
+        if op not in _OPERATORS:
+            raise ctx.fail(f"{p}.operator", f"invalid operator {op!r} (must be one of {', '.join(_OPERATORS)})")
+        values = _list(ctx, expr.get("values"), f"{p}.values")
+        if op in ("In", "NotIn") and not values:
+            raise ctx.fail(f"{p}.values", f"must be non-empty for operator {op}")
+        if op in ("Exists", "DoesNotExist") and values:
+            raise ctx.fail(f"{p}.values", f"must be empty for operator {op}")
+        vals = frozenset(_label_value(ctx, v, f"{p}.values[{j}]") for j, v in enumerate(values))
+        reqs.append(Requirement(key, op, vals))
+    return Selector(tuple(reqs))
+
+
+def _network(ctx: _Ctx, value: Any, path: str):
+    if not isinstance(value, str):
+        raise ctx.fail(path, f"invalid CIDR {value!r}")
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ctx.fail(path, f"invalid CIDR {value!r}") from None
+
+
+def ip_block(ctx: _Ctx, value: Any, path: str) -> IPBlock:
+    value = _mapping(ctx, value, path)
+    if "cidr" not in value:
+        raise ctx.fail(f"{path}.cidr", "is required")
+    cidr = _network(ctx, value["cidr"], f"{path}.cidr")
+    excepts = []
+    for i, e in enumerate(_list(ctx, value.get("except"), f"{path}.except")):
+        net = _network(ctx, e, f"{path}.except[{i}]")
+        if net.version != cidr.version or not net.subnet_of(cidr) or net == cidr:
+            raise ctx.fail(f"{path}.except[{i}]", f"{e} must be a strict subset of cidr {cidr}")
+        excepts.append(net)
+    return IPBlock(cidr, tuple(excepts))
+
+
+def peer(ctx: _Ctx, value: Any, path: str) -> Peer:
+    value = _mapping(ctx, value, path)
+    pod_sel = selector(ctx, value["podSelector"], f"{path}.podSelector") if value.get("podSelector") is not None else None
+    ns_sel = (
+        selector(ctx, value["namespaceSelector"], f"{path}.namespaceSelector")
+        if value.get("namespaceSelector") is not None
+        else None
+    )
+    block = ip_block(ctx, value["ipBlock"], f"{path}.ipBlock") if value.get("ipBlock") is not None else None
+    if block is not None and (pod_sel is not None or ns_sel is not None):
+        raise ctx.fail(path, "ipBlock may not be combined with podSelector or namespaceSelector")
+    if block is None and pod_sel is None and ns_sel is None:
+        raise ctx.fail(path, "must specify podSelector, namespaceSelector or ipBlock")
+    return Peer(pod_sel, ns_sel, block)
+
+
+def port_spec(ctx: _Ctx, value: Any, path: str) -> PortSpec:
+    value = _mapping(ctx, value, path)
+    protocol = value.get("protocol") or "TCP"
+    if protocol not in PROTOCOLS:
+        raise ctx.fail(f"{path}.protocol", f"unsupported protocol {protocol!r} (must be TCP, UDP or SCTP)")
+    port = value.get("port")
+    end = value.get("endPort")
+    if isinstance(port, bool):
+        raise ctx.fail(f"{path}.port", f"invalid port {port!r}")
+    if isinstance(port, int):
+        if not 1 <= port <= 65535:
+            raise ctx.fail(f"{path}.port", f"port {port} out of range 1-65535")
+    elif isinstance(port, str):
+        if not _IANA_SVC_NAME.match(port) or "--" in port or not re.search("[a-z]", port):
+            raise ctx.fail(f"{path}.port", f"invalid named port {port!r} (must be an IANA service name)")
+    elif port is not None:
+        raise ctx.fail(f"{path}.port", f"invalid port {port!r}")
+    if end is not None:
+        if isinstance(end, bool) or not isinstance(end, int):
+            raise ctx.fail(f"{path}.endPort", f"invalid endPort {end!r}")
+        if port is None:
+            raise ctx.fail(f"{path}.endPort", "may not be set without port")
+        if isinstance(port, str):
+            raise ctx.fail(f"{path}.endPort", "may not be set with a named port")
+        if not port <= end <= 65535:
+            raise ctx.fail(f"{path}.endPort", f"endPort {end} must be >= port {port} and <= 65535")
+    return PortSpec(protocol, port, end)
+
+
+def rule(ctx: _Ctx, value: Any, path: str, peers_field: str) -> Rule:
+    value = _mapping(ctx, value, path)
+    peers = tuple(peer(ctx, p, f"{path}.{peers_field}[{i}]") for i, p in enumerate(_list(ctx, value.get(peers_field), f"{path}.{peers_field}")))
+    ports = tuple(port_spec(ctx, p, f"{path}.ports[{i}]") for i, p in enumerate(_list(ctx, value.get("ports"), f"{path}.ports")))
+    return Rule(peers, ports)
+
+
+def _metadata(ctx: _Ctx, obj: Mapping[str, Any], namespaced: bool) -> tuple[Optional[str], str]:
+    meta = _mapping(ctx, obj.get("metadata"), "metadata", required=True)
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        raise ctx.fail("metadata.name", "is required")
+    ns = meta.get("namespace") if namespaced else None
+    if namespaced and ns is None:
+        ns = "default"
+    if namespaced and (not isinstance(ns, str) or not DNS_LABEL.match(ns)):
+        raise ctx.fail("metadata.namespace", f"invalid namespace {ns!r}")
+    return ns, name
+
+
+# --------------------------------------------------------------------------- kinds
+
+
+def policy_types(ctx: _Ctx, spec: Mapping[str, Any]) -> frozenset:
+    """Rule S2: omitted (or empty) policyTypes means Ingress, plus Egress when the policy
+    has a non-empty egress list."""
+    types = _list(ctx, spec.get("policyTypes"), "spec.policyTypes")
+    for i, t in enumerate(types):
+        if t not in ("Ingress", "Egress"):
+            raise ctx.fail(f"spec.policyTypes[{i}]", f"invalid policy type {t!r}")
+    if types:
+        return frozenset(types)
+    return frozenset(["Ingress", "Egress"]) if spec.get("egress") else frozenset(["Ingress"])
+
+
+def network_policy(obj: Mapping[str, Any], cluster: str, source: str) -> Policy:
+    ctx = _Ctx(source, obj)
+    ns, name = _metadata(ctx, obj, namespaced=True)
+    spec = _mapping(ctx, obj.get("spec"), "spec", required=True)
+    pod_sel = selector(ctx, spec.get("podSelector"), "spec.podSelector")
+    types = policy_types(ctx, spec)
+    ingress = tuple(rule(ctx, r, f"spec.ingress[{i}]", "from") for i, r in enumerate(_list(ctx, spec.get("ingress"), "spec.ingress")))
+    egress = tuple(rule(ctx, r, f"spec.egress[{i}]", "to") for i, r in enumerate(_list(ctx, spec.get("egress"), "spec.egress")))
+    return Policy(cluster, ns, name, pod_sel, types, ingress, egress, source)
+
+
+def fail_closed_policy(obj: Mapping[str, Any], cluster: str, source: str, error: InvalidObject) -> Optional[Policy]:
+    """The stand-in for a *new* invalid policy (rule S9): it isolates the pods its
+    podSelector selects — the whole namespace when that selector is itself invalid — in
+    the directions it names (both when those cannot be read) and admits nothing.
+    Returns None when the object has no usable namespace/name at all."""
+    ctx = _Ctx(source, obj)
+    try:
+        ns, name = _metadata(ctx, obj, namespaced=True)
+    except InvalidObject:
+        return None
+    spec = obj.get("spec") if isinstance(obj.get("spec"), Mapping) else {}
+    try:
+        pod_sel = selector(ctx, spec.get("podSelector"), "spec.podSelector")
+    except InvalidObject:
+        pod_sel = EVERYTHING
+    try:
+        types = policy_types(ctx, spec)
+    except InvalidObject:
+        types = frozenset(["Ingress", "Egress"])
+    return Policy(cluster, ns, name, pod_sel, types, (), (), source, rejected=str(error))
+
+
+def namespace(obj: Mapping[str, Any], cluster: str, source: str) -> Namespace:
+    ctx = _Ctx(source, obj)
+    _, name = _metadata(ctx, obj, namespaced=False)
+    if not DNS_LABEL.match(name):
+        raise ctx.fail("metadata.name", f"invalid namespace name {name!r}")
+    labels = labels_of(ctx, obj["metadata"].get("labels"), "metadata.labels")
+    labels[NS_NAME_KEY] = name  # always set by the API server (rule S5)
+    return Namespace(cluster, name, labels, source)
+
+
+def pod(obj: Mapping[str, Any], cluster: str, source: str) -> Pod:
+    ctx = _Ctx(source, obj)
+    ns, name = _metadata(ctx, obj, namespaced=True)
+    labels = labels_of(ctx, obj["metadata"].get("labels"), "metadata.labels")
+    spec = _mapping(ctx, obj.get("spec"), "spec")
+    status = _mapping(ctx, obj.get("status"), "status")
+    ips = []
+    raw = [status["podIP"]] if status.get("podIP") else []
+    for i, entry in enumerate(_list(ctx, status.get("podIPs"), "status.podIPs")):
+        ip = _mapping(ctx, entry, f"status.podIPs[{i}]").get("ip")
+        if ip:
+            raw.append(ip)
+    for text in raw:
+        try:
+            ip = ipaddress.ip_address(text)
+        except (ValueError, TypeError):
+            raise ctx.fail("status.podIP", f"invalid IP address {text!r}") from None
+        if ip not in ips:
+            ips.append(ip)
+    ports = []
+    for ci, container in enumerate(_list(ctx, spec.get("containers"), "spec.containers")):
+        cpath = f"spec.containers[{ci}]"
+        container = _mapping(ctx, container, cpath)
+        for pi, p in enumerate(_list(ctx, container.get("ports"), f"{cpath}.ports")):
+            ppath = f"{cpath}.ports[{pi}]"
+            p = _mapping(ctx, p, ppath)
+            number = p.get("containerPort")
+            if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= 65535:
+                raise ctx.fail(f"{ppath}.containerPort", f"invalid port {number!r}")
+            proto = p.get("protocol") or "TCP"
+            if proto not in PROTOCOLS:
+                raise ctx.fail(f"{ppath}.protocol", f"unsupported protocol {proto!r}")
+            pname = p.get("name")
+            if pname is not None and (not isinstance(pname, str) or not _IANA_SVC_NAME.match(pname)):
+                raise ctx.fail(f"{ppath}.name", f"invalid port name {pname!r}")
+            ports.append(ContainerPort(pname, number, proto))
+    node = spec.get("nodeName")
+    return Pod(
+        cluster, ns, name, labels, tuple(ips), node if isinstance(node, str) else None,
+        tuple(ports), bool(spec.get("hostNetwork")), str(status.get("phase") or "Running"), source,
+    )
+
+
+def cluster_property_value(obj: Mapping[str, Any], source: str) -> Optional[str]:
+    """The cluster name a ``ClusterProperty cluster.clusterset.k8s.io`` declares (rule
+    M1), or None for any other ClusterProperty."""
+    ctx = _Ctx(source, obj)
+    _, name = _metadata(ctx, obj, namespaced=False)
+    if name != "cluster.clusterset.k8s.io":
+        return None
+    value = _mapping(ctx, obj.get("spec"), "spec", required=True).get("value")
+    if not isinstance(value, str) or not DNS_LABEL.match(value):
+        raise ctx.fail("spec.value", f"invalid cluster name {value!r} (must be an RFC 1123 label)")
+    return value

@@ -1,0 +1,47 @@
+"""Build of mcnp's native parts.
+
+Everything declarative lives in pyproject.toml; this file only declares the cffi
+modules (API mode, one builder module per extension under csrc/) and compiles the
+XDP program with clang as part of ``build_ext``, so one ``pip install`` builds
+everything the dataplane loads.
+"""
+
+import os
+import subprocess
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# (source under csrc/, object placed in the fastpath package)
+BPF_OBJECTS = [("csrc/xdp_redirect.bpf.c", "fastpath/xdp_redirect.bpf.o")]
+
+# Each builder module exposes ``ffibuilder`` and calls set_source once.
+CFFI_MODULES = [
+    path
+    for path in ("csrc/build_xsk.py:ffibuilder", "csrc/build_match.py:ffibuilder", "csrc/build_ct.py:ffibuilder")
+    if os.path.exists(os.path.join(HERE, path.split(":")[0]))
+]
+
+
+def compile_bpf(src: str, dst: str) -> None:
+    """Compile one XDP program to a BPF object with clang (-O2, BTF for libbpf)."""
+    arch = os.uname().machine.replace("x86_64", "x86").replace("aarch64", "arm64")
+    cmd = [
+        "clang", "-O2", "-g", "-Wall", "-Werror", "-target", "bpf",
+        f"-D__TARGET_ARCH_{arch}", "-I", os.path.join(HERE, "csrc"),
+        "-c", os.path.join(HERE, src), "-o", os.path.join(HERE, dst),
+    ]
+    subprocess.run(cmd, check=True)
+
+
+class BuildExt(build_ext):
+    def run(self):
+        for src, dst in BPF_OBJECTS:
+            if os.path.exists(os.path.join(HERE, src)):
+                compile_bpf(src, dst)
+        super().run()
+
+
+setup(cmdclass={"build_ext": BuildExt}, cffi_modules=CFFI_MODULES)
