@@ -1,0 +1,481 @@
+/* AF_XDP plumbing: one UMEM shared by the sockets of every port, a frame
+ * pool that makes ownership of each frame explicit, and batch RX/TX.
+ *
+ * Frame ownership.  Every UMEM frame is in exactly one place:
+ *   pool -> fill ring (kernel) -> RX ring -> caller -> TX ring (kernel)
+ *        -> completion ring -> pool
+ * or the caller hands it straight back with mcnp_pool_free.  The pool is a
+ * LIFO stack of frame base addresses (recently used frames stay warm in the
+ * cache).  Sockets of different interfaces each get their own fill and
+ * completion ring, but all take from and return to this one pool, which is
+ * what lets a frame received on one port be transmitted on another without a
+ * userspace copy.
+ *
+ * Kernel facts this code relies on (DESIGN.md section 3): copy mode only;
+ * libxdp must not load its dispatcher, so the XDP program is loaded with
+ * libbpf and attached per port; bind fails with EBUSY for a while after a
+ * socket on the same queue closed; copy-mode TX sends at most 32 frames per
+ * sendto() kick.
+ */
+#include <errno.h>
+#include <net/if.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <bpf/bpf.h>
+#include <bpf/libbpf.h>
+#include <linux/if_link.h>
+#include <xdp/xsk.h>
+
+#include "mcnp_xsk.h"
+
+#define BIND_RETRIES 100        /* x BIND_RETRY_NS: up to 2 s of EBUSY */
+#define BIND_RETRY_NS 20000000L
+#define COPY_TX_PER_KICK 32
+
+struct mcnp_umem {
+    struct xsk_umem *umem;
+    struct xsk_ring_prod fill0; /* rings made with the UMEM; libxdp hands */
+    struct xsk_ring_cons comp0; /* them to the first socket */
+    uint8_t *area;
+    uint64_t size;
+    uint32_t frame_size;
+    uint32_t frames;
+    uint32_t ring_size;
+    uint64_t *pool;
+    uint32_t pool_n;
+    uint64_t bad_frees;
+    int nports;
+};
+
+struct mcnp_port {
+    struct mcnp_umem *u;
+    struct xsk_socket *xsk;
+    struct xsk_ring_cons rx;
+    struct xsk_ring_prod tx;
+    struct xsk_ring_prod fill;
+    struct xsk_ring_cons comp;
+    struct bpf_object *obj;
+    int prog_fd;
+    int xsks_map_fd;
+    int stats_map_fd;
+    int ifindex;
+    uint32_t queue_id;
+    uint32_t attach_flags;
+    int xdp_mode;
+    uint32_t fill_target;
+    struct mcnp_port_stats st;
+};
+
+/* ---- UMEM and frame pool ----------------------------------------------- */
+
+int mcnp_umem_create(struct mcnp_umem **out, void *area, uint32_t frames,
+                     uint32_t frame_size, uint32_t ring_size)
+{
+    struct xsk_umem_config cfg = {
+        .fill_size = ring_size,
+        .comp_size = ring_size,
+        .frame_size = frame_size,
+        .frame_headroom = 0,
+        .flags = 0,
+    };
+    struct mcnp_umem *u;
+    uint32_t i;
+    int err;
+
+    *out = NULL;
+    if (!area || frames == 0 || frame_size < 2048 || (frame_size & (frame_size - 1)) ||
+        ring_size == 0 || (ring_size & (ring_size - 1)))
+        return -EINVAL;
+    u = calloc(1, sizeof(*u));
+    if (!u)
+        return -ENOMEM;
+    u->pool = malloc(sizeof(uint64_t) * frames);
+    if (!u->pool) {
+        free(u);
+        return -ENOMEM;
+    }
+    u->area = area;
+    u->frames = frames;
+    u->frame_size = frame_size;
+    u->ring_size = ring_size;
+    u->size = (uint64_t)frames * frame_size;
+    err = xsk_umem__create(&u->umem, area, u->size, &u->fill0, &u->comp0, &cfg);
+    if (err) {
+        free(u->pool);
+        free(u);
+        return err < 0 ? err : -err;
+    }
+    /* Push in reverse so the first allocations hand out the lowest frames. */
+    for (i = 0; i < frames; i++)
+        u->pool[i] = (uint64_t)(frames - 1 - i) * frame_size;
+    u->pool_n = frames;
+    *out = u;
+    return 0;
+}
+
+int mcnp_umem_destroy(struct mcnp_umem *u)
+{
+    int err;
+    if (!u)
+        return 0;
+    if (u->nports > 0)
+        return -EBUSY;
+    err = xsk_umem__delete(u->umem);
+    if (err)
+        return err;
+    free(u->pool);
+    free(u);
+    return 0;
+}
+
+uint32_t mcnp_umem_free_frames(struct mcnp_umem *u) { return u->pool_n; }
+uint64_t mcnp_umem_bad_frees(struct mcnp_umem *u) { return u->bad_frees; }
+
+uint32_t mcnp_pool_alloc(struct mcnp_umem *u, uint64_t *addrs, uint32_t n)
+{
+    uint32_t i;
+    if (n > u->pool_n)
+        n = u->pool_n;
+    for (i = 0; i < n; i++)
+        addrs[i] = u->pool[--u->pool_n];
+    return n;
+}
+
+static inline void pool_put(struct mcnp_umem *u, uint64_t addr)
+{
+    /* A full pool means this frame is already free: refuse, do not corrupt. */
+    if (addr >= u->size || u->pool_n >= u->frames) {
+        u->bad_frees++;
+        return;
+    }
+    u->pool[u->pool_n++] = addr & ~(uint64_t)(u->frame_size - 1);
+}
+
+void mcnp_pool_free(struct mcnp_umem *u, const uint64_t *addrs, uint32_t n)
+{
+    uint32_t i;
+    for (i = 0; i < n; i++)
+        pool_put(u, addrs[i]);
+}
+
+uint32_t mcnp_frames_copy(struct mcnp_umem *u, const uint64_t *src, const uint32_t *lens,
+                          uint64_t *dst, uint32_t n)
+{
+    uint32_t i;
+    for (i = 0; i < n && u->pool_n > 0; i++) {
+        uint32_t len = lens[i];
+        if (src[i] >= u->size || len > u->frame_size ||
+            len > u->frame_size - (src[i] & (u->frame_size - 1)))
+            len = 0; /* invalid source: hand out an empty frame, never overrun */
+        dst[i] = u->pool[--u->pool_n];
+        memcpy(u->area + dst[i], u->area + src[i], len);
+    }
+    return i;
+}
+
+/* ---- ports --------------------------------------------------------------- */
+
+static int load_program(struct mcnp_port *p, const char *path)
+{
+    struct bpf_program *prog;
+    int err;
+
+    p->obj = bpf_object__open_file(path, NULL);
+    if (!p->obj) {
+        err = -errno;
+        p->obj = NULL;
+        return err ? err : -ENOENT;
+    }
+    err = bpf_object__load(p->obj);
+    if (err)
+        return err;
+    prog = bpf_object__find_program_by_name(p->obj, MCNP_XDP_PROG_NAME);
+    if (!prog)
+        return -ENOENT;
+    p->prog_fd = bpf_program__fd(prog);
+    p->xsks_map_fd = bpf_object__find_map_fd_by_name(p->obj, MCNP_XSKS_MAP_NAME);
+    p->stats_map_fd = bpf_object__find_map_fd_by_name(p->obj, MCNP_STATS_MAP_NAME);
+    if (p->prog_fd < 0 || p->xsks_map_fd < 0 || p->stats_map_fd < 0)
+        return -ENOENT;
+    return 0;
+}
+
+static int attach_program(struct mcnp_port *p, int mode)
+{
+    int err = -EINVAL;
+    if (mode == MCNP_XDP_AUTO || mode == MCNP_XDP_NATIVE) {
+        err = bpf_xdp_attach(p->ifindex, p->prog_fd, XDP_FLAGS_DRV_MODE, NULL);
+        if (!err) {
+            p->attach_flags = XDP_FLAGS_DRV_MODE;
+            p->xdp_mode = MCNP_XDP_NATIVE;
+            return 0;
+        }
+        if (mode == MCNP_XDP_NATIVE)
+            return err;
+    }
+    err = bpf_xdp_attach(p->ifindex, p->prog_fd, XDP_FLAGS_SKB_MODE, NULL);
+    if (!err) {
+        p->attach_flags = XDP_FLAGS_SKB_MODE;
+        p->xdp_mode = MCNP_XDP_GENERIC;
+    }
+    return err;
+}
+
+static void detach_program(struct mcnp_port *p)
+{
+    /* Detach only our own program: if something replaced it, leave that be. */
+    LIBBPF_OPTS(bpf_xdp_attach_opts, opts, .old_prog_fd = p->prog_fd);
+    if (p->xdp_mode)
+        bpf_xdp_detach(p->ifindex, p->attach_flags | XDP_FLAGS_REPLACE, &opts);
+    p->xdp_mode = 0;
+}
+
+static int create_socket(struct mcnp_port *p, const char *ifname)
+{
+    struct xsk_socket_config cfg = {
+        .rx_size = p->u->ring_size,
+        .tx_size = p->u->ring_size,
+        .libxdp_flags = XSK_LIBXDP_FLAGS__INHIBIT_PROG_LOAD,
+        .xdp_flags = 0,
+        .bind_flags = XDP_COPY | XDP_USE_NEED_WAKEUP,
+    };
+    struct timespec pause = { 0, BIND_RETRY_NS };
+    int err = 0, tries;
+
+    for (tries = 0; tries < BIND_RETRIES; tries++) {
+        err = xsk_socket__create_shared(&p->xsk, ifname, p->queue_id, p->u->umem, &p->rx,
+                                        &p->tx, &p->fill, &p->comp, &cfg);
+        if (err != -EBUSY)
+            break;
+        p->xsk = NULL;
+        nanosleep(&pause, NULL);
+    }
+    if (err)
+        p->xsk = NULL;
+    return err;
+}
+
+static void refill(struct mcnp_port *p)
+{
+    struct mcnp_umem *u = p->u;
+    uint32_t want, got, idx, i;
+
+    if (p->st.fill_outstanding >= p->fill_target)
+        return;
+    want = p->fill_target - p->st.fill_outstanding;
+    if (want > u->pool_n) {
+        want = u->pool_n;
+        p->st.fill_short++;
+    }
+    if (want == 0)
+        return;
+    got = xsk_ring_prod__reserve(&p->fill, want, &idx);
+    for (i = 0; i < got; i++)
+        *xsk_ring_prod__fill_addr(&p->fill, idx + i) = u->pool[--u->pool_n];
+    xsk_ring_prod__submit(&p->fill, got);
+    p->st.fill_outstanding += got;
+    if (got && xsk_ring_prod__needs_wakeup(&p->fill))
+        recvfrom(xsk_socket__fd(p->xsk), NULL, 0, MSG_DONTWAIT, NULL, NULL);
+}
+
+uint32_t mcnp_port_reap(struct mcnp_port *p)
+{
+    uint32_t idx, got, i;
+    got = xsk_ring_cons__peek(&p->comp, p->u->ring_size, &idx);
+    for (i = 0; i < got; i++)
+        pool_put(p->u, *xsk_ring_cons__comp_addr(&p->comp, idx + i));
+    xsk_ring_cons__release(&p->comp, got);
+    p->st.tx_outstanding -= got < p->st.tx_outstanding ? got : p->st.tx_outstanding;
+    p->st.tx_frames += got;
+    return got;
+}
+
+/* Give every frame the kernel still holds for this port back to the pool:
+ * RX descriptors not yet taken, fill entries not yet consumed, completions. */
+static void drain_rings(struct mcnp_port *p)
+{
+    uint32_t idx, got, i, cons, prod;
+
+    got = xsk_ring_cons__peek(&p->rx, p->u->ring_size, &idx);
+    for (i = 0; i < got; i++)
+        pool_put(p->u, xsk_ring_cons__rx_desc(&p->rx, idx + i)->addr);
+    xsk_ring_cons__release(&p->rx, got);
+    cons = __atomic_load_n(p->fill.consumer, __ATOMIC_ACQUIRE);
+    prod = *p->fill.producer;
+    for (i = cons; i != prod; i++)
+        pool_put(p->u, *xsk_ring_prod__fill_addr(&p->fill, i));
+    p->st.fill_outstanding = 0;
+    mcnp_port_reap(p);
+}
+
+int mcnp_port_open(struct mcnp_port **out, struct mcnp_umem *u, const char *ifname,
+                   const char *bpf_obj_path, uint32_t queue_id, int xdp_mode,
+                   uint32_t fill_target)
+{
+    struct mcnp_port *p;
+    int err;
+
+    *out = NULL;
+    if (queue_id >= MCNP_XSKS_MAX || xdp_mode < MCNP_XDP_AUTO || xdp_mode > MCNP_XDP_GENERIC)
+        return -EINVAL;
+    p = calloc(1, sizeof(*p));
+    if (!p)
+        return -ENOMEM;
+    p->u = u;
+    p->queue_id = queue_id;
+    p->prog_fd = p->xsks_map_fd = p->stats_map_fd = -1;
+    p->fill_target = fill_target < u->ring_size ? fill_target : u->ring_size;
+    p->ifindex = (int)if_nametoindex(ifname);
+    if (!p->ifindex) {
+        err = -ENODEV;
+        goto fail;
+    }
+    err = load_program(p, bpf_obj_path);
+    if (err)
+        goto fail;
+    err = create_socket(p, ifname);
+    if (err)
+        goto fail;
+    u->nports++;
+    refill(p);
+    err = xsk_socket__update_xskmap(p->xsk, p->xsks_map_fd);
+    if (err)
+        goto fail;
+    /* Attach last: by the time frames are redirected, a socket is waiting. */
+    err = attach_program(p, xdp_mode);
+    if (err)
+        goto fail;
+    *out = p;
+    return 0;
+fail:
+    mcnp_port_close(p);
+    return err < 0 ? err : -err;
+}
+
+void mcnp_port_close(struct mcnp_port *p)
+{
+    if (!p)
+        return;
+    detach_program(p);
+    if (p->xsk) {
+        uint32_t key = p->queue_id;
+        bpf_map_delete_elem(p->xsks_map_fd, &key);
+        drain_rings(p);
+        xsk_socket__delete(p->xsk);
+        p->xsk = NULL;
+        p->u->nports--;
+    }
+    if (p->obj)
+        bpf_object__close(p->obj);
+    free(p);
+}
+
+int mcnp_port_fd(struct mcnp_port *p) { return xsk_socket__fd(p->xsk); }
+int mcnp_port_xdp_mode(struct mcnp_port *p) { return p->xdp_mode; }
+
+void mcnp_port_get_stats(struct mcnp_port *p, struct mcnp_port_stats *out)
+{
+    *out = p->st;
+}
+
+int mcnp_port_xdp_counters(struct mcnp_port *p, uint64_t *out, uint32_t n)
+{
+    int ncpu = libbpf_num_possible_cpus();
+    uint64_t *vals;
+    uint32_t key;
+    int c, err = 0;
+
+    if (ncpu <= 0)
+        return ncpu ? ncpu : -EINVAL;
+    vals = calloc((size_t)ncpu, sizeof(uint64_t));
+    if (!vals)
+        return -ENOMEM;
+    for (key = 0; key < n && key < MCNP_STATS_MAX; key++) {
+        out[key] = 0;
+        err = bpf_map_lookup_elem(p->stats_map_fd, &key, vals);
+        if (err) {
+            err = -errno;
+            break;
+        }
+        for (c = 0; c < ncpu; c++)
+            out[key] += vals[c];
+    }
+    free(vals);
+    return err;
+}
+
+/* ---- batch RX / TX ---------------------------------------------------- */
+
+int mcnp_rx_batch(struct mcnp_port *p, uint64_t *addrs, uint32_t *lens, uint32_t max)
+{
+    uint32_t idx, got, i;
+
+    got = xsk_ring_cons__peek(&p->rx, max, &idx);
+    for (i = 0; i < got; i++) {
+        const struct xdp_desc *d = xsk_ring_cons__rx_desc(&p->rx, idx + i);
+        addrs[i] = d->addr;
+        lens[i] = d->len;
+    }
+    xsk_ring_cons__release(&p->rx, got);
+    p->st.fill_outstanding -= got < p->st.fill_outstanding ? got : p->st.fill_outstanding;
+    p->st.rx_frames += got;
+    mcnp_port_reap(p);
+    refill(p);
+    return (int)got;
+}
+
+static int kick(struct mcnp_port *p)
+{
+    int fd = xsk_socket__fd(p->xsk);
+    uint32_t tries, max_tries = p->st.tx_outstanding / COPY_TX_PER_KICK + 8;
+
+    for (tries = 0; p->st.tx_outstanding > 0 && tries < max_tries; tries++) {
+        p->st.kicks++;
+        if (sendto(fd, NULL, 0, MSG_DONTWAIT, NULL, 0) < 0 && errno != EAGAIN &&
+            errno != EBUSY && errno != ENOBUFS && errno != EINTR) {
+            p->st.kick_errors++;
+            return -errno;
+        }
+        mcnp_port_reap(p);
+    }
+    return 0;
+}
+
+int mcnp_tx_batch(struct mcnp_port *p, const uint64_t *addrs, const uint32_t *lens,
+                  uint32_t n)
+{
+    struct mcnp_umem *u = p->u;
+    uint32_t idx = 0, got, i, q = 0;
+    int err;
+
+    mcnp_port_reap(p);
+    got = xsk_ring_prod__reserve(&p->tx, n, &idx);
+    for (i = 0; i < n; i++) {
+        uint64_t a = addrs[i];
+        if (a >= u->size || lens[i] > u->frame_size - (a & (u->frame_size - 1))) {
+            p->st.tx_invalid++;
+            pool_put(u, a);
+            continue;
+        }
+        if (q == got) {
+            p->st.tx_ring_full++;
+            pool_put(u, a);
+            continue;
+        }
+        struct xdp_desc *d = xsk_ring_prod__tx_desc(&p->tx, idx + q++);
+        d->addr = a;
+        d->len = lens[i];
+        d->options = 0;
+    }
+    /* Give back reserved slots left unused (reserve only advanced cached_prod). */
+    p->tx.cached_prod -= got - q;
+    xsk_ring_prod__submit(&p->tx, q);
+    p->st.tx_queued += q;
+    p->st.tx_outstanding += q;
+    err = kick(p);
+    return err ? err : (int)q;
+}

@@ -1,0 +1,297 @@
+"""AF_XDP ports over one shared UMEM: the packet loop's only view of the rings.
+
+Model
+-----
+A :class:`Umem` is one block of frames (``frames`` x ``frame_size`` bytes)
+shared by the sockets of every :class:`Port`, plus a pool of free frames.
+Because all ports share it, a frame received on one port can be transmitted
+on another by address, without a copy.  Frames are named by their UMEM
+address (uint64); ``umem.buf`` is the whole UMEM as a writable uint8 numpy
+array, so ``buf[addr:addr+len]`` is a frame.
+
+Ownership of a frame is explicit and moves, never shared:
+
+* :meth:`Port.rx` / :meth:`Port.rx_into` hand received frames to the caller;
+* the caller then passes each to exactly one of :meth:`Port.tx` (the port
+  owns it until its completion returns it to the pool), :meth:`Umem.free`
+  (dropped), or keeps it (and frees it later);
+* :meth:`Umem.copy` makes fresh frames holding the same bytes (for flooding
+  one frame to several ports: copy for all destinations but one).
+
+Each method crosses the FFI once per batch.  Completions are reaped and fill
+rings refilled inside ``rx``/``tx``; nothing needs a timer.
+
+Lifetime
+--------
+Use ``with Umem(...) as umem, Port(umem, "veth0") as p:`` or call
+``close()``.  Closing a port detaches its XDP program (only if it is still
+ours), removes it from the XSKMAP, returns its frames to the pool and closes
+the socket; closing a Umem closes its remaining ports first.  Every live
+Umem is also closed at interpreter exit (atexit).  SIGTERM does not run
+atexit handlers: the loop owner should turn SIGTERM/SIGINT into a normal exit
+(e.g. ``loop.add_signal_handler(SIGTERM, stop)`` then let the ``with`` blocks
+unwind).  If the process dies anyway, the XDP program stays attached with no
+socket and drops the port's traffic (fail closed) until the next start
+replaces it.
+
+Errors: every C failure becomes :class:`XskError` (an ``OSError`` with the
+errno) in :func:`_check`, the only place that interprets C return codes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import mmap
+import os
+import weakref
+
+import numpy as np
+
+from fastpath._xsk import ffi, lib
+
+logger = logging.getLogger(__name__)
+
+#: The XDP object built from csrc/xdp_redirect.bpf.c, shipped in the package.
+BPF_OBJECT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "xdp_redirect.bpf.o")
+
+XDP_MODES = {"auto": lib.MCNP_XDP_AUTO, "native": lib.MCNP_XDP_NATIVE,
+             "generic": lib.MCNP_XDP_GENERIC}
+_MODE_NAMES = {lib.MCNP_XDP_NATIVE: "native", lib.MCNP_XDP_GENERIC: "generic", 0: "detached"}
+XDP_ACTIONS = ("aborted", "drop", "pass", "tx", "redirect")
+
+
+class XskError(OSError):
+    """A failed AF_XDP/BPF operation; ``errno`` holds the kernel's error."""
+
+
+def _check(rc: int, what: str) -> int:
+    """Return rc if it is >= 0, else raise XskError naming the operation."""
+    if rc < 0:
+        code = -rc
+        raise XskError(code, f"{what}: {os.strerror(code)}")
+    return rc
+
+
+def _u64(a: np.ndarray):
+    if a.dtype != np.uint64 or not a.flags.c_contiguous:
+        raise TypeError("frame addresses must be a C-contiguous uint64 array")
+    return ffi.from_buffer("uint64_t[]", a)
+
+
+def _u32(a: np.ndarray):
+    if a.dtype != np.uint32 or not a.flags.c_contiguous:
+        raise TypeError("frame lengths must be a C-contiguous uint32 array")
+    return ffi.from_buffer("uint32_t[]", a)
+
+
+_live_umems: "weakref.WeakSet[Umem]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for umem in list(_live_umems):
+        umem.close()
+
+
+class Umem:
+    """One UMEM shared by all ports, with its pool of free frames.
+
+    ``frames`` x ``frame_size`` bytes are mapped anonymously and registered
+    with the kernel.  ``frame_size`` is a power of two in [2048, 4096]; a
+    frame holds at most ``frame_size - 256`` bytes of packet in copy mode
+    (the kernel keeps XDP headroom), so 2048 covers MTU 1500 and 4096 covers
+    the veth XDP maximum (3506).  ``ring_size`` (power of two) sizes every
+    ring of every port; the frames must cover all ports' fill targets plus
+    frames in flight.
+    """
+
+    def __init__(self, frames: int = 4096, frame_size: int = 2048, ring_size: int = 2048):
+        self.frames = frames
+        self.frame_size = frame_size
+        self.ring_size = ring_size
+        self._ports: "weakref.WeakSet[Port]" = weakref.WeakSet()
+        self._mem = mmap.mmap(-1, frames * frame_size,
+                              flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        #: the whole UMEM as uint8; frame at addr is buf[addr:addr+len]
+        self.buf = np.frombuffer(self._mem, dtype=np.uint8)
+        area = ffi.from_buffer(self._mem)
+        out = ffi.new("struct mcnp_umem **")
+        _check(lib.mcnp_umem_create(out, area, frames, frame_size, ring_size),
+               f"creating a UMEM of {frames} x {frame_size} B frames")
+        self._area = area
+        self._c = out[0]
+        _live_umems.add(self)
+
+    @property
+    def free_frames(self) -> int:
+        """Frames currently in the pool."""
+        return lib.mcnp_umem_free_frames(self._c) if self._c else 0
+
+    @property
+    def bad_frees(self) -> int:
+        """Frees refused because the frame was already free or out of range."""
+        return lib.mcnp_umem_bad_frees(self._c) if self._c else 0
+
+    def alloc(self, n: int) -> np.ndarray:
+        """Take up to n frames from the pool (fewer if it runs dry); caller owns them."""
+        out = np.empty(n, dtype=np.uint64)
+        got = lib.mcnp_pool_alloc(self._c, ffi.from_buffer("uint64_t[]", out), n)
+        return out[:got]
+
+    def free(self, addrs: np.ndarray) -> None:
+        """Return frames the caller owns to the pool (any address inside a frame)."""
+        lib.mcnp_pool_free(self._c, _u64(addrs), len(addrs))
+
+    def copy(self, addrs: np.ndarray, lens: np.ndarray) -> np.ndarray:
+        """Duplicate frames into fresh pool frames; returns the new addresses.
+
+        The result is shorter than ``addrs`` when the pool runs dry; the new
+        frames hold the same ``lens`` bytes and belong to the caller.
+        """
+        if len(lens) < len(addrs):
+            raise ValueError("lens is shorter than addrs")
+        out = np.empty(len(addrs), dtype=np.uint64)
+        got = lib.mcnp_frames_copy(self._c, _u64(addrs), _u32(lens),
+                                   ffi.from_buffer("uint64_t[]", out), len(addrs))
+        return out[:got]
+
+    def close(self) -> None:
+        """Close every port of this UMEM, then unregister it.  Idempotent."""
+        if not self._c:
+            return
+        for port in list(self._ports):
+            port.close()
+        _check(lib.mcnp_umem_destroy(self._c), "destroying the UMEM")
+        self._c = None
+        self._area = None
+        _live_umems.discard(self)
+        # numpy views may still reference the mapping; it goes when they do.
+
+    def __enter__(self) -> "Umem":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Port:
+    """One interface: the XDP program attached to it and its AF_XDP socket.
+
+    Opening loads ``bpf_object`` (default: the package's
+    ``xdp_redirect.bpf.o``), creates the socket on ``queue`` sharing
+    ``umem`` (copy mode, need-wakeup; bind retried on EBUSY for up to 2 s),
+    pre-fills the fill ring with ``fill`` frames (default ring_size / 2),
+    registers the socket in the program's XSKMAP, and attaches the program
+    (``xdp_mode`` "auto": native, else generic).  Raises XskError on failure,
+    leaving nothing attached.
+
+    ``fd`` is the socket's file descriptor, readable when frames wait (for
+    ``select``/``poll``/``loop.add_reader``).
+    """
+
+    def __init__(self, umem: Umem, ifname: str, *, queue: int = 0, xdp_mode: str = "auto",
+                 fill: int | None = None, bpf_object: str | None = None):
+        if xdp_mode not in XDP_MODES:
+            raise ValueError(f"xdp_mode must be one of {sorted(XDP_MODES)}")
+        self.umem = umem
+        self.ifname = ifname
+        self.queue = queue
+        out = ffi.new("struct mcnp_port **")
+        fill = umem.ring_size // 2 if fill is None else fill
+        _check(lib.mcnp_port_open(out, umem._c, ifname.encode(),
+                                  (bpf_object or BPF_OBJECT).encode(), queue,
+                                  XDP_MODES[xdp_mode], fill),
+               f"opening AF_XDP port {ifname} queue {queue}")
+        self._c = out[0]
+        self.fd = lib.mcnp_port_fd(self._c)
+        self.xdp_mode = _MODE_NAMES[lib.mcnp_port_xdp_mode(self._c)]
+        self._stats = ffi.new("struct mcnp_port_stats *")
+        self._counters = ffi.new("uint64_t[]", len(XDP_ACTIONS))
+        umem._ports.add(self)
+        logger.info("Port %s queue %d opened with %s XDP.", ifname, queue, self.xdp_mode)
+
+    def rx_into(self, addrs: np.ndarray, lens: np.ndarray, offset: int = 0,
+                max: int | None = None) -> int:
+        """Receive into ``addrs[offset:]``/``lens[offset:]``; returns the count.
+
+        Takes at most ``max`` (default: the room left) frames, which the caller
+        then owns.  Use offsets to gather several ports into one batch.
+        """
+        room = min(len(addrs), len(lens)) - offset
+        if room < 0:
+            raise ValueError("offset beyond the arrays")
+        want = room if max is None else min(max, room)
+        return _check(lib.mcnp_rx_batch(self._c, _u64(addrs) + offset, _u32(lens) + offset,
+                                        want), f"receiving on {self.ifname}")
+
+    def rx(self, max: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """Receive up to ``max`` frames; returns new (addrs, lens) arrays the caller owns."""
+        addrs = np.empty(max, dtype=np.uint64)
+        lens = np.empty(max, dtype=np.uint32)
+        n = self.rx_into(addrs, lens)
+        return addrs[:n], lens[:n]
+
+    def tx(self, addrs: np.ndarray, lens: np.ndarray) -> int:
+        """Transmit frames; takes ownership of all of them.  Returns frames queued.
+
+        Frames that find the TX ring full, or whose descriptor lies outside
+        the UMEM, are returned to the pool and counted (``tx_ring_full``,
+        ``tx_invalid``).  Kicks the kernel until the copy-mode TX drained
+        (bounded), then reaps completions.
+        """
+        n = len(addrs)
+        if len(lens) != n:
+            raise ValueError("addrs and lens differ in length")
+        if n == 0:
+            return 0
+        return _check(lib.mcnp_tx_batch(self._c, _u64(addrs), _u32(lens), n),
+                      f"transmitting on {self.ifname}")
+
+    def reap(self) -> int:
+        """Return completed TX frames to the pool (rx and tx also do this)."""
+        return lib.mcnp_port_reap(self._c)
+
+    def stats(self) -> dict[str, int]:
+        """Ring counters: rx_frames, tx_frames, tx_queued, tx_ring_full, ..."""
+        lib.mcnp_port_get_stats(self._c, self._stats)
+        return {name: int(getattr(self._stats, name))
+                for name, _ in ffi.typeof("struct mcnp_port_stats").fields}
+
+    def xdp_counters(self) -> dict[str, int]:
+        """Frames per XDP action of this port's program (summed over CPUs)."""
+        _check(lib.mcnp_port_xdp_counters(self._c, self._counters, len(XDP_ACTIONS)),
+               f"reading XDP counters of {self.ifname}")
+        return dict(zip(XDP_ACTIONS, (int(v) for v in self._counters)))
+
+    @property
+    def closed(self) -> bool:
+        return self._c is None
+
+    def close(self) -> None:
+        """Detach the program, close the socket, give frames back.  Idempotent."""
+        if getattr(self, "_c", None) is None:
+            return
+        lib.mcnp_port_close(self._c)
+        self._c = None
+        self.umem._ports.discard(self)
+        logger.info("Port %s queue %d closed.", self.ifname, self.queue)
+
+    def __enter__(self) -> "Port":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def rx(port: Port, max: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Receive up to ``max`` frames from ``port`` (see :meth:`Port.rx`)."""
+    return port.rx(max)
+
+
+def tx(port: Port, addrs: np.ndarray, lens: np.ndarray) -> int:
+    """Transmit frames on ``port`` (see :meth:`Port.tx`)."""
+    return port.tx(addrs, lens)
+
+
+__all__ = ["BPF_OBJECT", "XDP_ACTIONS", "XDP_MODES", "Port", "Umem", "XskError", "rx", "tx"]
