@@ -1,0 +1,209 @@
+"""``mcnp demo``: two clusters, a daemon per node, real connections, a live change.
+
+The bundled example (``control/examples/demo``) follows NPEP-308's user stories: the
+backend ``api`` of production cluster ``east`` admits the frontend of cluster ``west``
+(story 1), and the ``dev`` namespace of ``west`` may reach production only at that api
+(story 2). The demo builds the testbed, probes every ordered pair of pods with real TCP
+and UDP connections, prints what it observed beside what ``mcnp matrix`` expects, shows
+per-policy counters from each daemon's REST endpoint, then changes a policy in a
+watched directory and shows the matrix change in the dataplane. It tears everything
+down on every exit path and exits 0 only when observation and expectation agree.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from importlib import resources
+
+from .manifests import load_clusterset
+from .model import ClusterSet, Pod
+
+EXAMPLE = "demo"
+CLUSTERS = ("east", "west")
+#: The services every pair is probed on (port, protocol).
+SERVICES = ((80, "TCP"), (53, "UDP"), (5432, "TCP"))
+CHANGE_WAIT_S = 20.0
+
+
+def _example_dir() -> str:
+    return str(resources.files("control").joinpath("examples", EXAMPLE))
+
+
+class Screen:
+    """Progress lines on stdout, flushed at once (the demo is watched live)."""
+
+    def __init__(self):
+        self.t0 = time.monotonic()
+
+    def step(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.t0:6.1f}s] {text}", flush=True)
+
+    def block(self, text: str) -> None:
+        print(text, flush=True)
+
+
+def expected(cset: ClusterSet, pods: list[Pod], port: int, protocol: str) -> dict[tuple[str, str], bool]:
+    from .matrix import compiled_matrix
+
+    values = compiled_matrix(cset, pods, pods, port, protocol)
+    return {(s.ref, d.ref): bool(values[i, j]) for i, s in enumerate(pods) for j, d in enumerate(pods)}
+
+
+def observe(state: dict, pods: list[Pod], port: int, protocol: str) -> dict[tuple[str, str], bool]:
+    """Real connections for every ordered pair of distinct pods (self pairs skipped: a
+    connection to a pod's own IP never leaves the pod, rule S7)."""
+    from .probe import probe_many
+
+    pairs = [(s, d) for s in pods for d in pods if s.ref != d.ref]
+    netns = {ref: info["netns"] for ref, info in state["pods"].items()}
+    results = probe_many([(netns[s.ref], str(d.ip), port, protocol) for s, d in pairs])
+    return {(s.ref, d.ref): ok for (s, d), ok in zip(pairs, results)}
+
+
+def side_by_side(pods: list[Pod], observed: dict, want: dict, port: int, protocol: str) -> tuple[str, int]:
+    """Observed beside expected; each cell is observed/expected, `!` marks a difference."""
+    names = [p.ref for p in pods]
+    short = {n: n for n in names}
+    width = max(len(n) for n in names)
+    col = 4
+    head = f"{protocol}/{port}".ljust(width) + " | " + " ".join(f"{i:>{col}}" for i in range(len(names)))
+    lines = [head, "-" * len(head)]
+    wrong = 0
+    for i, s in enumerate(names):
+        cells = []
+        for d in names:
+            if s == d:
+                cells.append(" " * (col - 1) + "-")
+                continue
+            o, e = observed[(s, d)], want[(s, d)]
+            mark = "" if o == e else "!"
+            wrong += o != e
+            cells.append(f"{mark}{'.' if o else 'X'}/{'.' if e else 'X'}".rjust(col))
+        lines.append(f"{short[s].ljust(width)} | " + " ".join(cells) + f"   {i}")
+    legend = "cell = observed/expected ('.' allowed, 'X' denied, '!' disagreement); columns numbered as rows"
+    return "\n".join(lines + [legend]), wrong
+
+
+def policy_counters(state: dict) -> list[str]:
+    """Per-policy hit counters summed over every node's daemon."""
+    from .testbed import api_get
+
+    totals: dict[str, int] = {}
+    for node in state.get("nodes", {}):
+        status, body = api_get(node, "/v1/stats")
+        if status != 200 or not isinstance(body, dict):
+            continue
+        for policy, hits in (body.get("policy_hits") or {}).items():
+            totals[policy] = totals.get(policy, 0) + int(hits)
+    return [f"  {hits:8d}  {policy}" for policy, hits in sorted(totals.items())]
+
+
+def wait_for_revision(state: dict, before: dict[str, int], timeout: float) -> bool:
+    from .testbed import api_get
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        revs = {}
+        for node in state.get("nodes", {}):
+            status, body = api_get(node, "/v1/tables")
+            revs[node] = body.get("revision", -1) if status == 200 and isinstance(body, dict) else -1
+        if all(revs[n] > before.get(n, -1) for n in revs):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def revisions(state: dict) -> dict[str, int]:
+    from .testbed import api_get
+
+    out = {}
+    for node in state.get("nodes", {}):
+        status, body = api_get(node, "/v1/tables")
+        out[node] = body.get("revision", -1) if status == 200 and isinstance(body, dict) else -1
+    return out
+
+
+def run_round(screen: Screen, title: str, cset: ClusterSet, state: dict) -> int:
+    pods = sorted((p for p in cset.pods() if p.can_take_part), key=lambda p: p.ref)
+    screen.step(f"{title}: probing {len(pods) * (len(pods) - 1)} pairs on {', '.join(f'{pr}/{po}' for po, pr in SERVICES)}")
+    wrong = 0
+    for port, protocol in SERVICES:
+        obs = observe(state, pods, port, protocol)
+        table, bad = side_by_side(pods, obs, expected(cset, pods, port, protocol), port, protocol)
+        screen.block(table + "\n")
+        wrong += bad
+    screen.step(f"{title}: {'observed equals expected' if wrong == 0 else f'{wrong} disagreements'}")
+    return wrong
+
+
+def main(args) -> int:
+    from . import testbed
+
+    if os.geteuid() != 0:
+        print("mcnp demo: needs root (network namespaces, XDP, AF_XDP)", file=sys.stderr)
+        return 1
+    screen = Screen()
+    workdir = tempfile.mkdtemp(prefix="mcnp-demo-")
+    # SIGTERM unwinds like Ctrl-C, so teardown always runs.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    wrong = 0
+    try:
+        src = _example_dir()
+        specs = []
+        for name in CLUSTERS:
+            shutil.copytree(os.path.join(src, name), os.path.join(workdir, name))
+            specs.append((name, os.path.join(workdir, name)))
+        cset, _ = load_clusterset(specs)
+        screen.step(f"building the testbed: {sum(1 for _ in cset.pods())} pods in clusters {', '.join(CLUSTERS)}, a daemon per node")
+        code = testbed.up(specs, mode="mcnp", json_out=False, log=lambda m: screen.step(f"  {m}"))
+        if code != 0:
+            screen.step("testbed failed to come up")
+            return code or 1
+        state = testbed.load_state()
+        wrong += run_round(screen, "before the change", cset, state)
+
+        lines = policy_counters(state)
+        screen.block("per-policy hits (all nodes, from /v1/stats):\n" + ("\n".join(lines) if lines else "  (none reported)") + "\n")
+
+        screen.step("live change: east/shop/api-from-frontends no longer admits namespace dev of west")
+        before = revisions(state)
+        change = os.path.join(src, "change", "api-from-frontends.yaml")
+        target = os.path.join(workdir, "east", "policies.yaml")
+        _replace_policy(target, change)
+        if not wait_for_revision(state, before, CHANGE_WAIT_S):
+            screen.step(f"the daemons did not pick up the change within {CHANGE_WAIT_S:.0f}s")
+            wrong += 1
+        cset, _ = load_clusterset(specs)
+        wrong += run_round(screen, "after the change", cset, state)
+        screen.step("PASS: the dataplane enforced exactly what mcnp matrix expects" if wrong == 0 else f"FAIL: {wrong} disagreements")
+        return 0 if wrong == 0 else 1
+    except KeyboardInterrupt:
+        screen.step("interrupted")
+        return 130
+    finally:
+        if not getattr(args, "keep", False):
+            screen.step("tearing down")
+            testbed.down()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _replace_policy(policies_file: str, change_file: str) -> None:
+    """Swap one policy document for its changed version, atomically (rename), as a
+    GitOps sync would."""
+    import yaml
+
+    with open(change_file) as f:
+        changed = [d for d in yaml.safe_load_all(f) if d]
+    names = {(d["metadata"]["namespace"], d["metadata"]["name"]) for d in changed}
+    with open(policies_file) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    kept = [d for d in docs if (d["metadata"].get("namespace"), d["metadata"]["name"]) not in names]
+    tmp = policies_file + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump_all(kept + changed, f, sort_keys=False)
+    os.replace(tmp, policies_file)
