@@ -17,7 +17,10 @@
  * socket on the same queue closed; copy-mode TX sends at most 32 frames per
  * sendto() kick.
  */
+#define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
 #include <net/if.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,7 +42,9 @@
 struct mcnp_umem {
     struct xsk_umem *umem;
     struct xsk_ring_prod fill0; /* rings made with the UMEM; libxdp hands */
-    struct xsk_ring_cons comp0; /* them to the first socket */
+    struct xsk_ring_cons comp0; /* them to the first socket: the anchor */
+    struct xsk_socket *anchor;  /* the UMEM's own socket, parked on lo */
+    struct xsk_ring_prod anchor_tx;
     uint8_t *area;
     uint64_t size;
     uint32_t frame_size;
@@ -62,15 +67,71 @@ struct mcnp_port {
     int prog_fd;
     int xsks_map_fd;
     int stats_map_fd;
+    int link_fd;
     int ifindex;
     uint32_t queue_id;
-    uint32_t attach_flags;
     int xdp_mode;
     uint32_t fill_target;
     struct mcnp_port_stats st;
 };
 
 /* ---- UMEM and frame pool ----------------------------------------------- */
+
+/* libxdp makes the first socket of a UMEM share the UMEM's own fd, which is
+ * never unbound until the UMEM goes: that port could never be re-opened, and
+ * once it closed, no new port could be opened at all.  So the UMEM's socket
+ * is an anchor bound to a loopback device (copy mode, TX ring only, never
+ * used) and every real port gets a socket of its own, released by closing it.
+ *
+ * Only one socket may bind loopback queue 0 per namespace, so the anchor is
+ * made in a private network namespace of its own when we may create one
+ * (it lives as long as the socket); otherwise on this namespace's loopback,
+ * which allows one UMEM per namespace. */
+static int create_anchor(struct mcnp_umem *u)
+{
+    struct xsk_socket_config cfg = {
+        .rx_size = 0,
+        .tx_size = 64,
+        .libxdp_flags = XSK_LIBXDP_FLAGS__INHIBIT_PROG_LOAD,
+        .xdp_flags = 0,
+        .bind_flags = XDP_COPY,
+    };
+    struct timespec pause = { 0, BIND_RETRY_NS };
+    int err = 0, tries;
+
+    for (tries = 0; tries < BIND_RETRIES; tries++) {
+        err = xsk_socket__create_shared(&u->anchor, "lo", 0, u->umem, NULL, &u->anchor_tx,
+                                        &u->fill0, &u->comp0, &cfg);
+        if (err != -EBUSY)
+            break;
+        nanosleep(&pause, NULL);
+    }
+    if (err)
+        u->anchor = NULL;
+    return err;
+}
+
+/* Register the UMEM and its anchor, inside a private namespace if possible. */
+static int create_umem_and_anchor(struct mcnp_umem *u, const struct xsk_umem_config *cfg)
+{
+    int own = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
+    int private = own >= 0 && unshare(CLONE_NEWNET) == 0;
+    int err;
+
+    err = xsk_umem__create(&u->umem, u->area, u->size, &u->fill0, &u->comp0, cfg);
+    if (!err) {
+        err = create_anchor(u);
+        if (err) {
+            xsk_umem__delete(u->umem);
+            u->umem = NULL;
+        }
+    }
+    if (private && setns(own, CLONE_NEWNET) != 0)
+        abort(); /* cannot return to the caller's namespace: nothing safe to do */
+    if (own >= 0)
+        close(own);
+    return err;
+}
 
 int mcnp_umem_create(struct mcnp_umem **out, void *area, uint32_t frames,
                      uint32_t frame_size, uint32_t ring_size)
@@ -103,7 +164,7 @@ int mcnp_umem_create(struct mcnp_umem **out, void *area, uint32_t frames,
     u->frame_size = frame_size;
     u->ring_size = ring_size;
     u->size = (uint64_t)frames * frame_size;
-    err = xsk_umem__create(&u->umem, area, u->size, &u->fill0, &u->comp0, &cfg);
+    err = create_umem_and_anchor(u, &cfg);
     if (err) {
         free(u->pool);
         free(u);
@@ -124,6 +185,8 @@ int mcnp_umem_destroy(struct mcnp_umem *u)
         return 0;
     if (u->nports > 0)
         return -EBUSY;
+    xsk_socket__delete(u->anchor);
+    u->anchor = NULL;
     err = xsk_umem__delete(u->umem);
     if (err)
         return err;
@@ -204,33 +267,40 @@ static int load_program(struct mcnp_port *p, const char *path)
     return 0;
 }
 
+/* Attach through a BPF link: it holds the device, so detaching works from any
+ * network namespace, and the kernel detaches it when the last fd closes, so a
+ * crashed daemon leaves no program behind. */
 static int attach_program(struct mcnp_port *p, int mode)
 {
+    static const int order[][2] = {
+        { MCNP_XDP_NATIVE, XDP_FLAGS_DRV_MODE },
+        { MCNP_XDP_GENERIC, XDP_FLAGS_SKB_MODE },
+    };
     int err = -EINVAL;
-    if (mode == MCNP_XDP_AUTO || mode == MCNP_XDP_NATIVE) {
-        err = bpf_xdp_attach(p->ifindex, p->prog_fd, XDP_FLAGS_DRV_MODE, NULL);
-        if (!err) {
-            p->attach_flags = XDP_FLAGS_DRV_MODE;
-            p->xdp_mode = MCNP_XDP_NATIVE;
+    unsigned k;
+
+    for (k = 0; k < 2; k++) {
+        LIBBPF_OPTS(bpf_link_create_opts, opts, .flags = (uint32_t)order[k][1]);
+        if (mode != MCNP_XDP_AUTO && mode != order[k][0])
+            continue;
+        p->link_fd = bpf_link_create(p->prog_fd, p->ifindex, BPF_XDP, &opts);
+        if (p->link_fd >= 0) {
+            p->xdp_mode = order[k][0];
             return 0;
         }
-        if (mode == MCNP_XDP_NATIVE)
-            return err;
+        err = -errno;
     }
-    err = bpf_xdp_attach(p->ifindex, p->prog_fd, XDP_FLAGS_SKB_MODE, NULL);
-    if (!err) {
-        p->attach_flags = XDP_FLAGS_SKB_MODE;
-        p->xdp_mode = MCNP_XDP_GENERIC;
-    }
+    p->link_fd = -1;
     return err;
 }
 
 static void detach_program(struct mcnp_port *p)
 {
-    /* Detach only our own program: if something replaced it, leave that be. */
-    LIBBPF_OPTS(bpf_xdp_attach_opts, opts, .old_prog_fd = p->prog_fd);
-    if (p->xdp_mode)
-        bpf_xdp_detach(p->ifindex, p->attach_flags | XDP_FLAGS_REPLACE, &opts);
+    if (p->link_fd >= 0) {
+        bpf_link_detach(p->link_fd);
+        close(p->link_fd);
+    }
+    p->link_fd = -1;
     p->xdp_mode = 0;
 }
 
@@ -327,7 +397,7 @@ int mcnp_port_open(struct mcnp_port **out, struct mcnp_umem *u, const char *ifna
         return -ENOMEM;
     p->u = u;
     p->queue_id = queue_id;
-    p->prog_fd = p->xsks_map_fd = p->stats_map_fd = -1;
+    p->prog_fd = p->xsks_map_fd = p->stats_map_fd = p->link_fd = -1;
     p->fill_target = fill_target < u->ring_size ? fill_target : u->ring_size;
     p->ifindex = (int)if_nametoindex(ifname);
     if (!p->ifindex) {

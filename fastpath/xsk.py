@@ -24,15 +24,20 @@ rings refilled inside ``rx``/``tx``; nothing needs a timer.
 Lifetime
 --------
 Use ``with Umem(...) as umem, Port(umem, "veth0") as p:`` or call
-``close()``.  Closing a port detaches its XDP program (only if it is still
-ours), removes it from the XSKMAP, returns its frames to the pool and closes
-the socket; closing a Umem closes its remaining ports first.  Every live
-Umem is also closed at interpreter exit (atexit).  SIGTERM does not run
-atexit handlers: the loop owner should turn SIGTERM/SIGINT into a normal exit
-(e.g. ``loop.add_signal_handler(SIGTERM, stop)`` then let the ``with`` blocks
-unwind).  If the process dies anyway, the XDP program stays attached with no
-socket and drops the port's traffic (fail closed) until the next start
-replaces it.
+``close()``.  Closing a port detaches its XDP program, removes the socket
+from the XSKMAP, returns its frames to the pool and closes the socket;
+closing a Umem closes its remaining ports first.  Every live Umem is also
+closed at interpreter exit (atexit).  SIGTERM does not run atexit handlers:
+the loop owner should turn SIGTERM/SIGINT into a normal exit (e.g.
+``loop.add_signal_handler(SIGTERM, stop)``, then let the ``with`` blocks
+unwind).  The program is attached through a BPF link, so if the process dies
+anyway the kernel detaches it; nothing stale is left on the interface.
+
+Namespaces: a Port must be opened while the calling thread is in the network
+namespace of its interface; afterwards it works from any thread and
+namespace.  The Umem itself does not care where it is made (its own socket is
+parked on a loopback device, in a private namespace when allowed), so ports
+can be opened and closed in any order, also on the same interface again.
 
 Errors: every C failure becomes :class:`XskError` (an ``OSError`` with the
 errno) in :func:`_check`, the only place that interprets C return codes.
