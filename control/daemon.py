@@ -1,0 +1,252 @@
+"""The node daemon (``mcnp run``): sources → store → compile → dataplane, plus REST.
+
+One asyncio loop (uvloop) runs every source, the recompile task and the REST server.
+Changes are coalesced: a change wakes the recompile task, which waits
+``coalesce_delay`` for more, takes one snapshot and compiles it in a worker thread —
+at most one compile in flight, so a burst of events costs one or two compiles, never
+one each. The packet loop runs in a process of its own (``fastpath.worker``), so a
+compile never slows it; the event loop stays responsive because compiling happens off
+it.
+
+Tables are published only once the local cluster has been listed: before that an empty
+policy set would leave every local pod unisolated, and the dataplane drops all IP
+traffic until its first table (never fail open).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from .config import Settings, SettingsError
+from .metrics import Metrics
+from .model import Options, Pod
+from .sources import make_source
+from .store import Snapshot, Store
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TablesInfo:
+    """What is in force: the snapshot's revision and, when compiled, its tables."""
+
+    revision: int = 0
+    tables: Any = None  # fastpath.tables.PolicyTables
+    compiled_revision: Optional[int] = None
+    compile_seconds: Optional[float] = None
+    compiled_at: Optional[float] = None  # wall clock
+    published: bool = False
+    error: Optional[str] = None
+    compiles: int = 0
+    history: list = field(default_factory=list)  # (revision, monotonic time in force)
+
+
+def default_compiler() -> Optional[Callable]:
+    """``control.compile.compile_tables`` when the compiler is installed."""
+    try:
+        from .compile import compile_tables
+    except ImportError as e:
+        logger.warning("The policy compiler is not available (%s): serving explain only", e)
+        return None
+    return compile_tables
+
+
+def default_dataplane(settings: Settings):
+    from fastpath.worker import Dataplane
+
+    return Dataplane(dict(settings.attach), settings.uplink, settings.netns)
+
+
+class Daemon:
+    """The control loop. ``start``/``stop`` are separate from :func:`run` so tests and
+    benchmarks drive a daemon inside their own event loop."""
+
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.monotonic,
+                 compiler: Optional[Callable] = None, dataplane_factory: Optional[Callable] = None,
+                 serve_api: bool = True):
+        self.settings = settings
+        self.clock = clock
+        options = Options(settings.multicluster, settings.default_peer_scope)
+        self.store = Store(options, settings.stale_after, clock, on_change=self._wake)
+        self.sources = {}
+        for spec in settings.clusters:
+            sink = self.store.add_cluster(spec.name, spec.describe(), spec.name == settings.local_cluster)
+            self.sources[spec.name] = make_source(spec, sink, settings)
+        self.compiler = compiler if compiler is not None else default_compiler()
+        self._dataplane_factory = dataplane_factory or default_dataplane
+        self.dataplane = None
+        self.snapshot: Optional[Snapshot] = None
+        self.tables = TablesInfo()
+        self.metrics = Metrics(self)
+        self.started = time.time()
+        self.started_monotonic = clock()
+        #: Where the REST endpoint listens (bound addresses; port 0 resolved).
+        self.api_addresses: list = []
+        self._serve_api = serve_api
+        self._dirty = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcnp-compile")
+        self._api_runner = None
+        #: Set after each rebuild; benchmarks and tests wait on it.
+        self.rebuilt = asyncio.Condition()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self.settings.attach:
+            if self.compiler is None:
+                raise RuntimeError("--attach needs the policy compiler (control.compile)")
+            self.dataplane = self._dataplane_factory(self.settings)
+        if self._serve_api:
+            from .api import start_api
+
+            self._api_runner = await start_api(self, self.settings.api_listen)
+        for name, source in self.sources.items():
+            self._tasks.append(asyncio.create_task(source.run(), name=f"source-{name}"))
+        self._tasks.append(asyncio.create_task(self._recompile_loop(), name="recompile"))
+        if self.settings.stale_after is not None:
+            self._tasks.append(asyncio.create_task(self._stale_loop(), name="stale"))
+        logger.info("Node %s of cluster %s: watching %d cluster(s), API on %s", self.settings.node_name,
+                    self.settings.local_cluster, len(self.sources), self.settings.api_listen)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._api_runner is not None:
+            await self._api_runner.cleanup()
+            self._api_runner = None
+        if self.dataplane is not None:
+            self.dataplane.close()
+            self.dataplane = None
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def ready(self) -> bool:
+        return not self.store.not_ready
+
+    def local(self, pod: Pod) -> bool:
+        """This node's endpoints: the local cluster's pods scheduled here."""
+        return pod.cluster == self.settings.local_cluster and pod.node == self.settings.node_name
+
+    def bindings(self, snapshot: Snapshot) -> dict[str, list[str]]:
+        """Pod port → the addresses its pod may send from (empty: pod unknown)."""
+        out = {}
+        for ifname, ref in self.settings.attach.items():
+            pod = snapshot.cset.pod(ref)
+            out[ifname] = [str(ip) for ip in pod.ips] if pod is not None and pod.can_take_part else []
+        return out
+
+    # ------------------------------------------------------------------ recompiles
+
+    def _wake(self) -> None:
+        self._dirty.set()
+
+    async def _stale_loop(self) -> None:
+        while True:
+            due = self.store.check_stale()
+            await asyncio.sleep(min(due, 1.0) if due is not None else 1.0)
+
+    async def _recompile_loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            if self.settings.coalesce_delay:
+                await asyncio.sleep(self.settings.coalesce_delay)
+            self._dirty.clear()
+            try:
+                await self.rebuild()
+            except Exception:  # noqa: BLE001 - keep the last tables in force, report, go on
+                logger.exception("Rebuilding the tables failed; the previous ones stay in force")
+
+    async def rebuild(self) -> None:
+        """One snapshot into force: explain answers from it at once; the compiled tables
+        follow when the compiler is done."""
+        revision = self.tables.revision + 1
+        snapshot = self.store.snapshot(revision)
+        self.snapshot = snapshot
+        self.tables.revision = revision
+        if snapshot.conflicts:
+            self.metrics.conflicts(snapshot.conflicts)
+        local_ready = self.settings.local_cluster not in self.store.not_ready
+        if self.compiler is not None and local_ready:
+            loop = asyncio.get_running_loop()
+            started = time.perf_counter()
+            try:
+                tables = await loop.run_in_executor(self._executor, self.compiler, snapshot.cset, self.local, revision)
+            except Exception as e:  # noqa: BLE001 - a compiler bug must not stop enforcement
+                self.tables.error = f"{type(e).__name__}: {e}"
+                self.metrics.compile_failed()
+                logger.exception("Compiling revision %d failed; revision %s stays in force", revision, self.tables.compiled_revision)
+            else:
+                elapsed = time.perf_counter() - started
+                self.tables.tables, self.tables.compiled_revision = tables, revision
+                self.tables.compile_seconds, self.tables.compiled_at = elapsed, time.time()
+                self.tables.error = None
+                self.tables.compiles += 1
+                self.metrics.compiled(elapsed)
+                if self.dataplane is not None:
+                    self.dataplane.publish(tables, self.bindings(snapshot))
+                    self.tables.published = True
+        async with self.rebuilt:
+            self.rebuilt.notify_all()
+
+    async def wait_revision(self, at_least: int, compiled: bool = False, timeout: float = 10.0) -> None:
+        """Until revision ``at_least`` (compiled, if asked) is in force."""
+        def done() -> bool:
+            rev = self.tables.compiled_revision if compiled else self.tables.revision
+            return rev is not None and rev >= at_least
+
+        async with self.rebuilt:
+            await asyncio.wait_for(self.rebuilt.wait_for(done), timeout)
+
+    @property
+    def settled(self) -> bool:
+        """Every cluster listed and everything the store holds is in force."""
+        return self.ready and self.snapshot is not None and self.snapshot.store_version == self.store.version
+
+    async def wait_settled(self, timeout: float = 30.0) -> None:
+        async with self.rebuilt:
+            await asyncio.wait_for(self.rebuilt.wait_for(lambda: self.settled), timeout)
+
+
+async def _serve(settings: Settings) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    daemon = Daemon(settings)
+    try:
+        await daemon.start()
+    except (OSError, RuntimeError) as e:
+        logger.error("mcnp run: cannot start: %s", e)
+        await daemon.stop()
+        return 1
+    await stop.wait()
+    logger.info("Shutting down")
+    await daemon.stop()
+    return 0
+
+
+def run(settings: Settings) -> int:
+    """Blocking entry point of ``mcnp run``: 0 after a clean shutdown on SIGTERM/SIGINT,
+    1 when the daemon cannot start, 2 for an invalid configuration."""
+    try:
+        settings.validate()
+    except SettingsError as e:
+        print(f"mcnp run: {e}", file=sys.stderr)
+        return 2
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvloop
+
+    return uvloop.run(_serve(settings))

@@ -1,0 +1,320 @@
+"""Cluster sources: where the store's objects come from.
+
+* :class:`DirSource` — ``dir:PATH``, a manifest directory polled for changes (stat
+  signatures every few hundred milliseconds, content hash of changed files; no inotify,
+  so it works on any filesystem and inside any namespace). Files are parsed off the
+  event loop; unchanged files keep their very same parsed dicts, so the store skips
+  them. A file that cannot be parsed keeps its last parsed contents (rule S9) and is
+  reported.
+* :class:`KubeSource` — ``kubeconfig:PATH[#CONTEXT]`` or ``in-cluster``: per kind, list
+  then watch from the list's resourceVersion with bookmarks, relist on 410 Gone,
+  exponential backoff with jitter on errors. Responses are read as raw JSON
+  (``_preload_content=False``): ten thousand pods through the generated model classes
+  take seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import aiohttp
+
+from . import manifests
+from .config import ClusterSource, Settings
+from .model import InvalidObject
+from .store import KINDS, ClusterSink
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- directories
+
+
+@dataclass
+class _File:
+    signature: tuple
+    digest: bytes
+    docs: list  # [(source, obj)]
+    error: Optional[str] = None
+
+
+class DirSource:
+    """A manifest directory, polled. :meth:`poll` is synchronous and may run in a thread;
+    :meth:`run` polls forever and feeds the sink on the event loop."""
+
+    def __init__(self, spec: ClusterSource, sink: ClusterSink, interval: float = 0.25):
+        self.spec = spec
+        self.path = spec.path or ""
+        self.sink = sink
+        self.interval = interval
+        self._files: dict[str, _File] = {}
+        self._listing: Optional[tuple] = None
+        self.reloads = 0
+
+    def _signatures(self) -> dict[str, tuple]:
+        out = {}
+        with os.scandir(self.path) as it:
+            for entry in it:
+                if entry.name.endswith(manifests.SUFFIXES) and not entry.name.startswith(".") and entry.is_file():
+                    st = entry.stat()
+                    out[entry.path] = (st.st_mtime_ns, st.st_size, st.st_ino)
+        return out
+
+    def poll(self) -> Optional[list]:
+        """Check the directory. Returns every document when something changed (for
+        :meth:`ClusterSink.replace_all`), None when nothing did. Raises OSError when
+        the directory cannot be read."""
+        sigs = self._signatures()
+        listing = tuple(sorted(sigs.items()))
+        if listing == self._listing:
+            return None
+        self._listing = listing
+        changed = set(self._files) - set(sigs)
+        for path in list(changed):
+            del self._files[path]
+        for path, sig in sigs.items():
+            old = self._files.get(path)
+            if old is not None and old.signature == sig:
+                continue
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError as e:  # vanished between scandir and open: next poll sees it
+                logger.debug("Directory %s: %s", self.path, e)
+                self._listing = None
+                continue
+            digest = hashlib.blake2b(data, digest_size=16).digest()
+            if old is not None and old.digest == digest:
+                old.signature = sig
+                continue
+            changed.add(path)
+            try:
+                docs = [(d.source, d.obj) for d in manifests.read_file(path)]
+                self._files[path] = _File(sig, digest, docs)
+            except InvalidObject as err:
+                # Rule S9 at file level: what the file said last stays in force.
+                logger.warning("Cluster %s: %s", self.sink.name, err)
+                self._files[path] = _File(sig, digest, old.docs if old else [], str(err))
+        if not changed and self.reloads:
+            return None
+        self.reloads += 1
+        return [doc for path in sorted(self._files) for doc in self._files[path].docs]
+
+    @property
+    def file_errors(self) -> dict[str, str]:
+        return {p: f.error for p, f in self._files.items() if f.error}
+
+    async def step(self) -> None:
+        """One poll, parsed in a worker thread, applied on the event loop."""
+        loop = asyncio.get_running_loop()
+        try:
+            docs = await loop.run_in_executor(None, self.poll)
+        except OSError as e:
+            self.sink.down(f"directory {self.path}: {e.strerror or e}")
+            self._listing = None
+            return
+        self.sink.up()
+        self.sink.file_errors = self.file_errors
+        if docs is not None:
+            self.sink.replace_all(docs)
+
+    async def run(self) -> None:
+        while True:
+            await self.step()
+            await asyncio.sleep(self.interval)
+
+
+# --------------------------------------------------------------------------- Kubernetes
+
+
+class Gone(Exception):
+    """The watch's resourceVersion is too old (HTTP 410): relist."""
+
+
+class Backoff:
+    """Exponential backoff with full jitter, so many nodes do not reconnect in step."""
+
+    def __init__(self, initial: float, maximum: float, rng: Optional[random.Random] = None):
+        self.initial, self.maximum = initial, maximum
+        self.attempt = 0
+        self.rng = rng or random.Random()
+
+    def next(self) -> float:
+        ceiling = min(self.maximum, self.initial * (2 ** self.attempt))
+        self.attempt += 1
+        return self.rng.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+#: kind -> (collection path, ``kind`` to stamp on list items, which lack it).
+RESOURCES = {
+    "Namespace": "/api/v1/namespaces",
+    "Pod": "/api/v1/pods",
+    "NetworkPolicy": "/apis/networking.k8s.io/v1/networkpolicies",
+}
+CLUSTER_PROPERTY = "/apis/about.k8s.io/v1alpha1/clusterproperties/cluster.clusterset.k8s.io"
+
+
+class KubeSource:
+    """List+watch Namespaces, Pods and NetworkPolicies of one cluster."""
+
+    def __init__(self, spec: ClusterSource, sink: ClusterSink, settings: Settings):
+        self.spec = spec
+        self.sink = sink
+        self.settings = settings
+        self._api = None
+        self.relists = {k: 0 for k in KINDS}
+        self.watches = {k: 0 for k in KINDS}
+
+    async def _client(self):
+        """An ApiClient from the kubeconfig or the service account. Errors name the
+        file, never its contents."""
+        from kubernetes_asyncio import client, config
+
+        cfg = client.Configuration()
+        if self.spec.kind == "in-cluster":
+            config.load_incluster_config(client_configuration=cfg)
+        else:
+            await config.load_kube_config(config_file=self.spec.path, context=self.spec.context,
+                                          client_configuration=cfg, persist_config=False)
+        return client.ApiClient(configuration=cfg)
+
+    async def _get(self, path: str, query: dict, timeout: aiohttp.ClientTimeout):
+        """A raw GET through the client's auth and TLS settings."""
+        return await self._api.call_api(
+            path, "GET", query_params=list(query.items()), header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"], _preload_content=False, _request_timeout=timeout,
+        )
+
+    async def run(self) -> None:
+        backoff = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
+        while self._api is None:
+            try:
+                self._api = await self._client()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any loader failure: report and retry
+                self.sink.down(f"cannot load {self.spec.describe()}: {type(e).__name__}: {_first_line(e)}")
+                await asyncio.sleep(backoff.next())
+        try:
+            await asyncio.gather(*(self._list_watch(kind) for kind in KINDS))
+        finally:
+            await self._api.close()
+
+    async def _cluster_property(self) -> None:
+        """Rule M1: the ClusterProperty, when its CRD exists, must name this cluster."""
+        try:
+            resp = await self._get(CLUSTER_PROPERTY, {}, aiohttp.ClientTimeout(total=10))
+            async with resp:
+                if resp.status == 200:
+                    obj = json.loads(await resp.read())
+                    self.sink.set_declared_name(_property_value(obj))
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+            logger.debug("Cluster %s: no ClusterProperty: %s", self.sink.name, e)
+
+    async def _list(self, kind: str) -> tuple[list, str]:
+        items: list = []
+        query: dict[str, Any] = {}
+        if self.settings.list_page_size:
+            query["limit"] = self.settings.list_page_size
+        while True:
+            resp = await self._get(RESOURCES[kind], query, aiohttp.ClientTimeout(sock_connect=10, sock_read=60))
+            async with resp:
+                if resp.status == 410:
+                    raise Gone()
+                if resp.status != 200:
+                    raise RuntimeError(f"list {kind}: HTTP {resp.status} {resp.reason}")
+                body = json.loads(await resp.read())
+            meta = body.get("metadata") or {}
+            for obj in body.get("items") or []:
+                obj["kind"] = kind
+                items.append((f"{self.sink.name}:{kind}", obj))
+            if not meta.get("continue"):
+                return items, meta.get("resourceVersion", "")
+            query["continue"] = meta["continue"]
+
+    async def _watch(self, kind: str, rv: str) -> str:
+        """Follow one watch request; returns the resourceVersion to resume from."""
+        timeout = self.settings.watch_timeout
+        query = {"watch": "true", "resourceVersion": rv, "allowWatchBookmarks": "true", "timeoutSeconds": timeout}
+        resp = await self._get(RESOURCES[kind], query, aiohttp.ClientTimeout(sock_connect=10, sock_read=timeout + 30))
+        async with resp:
+            if resp.status == 410:
+                raise Gone()
+            if resp.status != 200:
+                raise RuntimeError(f"watch {kind}: HTTP {resp.status} {resp.reason}")
+            self.sink.up()
+            self.watches[kind] += 1
+            buf = b""
+            async for chunk in resp.content.iter_any():
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        rv = self._event(kind, json.loads(line), rv)
+        return rv
+
+    def _event(self, kind: str, event: dict, rv: str) -> str:
+        etype, obj = event.get("type"), event.get("object") or {}
+        if etype == "ERROR":
+            if obj.get("code") == 410:
+                raise Gone()
+            raise RuntimeError(f"watch {kind}: {obj.get('code')} {obj.get('reason')}: {obj.get('message')}")
+        new_rv = (obj.get("metadata") or {}).get("resourceVersion") or rv
+        if etype == "BOOKMARK":
+            return new_rv
+        obj["kind"] = kind
+        if etype == "DELETED":
+            self.sink.delete(kind, obj)
+        elif etype in ("ADDED", "MODIFIED"):
+            self.sink.upsert(kind, obj, f"{self.sink.name}:{kind}")
+        return new_rv
+
+    async def _list_watch(self, kind: str) -> None:
+        backoff = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
+        rv: Optional[str] = None
+        while True:
+            try:
+                if rv is None:
+                    if kind == "Namespace":
+                        await self._cluster_property()
+                    items, rv = await self._list(kind)
+                    self.relists[kind] += 1
+                    self.sink.up()
+                    self.sink.replace_kind(kind, items)
+                rv = await self._watch(kind, rv)
+                backoff.reset()
+            except Gone:
+                logger.info("Cluster %s: %s watch expired (410 Gone), relisting", self.sink.name, kind)
+                rv = None
+            except asyncio.CancelledError:
+                raise
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, RuntimeError, ValueError) as e:
+                self.sink.down(f"{kind}: {type(e).__name__}: {_first_line(e)}")
+                await asyncio.sleep(backoff.next())
+
+
+def _property_value(obj: dict) -> Optional[str]:
+    spec = obj.get("spec") if isinstance(obj, dict) else None
+    value = spec.get("value") if isinstance(spec, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+def make_source(spec: ClusterSource, sink: ClusterSink, settings: Settings):
+    if spec.kind == "dir":
+        return DirSource(spec, sink, settings.dir_poll_interval)
+    return KubeSource(spec, sink, settings)

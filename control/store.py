@@ -1,0 +1,358 @@
+"""The cluster state store: what every source has told us, validated, in force.
+
+Sources (``control.sources``) feed raw Kubernetes objects into one
+:class:`ClusterSink` per cluster — whole lists (a relist, a directory reload) or single
+watch events. The store parses each object once (an object whose raw dict is the very
+same as before is not parsed again), applies rule S9 to the invalid ones and keeps
+per-cluster sync status. :meth:`Store.snapshot` hands the compiler and the explain
+endpoint an immutable view: a :class:`~control.model.ClusterSet` of shallow copies.
+
+Rule S9 here: a changed policy that became invalid keeps its last valid version; a new
+invalid policy is replaced by ``objects.fail_closed_policy``; invalid pods and
+namespaces keep their last valid version or, when new, take no part. Every rejected
+object stays listed in ``errors`` until it is fixed or deleted.
+
+Rule M9: a remote cluster that cannot be reached keeps its last-known state in force
+(fail-static) until ``stale_after`` (when set) revokes it: its objects then vanish from
+snapshots, so its pods are unknown addresses that only ipBlock peers can match. The
+local cluster is never revoked: dropping its policies would fail open.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+from . import objects
+from .model import ClusterSet, ClusterState, InvalidObject, Namespace, Options, Pod, Policy
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("Namespace", "Pod", "NetworkPolicy")
+
+
+@dataclass
+class ObjectError:
+    """An object the store rejected, and what is in force instead."""
+
+    cluster: str
+    kind: str
+    key: str  # namespace/name, or name for namespaces
+    source: str
+    field: str
+    message: str
+    in_force: str  # "last-valid", "fail-closed" or "none"
+
+    def to_json(self) -> dict:
+        return {
+            "cluster": self.cluster, "kind": self.kind, "object": self.key, "source": self.source,
+            "field": self.field, "error": self.message, "in_force": self.in_force,
+        }
+
+
+@dataclass
+class ClusterStatus:
+    """Sync state of one cluster, for ``/v1/clusters``, ``/readyz`` and metrics."""
+
+    name: str
+    source: str
+    local: bool
+    listed: set = field(default_factory=set)  # kinds listed at least once
+    connected: bool = False
+    disconnected_since: Optional[float] = None  # store clock
+    stale: bool = False
+    last_event: Optional[float] = None  # wall clock
+    last_error: Optional[str] = None
+    events: int = 0
+    declared_name: Optional[str] = None
+
+    @property
+    def ready(self) -> bool:
+        return all(k in self.listed for k in KINDS)
+
+
+def _key(kind: str, obj: Mapping[str, Any]) -> Optional[tuple]:
+    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+    if not isinstance(meta, Mapping) or not isinstance(meta.get("name"), str) or not meta["name"]:
+        return None
+    if kind == "Namespace":
+        return (meta["name"],)
+    ns = meta.get("namespace") or "default"
+    return (ns if isinstance(ns, str) else str(ns), meta["name"])
+
+
+_PARSERS = {"Namespace": objects.namespace, "Pod": objects.pod, "NetworkPolicy": objects.network_policy}
+
+
+class ClusterSink:
+    """One cluster's objects and status; the interface sources write to."""
+
+    def __init__(self, store: "Store", name: str, source: str, local: bool):
+        self.store = store
+        self.name = name
+        self.status = ClusterStatus(name, source, local)
+        self.raw: dict[str, dict[tuple, tuple[str, Any]]] = {k: {} for k in KINDS}
+        self.namespaces: dict[str, Namespace] = {}
+        self.pods: dict[tuple[str, str], Pod] = {}
+        self.policies: dict[tuple[str, str], Policy] = {}
+        self.valid_policies: dict[tuple[str, str], Policy] = {}
+        self.errors: dict[tuple, ObjectError] = {}
+        #: Manifest files that cannot be parsed (their last parsed contents stay in force).
+        self.file_errors: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ objects
+
+    def _table(self, kind: str) -> dict:
+        return {"Namespace": self.namespaces, "Pod": self.pods, "NetworkPolicy": self.policies}[kind]
+
+    def _apply(self, kind: str, obj: Mapping[str, Any], source: str) -> bool:
+        """Parse and install one object. Returns whether anything in force changed."""
+        key = _key(kind, obj)
+        if key is None:
+            err = InvalidObject(source, objects.describe(obj), "metadata.name", "is required")
+            self.errors[(kind, None, source)] = ObjectError(self.name, kind, "?", source, err.field, err.message, "none")
+            logger.warning("Cluster %s: rejected %s", self.name, err)
+            return False
+        prev = self.raw[kind].get(key)
+        if prev is not None and prev[1] is obj and prev[0] == source:
+            return False  # the very same object as before: nothing to parse
+        self.raw[kind][key] = (source, obj)
+        table = self._table(kind)
+        tkey = key[0] if kind == "Namespace" else key
+        try:
+            value = _PARSERS[kind](obj, self.name, source)
+        except InvalidObject as err:
+            return self._reject(kind, key, tkey, obj, source, err)
+        self.errors.pop((kind, key, None), None)
+        if kind == "NetworkPolicy":
+            self.valid_policies[tkey] = value
+        if table.get(tkey) == value:
+            return False
+        table[tkey] = value
+        return True
+
+    def _reject(self, kind: str, key: tuple, tkey: Any, obj: Mapping, source: str, err: InvalidObject) -> bool:
+        """Rule S9 for one invalid object."""
+        logger.warning("Cluster %s: rejected %s", self.name, err)
+        table = self._table(kind)
+        changed = False
+        if kind == "NetworkPolicy" and tkey in self.valid_policies:
+            in_force = "last-valid"
+            if table.get(tkey) is not self.valid_policies[tkey]:
+                table[tkey] = self.valid_policies[tkey]
+                changed = True
+        elif kind == "NetworkPolicy":
+            stand_in = objects.fail_closed_policy(obj, self.name, source, err)
+            in_force = "fail-closed" if stand_in is not None else "none"
+            if stand_in is not None and table.get(tkey) != stand_in:
+                table[tkey] = stand_in
+                changed = True
+        else:
+            in_force = "last-valid" if tkey in table else "none"
+        self.errors[(kind, key, None)] = ObjectError(self.name, kind, "/".join(key), source, err.field, err.message, in_force)
+        return changed
+
+    def _remove(self, kind: str, key: tuple) -> bool:
+        self.raw[kind].pop(key, None)
+        self.errors.pop((kind, key, None), None)
+        tkey = key[0] if kind == "Namespace" else key
+        if kind == "NetworkPolicy":
+            self.valid_policies.pop(tkey, None)
+        return self._table(kind).pop(tkey, None) is not None
+
+    def _touch(self, changed: bool) -> None:
+        self.status.events += 1
+        self.status.last_event = time.time()
+        if changed:
+            self.store.changed()
+
+    # ------------------------------------------------------------------ source API
+
+    def upsert(self, kind: str, obj: Mapping[str, Any], source: str = "") -> None:
+        """A watch ADDED/MODIFIED event."""
+        self._touch(self._apply(kind, obj, source or f"{self.name}:{kind}"))
+
+    def delete(self, kind: str, obj: Mapping[str, Any]) -> None:
+        """A watch DELETED event."""
+        key = _key(kind, obj)
+        self._touch(key is not None and self._remove(kind, key))
+
+    def replace_kind(self, kind: str, items: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
+        """A complete list of one kind (a relist): objects absent from it are deleted."""
+        changed = False
+        seen: set[tuple] = set()
+        # Errors of unnamed or duplicate objects are keyed by source: a full list
+        # re-reports those still there.
+        for ekey in [e for e in self.errors if e[0] == kind and e[1] is None]:
+            self.errors.pop(ekey)
+        for source, obj in items:
+            key = _key(kind, obj)
+            if key is not None and key in seen:
+                err = InvalidObject(source, objects.describe(obj), "metadata.name", f"duplicate of the object in {self.raw[kind][key][0]}")
+                self.errors[(kind, None, source)] = ObjectError(self.name, kind, "/".join(key), source, err.field, err.message, "none")
+                continue
+            if key is not None:
+                seen.add(key)
+            changed |= self._apply(kind, obj, source)
+        for key in [k for k in self.raw[kind] if k not in seen]:
+            changed |= self._remove(kind, key)
+        if kind not in self.status.listed:
+            self.status.listed.add(kind)
+            changed = True  # readiness changed: a snapshot must say so
+        self._touch(changed)
+
+    def replace_all(self, docs: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
+        """A complete set of every kind (a manifest directory reload). Other kinds are
+        ignored; a ClusterProperty is checked against the configured name (rule M1)."""
+        by_kind: dict[str, list] = {k: [] for k in KINDS}
+        declared = None
+        for source, obj in docs:
+            kind = obj.get("kind") if isinstance(obj, Mapping) else None
+            if kind in by_kind:
+                by_kind[kind].append((source, obj))
+            elif kind == "ClusterProperty":
+                try:
+                    declared = objects.cluster_property_value(obj, source) or declared
+                except InvalidObject as err:
+                    self.status.last_error = str(err)
+        self.set_declared_name(declared)
+        with self.store.batch():  # one change notification, one recompile per reload
+            for kind in KINDS:
+                self.replace_kind(kind, by_kind[kind])
+
+    def set_declared_name(self, value: Optional[str]) -> None:
+        """Rule M1: a ClusterProperty naming another cluster is an error we report."""
+        self.status.declared_name = value
+        if value is not None and value != self.name:
+            self.status.last_error = f"ClusterProperty cluster.clusterset.k8s.io declares {value!r} but the cluster is configured as {self.name!r}"
+            logger.error("Cluster %s: %s", self.name, self.status.last_error)
+
+    def up(self) -> None:
+        """The source reached its cluster (a list or watch request succeeded)."""
+        st = self.status
+        if not st.connected or st.stale:
+            logger.info("Cluster %s: connected", self.name)
+        was_stale = st.stale
+        st.connected, st.disconnected_since, st.stale = True, None, False
+        if was_stale:
+            self.store.changed()
+
+    def down(self, error: str) -> None:
+        """The source lost its cluster; its state stays in force (fail-static)."""
+        st = self.status
+        if st.connected or st.last_error != error:
+            logger.warning("Cluster %s: unreachable, keeping its last-known state: %s", self.name, error)
+        st.connected, st.last_error = False, error
+        if st.disconnected_since is None:
+            st.disconnected_since = self.store.clock()
+
+    def error_list(self) -> list[ObjectError]:
+        return list(self.errors.values())
+
+
+@dataclass
+class Snapshot:
+    """An immutable view for one compile: the objects in force and what is wrong."""
+
+    revision: int
+    cset: ClusterSet
+    conflicts: dict[str, list[str]]  # ip -> pod references of several clusters (rule M8)
+    store_version: int = 0  # Store.version it was taken at
+
+
+class Store:
+    """Every cluster's sink, change notification and snapshots."""
+
+    def __init__(self, options: Options = Options(), stale_after: Optional[float] = None,
+                 clock: Callable[[], float] = time.monotonic, on_change: Optional[Callable[[], None]] = None):
+        self.options = options
+        self.stale_after = stale_after
+        self.clock = clock
+        self.on_change = on_change
+        self.sinks: dict[str, ClusterSink] = {}
+        self.version = 0  # bumped on every change in force
+        self._batch_depth = 0
+        self._batch_dirty = False
+
+    def add_cluster(self, name: str, source: str = "", local: bool = False) -> ClusterSink:
+        sink = ClusterSink(self, name, source, local)
+        self.sinks[name] = sink
+        return sink
+
+    def changed(self) -> None:
+        self.version += 1
+        if self._batch_depth:
+            self._batch_dirty = True
+        elif self.on_change is not None:
+            self.on_change()
+
+    def batch(self):
+        """Context manager folding the change notifications inside it into one."""
+        store = self
+
+        class _Batch:
+            def __enter__(self):
+                store._batch_depth += 1
+
+            def __exit__(self, *exc):
+                store._batch_depth -= 1
+                if not store._batch_depth and store._batch_dirty:
+                    store._batch_dirty = False
+                    if store.on_change is not None:
+                        store.on_change()
+
+        return _Batch()
+
+    # ------------------------------------------------------------------ status
+
+    @property
+    def not_ready(self) -> list[str]:
+        return [name for name, s in self.sinks.items() if not s.status.ready]
+
+    def check_stale(self) -> Optional[float]:
+        """Revoke remote clusters unreachable for ``stale_after`` (rule M9). Returns the
+        seconds until the next one would become stale, None when none is pending."""
+        if self.stale_after is None:
+            return None
+        now = self.clock()
+        next_due = None
+        for sink in self.sinks.values():
+            st = sink.status
+            if st.local or st.stale or st.disconnected_since is None:
+                continue
+            left = st.disconnected_since + self.stale_after - now
+            if left <= 0:
+                st.stale = True
+                logger.warning("Cluster %s: unreachable for %.0fs, its state is revoked (stale-after)", sink.name, now - st.disconnected_since)
+                self.changed()
+            else:
+                next_due = left if next_due is None else min(next_due, left)
+        return next_due
+
+    def snapshot(self, revision: int) -> Snapshot:
+        cset = ClusterSet(options=self.options)
+        for name, sink in self.sinks.items():
+            if sink.status.stale:
+                cset.clusters[name] = ClusterState(name)
+            else:
+                cset.clusters[name] = ClusterState(name, dict(sink.namespaces), dict(sink.pods), dict(sink.policies))
+        return Snapshot(revision, cset, ip_conflicts(cset), self.version)
+
+    def errors(self) -> list[ObjectError]:
+        return [e for sink in self.sinks.values() for e in sink.error_list()]
+
+
+def ip_conflicts(cset: ClusterSet) -> dict[str, list[str]]:
+    """Rule M8: addresses claimed by pods of more than one cluster."""
+    owners: dict[Any, list[Pod]] = {}
+    for pod in cset.pods():
+        if pod.can_take_part:
+            for ip in pod.ips:
+                owners.setdefault(ip, []).append(pod)
+    out = {}
+    for ip, pods in owners.items():
+        if len(pods) > 1 and len({p.cluster for p in pods}) > 1:
+            out[str(ip)] = sorted(p.ref for p in pods)
+    return out

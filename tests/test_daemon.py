@@ -1,0 +1,260 @@
+"""Settings, the recompile loop and the dataplane hand-over of the node daemon."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import threading
+
+import pytest
+import yaml
+
+from control import daemon as daemon_mod
+from control.config import ClusterSource, Settings, SettingsError, parse_duration, parse_listen
+
+from .builders import make_namespace, make_pod, make_policy
+from .daemon_harness import dir_settings, eventually, running, write_yaml
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def args(**kw) -> argparse.Namespace:
+    base = dict(config=None, node_name=None, local_cluster=None, cluster=[], attach=[], uplink=None,
+                api_listen=None, default_peer_scope=None, stale_after=None, no_multicluster=None)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+@pytest.mark.parametrize("text,seconds", [("30s", 30), ("5m", 300), ("1h", 3600), ("250ms", 0.25), ("1m30s", 90), ("2", 2)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "5x", "m", "-1", "1h 2m", "s30"])
+def test_bad_durations(text):
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_cluster_sources():
+    assert ClusterSource.parse("c1=dir:/a/b") == ClusterSource("c1", "dir", "/a/b")
+    assert ClusterSource.parse("c2=kubeconfig:/k#ctx") == ClusterSource("c2", "kubeconfig", "/k", "ctx")
+    assert ClusterSource.parse("c3=kubeconfig:/k") == ClusterSource("c3", "kubeconfig", "/k", None)
+    assert ClusterSource.parse("c4=in-cluster") == ClusterSource("c4", "in-cluster")
+    for bad in ("c1", "c1=ftp:/x", "c1=dir:"):
+        with pytest.raises(ValueError):
+            ClusterSource.parse(bad)
+
+
+def test_listen_addresses():
+    assert parse_listen("127.0.0.1:9901") == ("tcp", ("127.0.0.1", 9901))
+    assert parse_listen("[::1]:80") == ("tcp", ("::1", 80))
+    assert parse_listen("unix:/run/mcnp.sock") == ("unix", "/run/mcnp.sock")
+    with pytest.raises(ValueError):
+        parse_listen("localhost")
+
+
+def test_flags_win_over_the_config_file(tmp_path):
+    cfg = tmp_path / "mcnp.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "node-name": "from-file", "local-cluster": "c1",
+        "clusters": {"c1": "dir:/tmp/c1", "c2": "kubeconfig:/tmp/k#ctx"},
+        "stale-after": "5m", "api-listen": "unix:/tmp/x.sock", "attach": {"veth1": "c1/x/a"},
+        "multicluster": True,
+    }))
+    s = Settings.from_args(args(config=str(cfg), node_name="from-flag", no_multicluster=True))
+    assert s.node_name == "from-flag" and s.local_cluster == "c1"
+    assert [c.name for c in s.clusters] == ["c1", "c2"] and s.clusters[1].context == "ctx"
+    assert s.stale_after == 300 and s.api_listen == "unix:/tmp/x.sock" and s.attach == {"veth1": "c1/x/a"}
+    assert s.multicluster is False and s.remote_clusters == ["c2"]
+
+
+def test_validate_reports_every_problem_at_once(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump({"colour": "blue", "stale-after": "soon"}))
+    with pytest.raises(SettingsError) as e:
+        Settings.from_args(args(config=str(cfg), local_cluster="c9", cluster=["Bad_Name=dir:/x", "c1=dir:/y", "c1=dir:/z"],
+                                attach=["veth0=c2/x/a", "veth1=nonsense"], uplink="veth0", api_listen="nowhere",
+                                default_peer_scope="galaxy"))
+    text = "\n".join(e.value.problems)
+    for needle in ("colour", "stale-after", "--node-name", "Bad_Name", "given twice", "--local-cluster c9",
+                   "veth0=c2/x/a", "veth1=nonsense", "--uplink veth0", "--api-listen", "galaxy"):
+        assert needle in text, needle
+    assert len(e.value.problems) >= 11
+
+
+def test_run_returns_2_on_an_invalid_configuration(capsys):
+    assert daemon_mod.run(Settings()) == 2
+    assert "--node-name is required" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- recompiles
+
+
+def write_world(root: str) -> list[tuple[str, str]]:
+    specs = []
+    for name in ("c1", "c2"):
+        d = os.path.join(root, name)
+        os.makedirs(d)
+        pods = [make_namespace("x")] + [make_pod("x", f"p{i}", f"198.18.{name[-1]}.{i + 1}", {"app": f"p{i}"}) for i in range(4)]
+        write_yaml(os.path.join(d, "objects.yaml"), yaml.safe_dump_all(pods))
+        specs.append((name, d))
+    return specs
+
+
+class RecordingCompiler:
+    """Stands in for control.compile: records what it was asked, from which thread."""
+
+    def __init__(self, delay: float = 0.0):
+        self.calls = []
+        self.threads = set()
+        self.delay = delay
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, cset, local, revision):
+        with self.lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        self.threads.add(threading.current_thread().name)
+        if self.delay:
+            threading.Event().wait(self.delay)
+        local_refs = sorted(p.ref for p in cset.pods() if local(p))
+        self.calls.append((revision, local_refs, sorted(p.ref for c in cset.clusters.values() for p in c.policies.values())))
+        with self.lock:
+            self.in_flight -= 1
+        return FakeTables(revision)
+
+
+class FakeTables:
+    def __init__(self, revision):
+        self.revision = revision
+        self.arrays = {}
+
+    def summary(self):
+        return {"revision": self.revision}
+
+
+class FakeDataplane:
+    def __init__(self, settings):
+        self.ports = dict(settings.attach)
+        self.published = []
+        self.closed = False
+
+    def publish(self, tables, bindings):
+        self.published.append((tables.revision, bindings))
+
+    def stats(self):
+        return {"verdicts": {"allowed": {"rule": 5}, "denied": {"no-rule": 2}}, "flows": 3, "rx_batches": 7}
+
+    def flows(self, limit):
+        return [{"src": "198.18.1.1", "dst": "198.18.2.1"}][:limit]
+
+    def close(self):
+        self.closed = True
+
+
+def test_compile_runs_off_the_event_loop_and_publishes_to_the_dataplane(tmp_path):
+    specs = write_world(str(tmp_path))
+    compiler = RecordingCompiler()
+    planes = []
+
+    def factory(settings):
+        planes.append(FakeDataplane(settings))
+        return planes[-1]
+
+    settings = dir_settings(specs, attach={"veth-p1": "c1/x/p1", "veth-gone": "c1/x/nope"}, uplink="up0")
+
+    async def main():
+        async with running(settings, compiler=compiler, dataplane_factory=factory) as (daemon, client):
+            await daemon.wait_revision(daemon.tables.revision, compiled=True)
+            [plane] = planes
+            rev, bindings = plane.published[-1]
+            assert rev == daemon.tables.compiled_revision
+            assert bindings == {"veth-p1": ["198.18.1.2"], "veth-gone": []}
+            assert compiler.threads == {t for t in compiler.threads if t.startswith("mcnp-compile")}
+            assert compiler.calls[-1][1] == [f"c1/x/p{i}" for i in range(4)]  # node-1 pods of c1 only
+            status, body = await client.get("/v1/stats")
+            assert body["dataplane"]["flows"] == 3 and body["local_endpoints"] == 4
+            status, text = await client.get("/metrics")
+            assert 'mcnp_packets_total{reason="no-rule",verdict="denied"} 2.0' in text
+            assert "mcnp_tracked_flows 3.0" in text and "mcnp_dataplane_rx_batches 7.0" in text
+            status, body = await client.get("/v1/flows", limit=1)
+            assert body == {"dataplane": True, "flows": [{"src": "198.18.1.1", "dst": "198.18.2.1"}]}
+        assert planes[0].closed
+
+    asyncio.run(main())
+
+
+def test_a_burst_of_changes_is_coalesced_with_one_compile_in_flight(tmp_path):
+    specs = write_world(str(tmp_path))
+    compiler = RecordingCompiler(delay=0.05)
+
+    async def main():
+        async with running(dir_settings(specs), compiler=compiler) as (daemon, _):
+            before = len(compiler.calls)
+            sink = daemon.store.sinks["c1"]
+            for i in range(200):
+                sink.upsert("NetworkPolicy", make_policy("x", f"p{i}", {"matchLabels": {"app": "p0"}}, ingress=[]), f"burst:{i}")
+                if i % 20 == 0:
+                    await asyncio.sleep(0)
+
+            async def all_in():
+                return len(compiler.calls[-1][2]) == 200 if len(compiler.calls) > before else False
+
+            await eventually(all_in)
+            assert len(compiler.calls) - before <= 5
+            assert compiler.max_in_flight == 1
+
+    asyncio.run(main())
+
+
+def test_tables_are_not_compiled_before_the_local_cluster_is_listed(tmp_path):
+    specs = write_world(str(tmp_path))
+    missing = str(tmp_path / "not-yet")
+    compiler = RecordingCompiler()
+
+    async def main():
+        async with running(dir_settings([("c1", missing)] + specs[1:]), compiler=compiler, settle=False) as (daemon, _):
+            async def remote_listed():
+                return daemon.snapshot is not None and not daemon.store.sinks["c2"].status.listed ^ {"Namespace", "Pod", "NetworkPolicy"}
+
+            await eventually(remote_listed)
+            assert compiler.calls == []
+            os.rename(specs[0][1], missing)
+            await daemon.wait_settled(5)
+            await daemon.wait_revision(daemon.tables.revision, compiled=True)
+            assert compiler.calls
+
+    asyncio.run(main())
+
+
+def test_compiler_failure_keeps_the_previous_tables(tmp_path):
+    specs = write_world(str(tmp_path))
+    good = RecordingCompiler()
+    state = {"fail": False}
+
+    def flaky(cset, local, revision):
+        if state["fail"]:
+            raise RuntimeError("compiler bug")
+        return good(cset, local, revision)
+
+    async def main():
+        async with running(dir_settings(specs), compiler=flaky) as (daemon, client):
+            await daemon.wait_revision(daemon.tables.revision, compiled=True)
+            kept = daemon.tables.compiled_revision
+            state["fail"] = True
+            daemon.store.sinks["c1"].upsert("NetworkPolicy", make_policy("x", "new", {}, ingress=[]), "x")
+
+            async def failed():
+                return daemon.tables.error is not None
+
+            await eventually(failed)
+            assert daemon.tables.compiled_revision == kept and "compiler bug" in daemon.tables.error
+            _, text = await client.get("/metrics")
+            assert "mcnp_compile_errors_total 1.0" in text
+
+    asyncio.run(main())

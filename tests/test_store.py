@@ -1,0 +1,194 @@
+"""The cluster state store: rule S9 for invalid objects, M8 conflicts, M9 fail-static and
+stale-after revocation (with a fake clock: nothing here sleeps)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from control.model import Options
+from control.reference import ReferenceEvaluator
+from control.store import Store
+
+from .builders import make_namespace, make_pod, make_policy
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def deny_all(name: str = "deny", ns: str = "x") -> dict:
+    return make_policy(ns, name, {}, ingress=[])
+
+
+def allow_from_b(name: str = "allow-b", ns: str = "x") -> dict:
+    return make_policy(ns, name, {"matchLabels": {"app": "a"}}, ingress=[{"from": [{"podSelector": {"matchLabels": {"app": "b"}}}]}])
+
+
+def broken(policy: dict) -> dict:
+    bad = dict(policy)
+    bad["spec"] = dict(policy["spec"], ingress=[{"from": [{}]}])  # a peer with no field set
+    return bad
+
+
+def listed(store: Store, name: str, objs: list[dict]):
+    sink = store.sinks.get(name) or store.add_cluster(name)
+    by_kind = {"Namespace": [], "Pod": [], "NetworkPolicy": []}
+    for o in objs:
+        by_kind[o["kind"]].append((f"test:{o['metadata']['name']}", o))
+    for kind, items in by_kind.items():
+        sink.replace_kind(kind, items)
+    return sink
+
+
+def world():
+    return [
+        make_namespace("x"),
+        make_pod("x", "a", "198.18.0.1", {"app": "a"}),
+        make_pod("x", "b", "198.18.0.2", {"app": "b"}),
+        make_pod("x", "c", "198.18.0.3", {"app": "c"}),
+    ]
+
+
+def allowed(store: Store, src: str, dst: str) -> bool:
+    cset = store.snapshot(1).cset
+    return ReferenceEvaluator(cset).allowed(cset.pod(src), cset.pod(dst), 80, "TCP")
+
+
+def test_readiness_needs_every_kind_listed():
+    store = Store()
+    sink = store.add_cluster("c1", local=True)
+    assert store.not_ready == ["c1"]
+    sink.replace_kind("Namespace", [])
+    sink.replace_kind("Pod", [])
+    assert store.not_ready == ["c1"]
+    sink.replace_kind("NetworkPolicy", [])
+    assert store.not_ready == []
+
+
+def test_changed_policy_that_becomes_invalid_keeps_last_valid_version():
+    store = Store()
+    sink = listed(store, "c1", world() + [allow_from_b()])
+    assert allowed(store, "c1/x/b", "c1/x/a") and not allowed(store, "c1/x/c", "c1/x/a")
+
+    sink.upsert("NetworkPolicy", broken(allow_from_b()), "edit")
+
+    assert allowed(store, "c1/x/b", "c1/x/a") and not allowed(store, "c1/x/c", "c1/x/a")
+    [err] = store.errors()
+    assert (err.kind, err.key, err.in_force) == ("NetworkPolicy", "x/allow-b", "last-valid")
+    assert "ingress[0].from[0]" in err.field
+    # Fixing it clears the error and the fixed version is in force.
+    sink.upsert("NetworkPolicy", allow_from_b(), "fix")
+    assert store.errors() == []
+
+
+def test_new_invalid_policy_fails_closed_for_the_pods_it_selects():
+    store = Store()
+    sink = listed(store, "c1", world())
+    assert allowed(store, "c1/x/b", "c1/x/a")
+
+    sink.upsert("NetworkPolicy", broken(allow_from_b()), "new")
+
+    assert not allowed(store, "c1/x/b", "c1/x/a")  # a is isolated, nothing admitted
+    assert allowed(store, "c1/x/a", "c1/x/b")  # b is not selected by it
+    [err] = store.errors()
+    assert err.in_force == "fail-closed"
+    policy = store.sinks["c1"].policies[("x", "allow-b")]
+    assert policy.rejected and not policy.ingress
+
+
+def test_invalid_pod_keeps_last_valid_version_and_new_invalid_pod_takes_no_part():
+    store = Store()
+    sink = listed(store, "c1", world())
+    bad = make_pod("x", "a", "not-an-ip", {"app": "a"})
+    sink.upsert("Pod", bad, "edit")
+    assert sink.pods[("x", "a")].ip == ipaddress.ip_address("198.18.0.1")
+    sink.upsert("Pod", make_pod("x", "d", "also-bad"), "new")
+    assert ("x", "d") not in sink.pods
+    assert {(e.key, e.in_force) for e in store.errors()} == {("x/a", "last-valid"), ("x/d", "none")}
+
+
+def test_relist_deletes_what_is_gone_and_reports_duplicates():
+    store = Store()
+    sink = listed(store, "c1", world() + [deny_all()])
+    sink.replace_kind("NetworkPolicy", [("f1", allow_from_b()), ("f2", allow_from_b())])
+    assert list(sink.policies) == [("x", "allow-b")]
+    [err] = store.errors()
+    assert "duplicate" in err.message and err.source == "f2"
+    sink.replace_kind("NetworkPolicy", [("f1", allow_from_b())])
+    assert store.errors() == []
+
+
+def test_identical_object_is_not_parsed_again_and_changes_nothing():
+    changes = []
+    store = Store(on_change=lambda: changes.append(1))
+    objs = world()
+    sink = listed(store, "c1", objs)
+    before = len(changes)
+    sink.replace_kind("Pod", [(f"test:{o['metadata']['name']}", o) for o in objs if o["kind"] == "Pod"])
+    assert len(changes) == before
+    sink.upsert("Pod", make_pod("x", "a", "198.18.0.9", {"app": "a"}), "test:a")
+    assert len(changes) == before + 1
+
+
+def test_watch_events_upsert_and_delete():
+    store = Store()
+    sink = listed(store, "c1", world())
+    sink.upsert("NetworkPolicy", deny_all(), "w")
+    assert not allowed(store, "c1/x/b", "c1/x/a")
+    sink.delete("NetworkPolicy", deny_all())
+    assert allowed(store, "c1/x/b", "c1/x/a")
+
+
+def test_ip_claimed_by_two_clusters_is_a_conflict():
+    store = Store()
+    listed(store, "c1", world())
+    listed(store, "c2", [make_namespace("x"), make_pod("x", "z", "198.18.0.1"), make_pod("x", "y", "198.18.1.1")])
+    snap = store.snapshot(1)
+    assert snap.conflicts == {"198.18.0.1": ["c1/x/a", "c2/x/z"]}
+
+
+def test_remote_outage_is_fail_static_until_stale_after():
+    clock = FakeClock()
+    store = Store(Options(), stale_after=60.0, clock=clock)
+    listed(store, "c1", world()).status.local = True
+    remote = listed(store, "c2", [make_namespace("x"), make_pod("x", "r", "198.18.1.1", {"app": "b"})])
+    remote.up()
+    remote.down("connection refused")
+    clock.now += 59
+    assert store.check_stale() == 1.0
+    assert store.snapshot(1).cset.pod("c2/x/r") is not None  # fail-static
+    clock.now += 1
+    assert store.check_stale() is None
+    assert remote.status.stale
+    assert store.snapshot(2).cset.pod("c2/x/r") is None  # revoked
+    assert "c2" in store.snapshot(2).cset.clusters  # still a cluster: selectors may name it
+    remote.up()
+    assert not remote.status.stale and store.snapshot(3).cset.pod("c2/x/r") is not None
+
+
+def test_local_cluster_is_never_revoked_and_no_stale_after_means_forever():
+    clock = FakeClock()
+    store = Store(stale_after=10.0, clock=clock)
+    local = store.add_cluster("c1", local=True)
+    local.down("apiserver down")
+    clock.now += 3600
+    store.check_stale()
+    assert not local.status.stale
+
+    forever = Store(stale_after=None, clock=clock)
+    remote = forever.add_cluster("c2")
+    remote.down("gone")
+    clock.now += 10**6
+    assert forever.check_stale() is None and not remote.status.stale
+
+
+def test_unnamed_object_is_reported_not_crashing():
+    store = Store()
+    sink = store.add_cluster("c1")
+    sink.upsert("Pod", {"kind": "Pod", "metadata": {}}, "somewhere.yaml")
+    [err] = store.errors()
+    assert err.source == "somewhere.yaml" and err.field == "metadata.name"
