@@ -34,7 +34,7 @@ class NetError(RuntimeError):
     """An ``ip`` command or a namespace switch failed; the message says which."""
 
 
-def _setns(fd: int) -> None:
+def setns(fd: int) -> None:
     if _libc.setns(fd, _CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise NetError(f"setns failed: {os.strerror(err)}")
@@ -51,13 +51,13 @@ def in_netns(name: str) -> Iterator[None]:
         except OSError as e:
             raise NetError(f"network namespace {name!r} does not exist ({e.strerror})") from None
         try:
-            _setns(target)
+            setns(target)
         finally:
             os.close(target)
         try:
             yield
         finally:
-            _setns(own)
+            setns(own)
     finally:
         os.close(own)
 
