@@ -1,0 +1,148 @@
+"""Shared memory between the control process and the packet-loop worker.
+
+Two things cross the process boundary without pickling arrays:
+
+* **Policy tables.**  Every :meth:`TablesPublisher.publish` writes a whole new
+  segment named ``<prefix>-t<generation>`` (JSON header with the tables'
+  layout and the port bindings, then the packed arrays) and only *then*
+  stores the generation number in the control block.  The worker polls that
+  one integer between batches; when it changes, it maps the named segment,
+  which is complete by construction, and swaps it in.  A segment is never
+  written after its generation is announced, so the loop can never see a
+  half-written table, and it never waits for the publisher.  Old segments
+  are unlinked once the worker reports a newer generation in force.
+* **Counters** (:class:`fastpath.counters.Counters`) live in a segment
+  ``<prefix>-c`` that the worker writes and the control process reads.
+
+The control block (``<prefix>-ctl``, int64 cells, see ``CTL_*``) also carries
+the worker's readiness, its pid, a stop request and a heartbeat.
+
+The control process creates every segment with
+``multiprocessing.shared_memory`` (so they are cleaned up even if it dies);
+the worker maps them with plain ``mmap`` of ``/dev/shm/<name>``, which keeps
+Python's resource tracker from unlinking the control process's segments when
+the worker exits.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import secrets
+import struct
+from multiprocessing import shared_memory
+
+import numpy as np
+
+CTL_PUBLISHED, CTL_IN_FORCE, CTL_READY, CTL_PID, CTL_STOP, CTL_HEARTBEAT = range(6)
+CTL_CELLS = 16
+_HEAD = struct.Struct("<QQ")  # header length, data length
+_ALIGN = 64
+
+
+def new_prefix() -> str:
+    """A segment name prefix unique to one Dataplane."""
+    return f"mcnp-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def attach(name: str) -> mmap.mmap:
+    """Map an existing segment read-write without registering it anywhere."""
+    fd = os.open(f"/dev/shm/{name}", os.O_RDWR)
+    try:
+        return mmap.mmap(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+class TablesPublisher:
+    """Control-process side: creates the control block and counters, publishes tables."""
+
+    def __init__(self, prefix: str, counters_size: int):
+        self.prefix = prefix
+        self.ctl_shm = shared_memory.SharedMemory(f"{prefix}-ctl", create=True, size=8 * CTL_CELLS)
+        self.ctl = np.ndarray(CTL_CELLS, dtype=np.int64, buffer=self.ctl_shm.buf)
+        self.ctl[:] = 0
+        self.counters_shm = shared_memory.SharedMemory(f"{prefix}-c", create=True,
+                                                       size=max(counters_size, 8))
+        np.ndarray(counters_size // 8, dtype=np.int64, buffer=self.counters_shm.buf)[:] = 0
+        self._segments: dict[int, shared_memory.SharedMemory] = {}
+        self.generation = 0
+
+    def publish(self, tables, bindings: dict[str, list[str]]) -> int:
+        """Write a new generation and announce it; returns its number."""
+        header, data = tables.pack()
+        head = json.dumps({"tables": header, "bindings": bindings}).encode()
+        start = -(-(_HEAD.size + len(head)) // _ALIGN) * _ALIGN
+        gen = self.generation + 1
+        seg = shared_memory.SharedMemory(f"{self.prefix}-t{gen}", create=True,
+                                         size=start + max(len(data), 1))
+        _HEAD.pack_into(seg.buf, 0, len(head), len(data))
+        seg.buf[_HEAD.size:_HEAD.size + len(head)] = head
+        seg.buf[start:start + len(data)] = data
+        self._segments[gen] = seg
+        self.generation = gen
+        self.ctl[CTL_PUBLISHED] = gen  # announce only once the segment is complete
+        self.reclaim()
+        return gen
+
+    def reclaim(self) -> None:
+        """Unlink segments older than the generation the worker has in force."""
+        in_force = int(self.ctl[CTL_IN_FORCE])
+        for gen in [g for g in self._segments if g < in_force]:
+            seg = self._segments.pop(gen)
+            seg.close()
+            seg.unlink()
+
+    def close(self) -> None:
+        for seg in self._segments.values():
+            seg.close()
+            seg.unlink()
+        self._segments.clear()
+        del self.ctl
+        for shm in (self.ctl_shm, self.counters_shm):
+            shm.close()
+            shm.unlink()
+
+
+class TablesReader:
+    """Worker side: notices a new generation and maps it (between batches)."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self._ctl_map = attach(f"{prefix}-ctl")
+        self.ctl = np.ndarray(CTL_CELLS, dtype=np.int64, buffer=self._ctl_map)
+        self.counters_map = attach(f"{prefix}-c")
+        self.generation = 0
+        self._maps: list[mmap.mmap] = []
+
+    def changed(self) -> bool:
+        """One integer read: is a newer generation published?"""
+        return self.ctl[CTL_PUBLISHED] != self.generation
+
+    def take(self):
+        """Map the newest generation; returns ``(generation, tables_header, data, bindings)``.
+
+        ``data`` is a memoryview of the mapped segment; the caller builds the
+        tables from it (``PolicyTables.unpack``) and keeps it alive while in use.
+        """
+        gen = int(self.ctl[CTL_PUBLISHED])
+        m = attach(f"{self.prefix}-t{gen}")
+        head_len, data_len = _HEAD.unpack_from(m, 0)
+        head = json.loads(bytes(m[_HEAD.size:_HEAD.size + head_len]))
+        start = -(-(_HEAD.size + head_len) // _ALIGN) * _ALIGN
+        data = memoryview(m)[start:start + data_len]
+        self._maps.append(m)
+        self.generation = gen
+        return gen, head["tables"], data, head["bindings"]
+
+    def in_force(self, gen: int) -> None:
+        """Report the generation now used, and release mappings of older ones."""
+        self.ctl[CTL_IN_FORCE] = gen
+        keep = []
+        for m in self._maps[:-1]:
+            try:
+                m.close()
+            except BufferError:  # arrays of an old table still referenced: later
+                keep.append(m)
+        self._maps = keep + self._maps[-1:]
