@@ -239,6 +239,30 @@ def _build_network(plan: Plan) -> None:
                 raise NetError(f"turning GRO on in {ns} failed: {err.strip()}")
 
 
+def _wait_links_up(plan: Plan, timeout: float) -> None:
+    """Wait until every interface is operationally up. The kernel attaches a device's
+    queueing discipline (and lets a bridge port forward) only when its link watcher
+    gets round to the carrier change — up to a second later — and drops what is sent
+    before: a probe right after ``up`` would see a dead network."""
+    pending = set(plan.namespaces())
+    deadline = time.monotonic() + timeout
+    while True:
+        procs = {ns: subprocess.Popen(["ip", "-n", ns, "-j", "link", "show"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) for ns in pending}
+        down: dict[str, list[str]] = {}
+        for ns, proc in procs.items():
+            out, _ = proc.communicate()
+            links = json.loads(out or b"[]")
+            down[ns] = [link["ifname"] for link in links if link["ifname"] != "lo" and link.get("operstate") != "UP"]
+            if not down[ns] and links:
+                pending.discard(ns)
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            ns = sorted(pending)[0]
+            raise TestbedError(f"links in {ns} not up within {timeout:.0f} s: {', '.join(down[ns]) or 'none listed'}")
+        time.sleep(0.05)
+
+
 def _run_parallel(argvs: dict[str, list[str]], inputs: dict[str, str]) -> None:
     procs = {k: subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for k, argv in argvs.items()}
     errors = []
@@ -398,6 +422,7 @@ def up(cluster_specs: list[tuple[Optional[str], str]], mode: str = "mcnp", json_
     try:
         _build_network(plan)
         _start_servers(plan, state, timeout=30.0)
+        _wait_links_up(plan, timeout=10.0)
         if mode == "mcnp":
             _start_daemons(plan, state, ready_timeout, daemon_command)
     except (TestbedError, NetError, OSError) as e:
