@@ -6,6 +6,7 @@ The privileged tests build real test hosts under a prefix of their own
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ import textwrap
 import pytest
 
 from control import probe, testbed
-from control.testbed_net import list_netns, process_start_time
+from control.testbed_net import NetError, list_netns, process_start_time
 
 ROOT = os.geteuid() == 0
 _needs_root = pytest.mark.skipif(not ROOT, reason="needs root and network namespaces")
@@ -118,6 +119,11 @@ def test_plan_refuses_one_address_for_two_pods(tmp_path):
         testbed.make_plan([("c1", c1), ("c2", c2)], "bridge", PREFIX)
 
 
+def test_probe_refuses_protocols_it_cannot_speak():
+    with pytest.raises(ValueError, match="SCTP"):
+        probe.probe_many([("ns", "198.18.0.1", 80, "SCTP")])
+
+
 # --------------------------------------------------------------------------- real hosts
 
 
@@ -147,6 +153,12 @@ def test_bridge_mode_every_pair_reaches_every_other(clusters, state_dir, capsys)
     assert results[: len(served)] == [True] * len(served)
     assert results[len(served):] == [False] * len(closed)
     assert probe.probe(pods["c1/x/a"]["netns"], pods["c2/x/d"]["ip"], 80, "TCP") is True
+
+    async def from_a_running_loop():  # the probing thread is probe_many's own
+        return probe.probe_many(served[:4])
+    assert asyncio.run(from_a_running_loop()) == [True] * 4
+    with pytest.raises(NetError, match="does not exist"):
+        probe.probe_many([(PREFIX + "missing", "198.18.0.1", 80, "TCP")])
 
 
 @privileged
@@ -230,6 +242,10 @@ def test_mcnp_mode_waits_for_daemons_in_node_namespaces(clusters, state_dir, mon
     links = json.loads(subprocess.run(["ip", "-n", state["nodes"]["c1/n1"]["netns"], "-j", "link"], capture_output=True, text=True, check=True).stdout)
     assert {"pod0", "pod1", "uplink"} <= {l["ifname"] for l in links}
     assert not any(l.get("linkinfo", {}).get("info_kind") == "bridge" for l in links)
+    # Redirects into a veth need GRO on its far end (DESIGN.md section 3).
+    netns = state["pods"]["c1/x/a"]["netns"]
+    features = subprocess.run(["ip", "netns", "exec", netns, "ethtool", "-k", "eth0"], capture_output=True, text=True, check=True).stdout
+    assert "generic-receive-offload: on" in features
     daemons = list(state["daemons"].values())
     assert testbed.down(state_dir, log=lambda m: None) == 0
     assert ours() == set() and all(process_start_time(d["pid"]) is None for d in daemons)
