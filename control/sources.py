@@ -174,6 +174,9 @@ class KubeSource:
         self._api = None
         self.relists = {k: 0 for k in KINDS}
         self.watches = {k: 0 for k in KINDS}
+        #: Where each kind's watch would resume (the last event's or bookmark's version).
+        self.resource_versions: dict[str, Optional[str]] = {k: None for k in KINDS}
+        self._streaming = {k: False for k in KINDS}
 
     async def _client(self):
         """An ApiClient from the kubeconfig or the service account. Errors name the
@@ -254,13 +257,14 @@ class KubeSource:
                 raise RuntimeError(f"watch {kind}: HTTP {resp.status} {resp.reason}")
             self.sink.up()
             self.watches[kind] += 1
+            self._streaming[kind] = True
             buf = b""
             async for chunk in resp.content.iter_any():
                 buf += chunk
                 *lines, buf = buf.split(b"\n")
                 for line in lines:
                     if line.strip():
-                        rv = self._event(kind, json.loads(line), rv)
+                        rv = self.resource_versions[kind] = self._event(kind, json.loads(line), rv)
         return rv
 
     def _event(self, kind: str, event: dict, rv: str) -> str:
@@ -280,26 +284,37 @@ class KubeSource:
         return new_rv
 
     async def _list_watch(self, kind: str) -> None:
+        """List, then watch from the list's version for as long as it is valid.
+
+        ``resource_versions[kind]`` is the resume point (advanced by every event and
+        bookmark, None after 410 Gone: relist). A watch cut mid-stream is resumed at
+        once; a request that fails waits a jittered, growing backoff and reports the
+        cluster unreachable (its state stays in force)."""
         backoff = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
-        rv: Optional[str] = None
         while True:
+            self._streaming[kind] = False
             try:
-                if rv is None:
+                if self.resource_versions[kind] is None:
                     if kind == "Namespace":
                         await self._cluster_property()
                     items, rv = await self._list(kind)
                     self.relists[kind] += 1
                     self.sink.up()
                     self.sink.replace_kind(kind, items)
-                rv = await self._watch(kind, rv)
+                    self.resource_versions[kind] = rv
+                self.resource_versions[kind] = await self._watch(kind, self.resource_versions[kind])
                 backoff.reset()
             except Gone:
                 logger.info("Cluster %s: %s watch expired (410 Gone), relisting", self.sink.name, kind)
-                rv = None
+                self.resource_versions[kind] = None
             except asyncio.CancelledError:
                 raise
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError, RuntimeError, ValueError) as e:
-                self.sink.down(f"{kind}: {type(e).__name__}: {_first_line(e)}")
+                reason = f"{kind}: {type(e).__name__}: {_first_line(e)}"
+                if self._streaming[kind] and isinstance(e, aiohttp.ClientPayloadError):
+                    logger.info("Cluster %s: watch cut, resuming at %s: %s", self.sink.name, self.resource_versions[kind], reason)
+                    continue  # the server was there a moment ago: resume at once
+                self.sink.down(reason)
                 await asyncio.sleep(backoff.next())
 
 

@@ -258,3 +258,63 @@ def test_compiler_failure_keeps_the_previous_tables(tmp_path):
             assert "mcnp_compile_errors_total 1.0" in text
 
     asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- remote clusters
+
+
+def test_remote_outage_is_fail_static_then_revoked_by_stale_after_then_recovered(tmp_path):
+    from control.model import MC_KEY
+
+    from .fake_apiserver import FakeApiServer
+
+    local = tmp_path / "c1"
+    local.mkdir()
+    objs = [make_namespace("x"), make_pod("x", "a", "198.18.1.1", {"app": "a"}),
+            make_policy("x", "from-c2", {}, ingress=[{"from": [{"namespaceSelector": {"matchLabels": {MC_KEY: "c2"}}}]}])]
+    write_yaml(str(local / "objects.yaml"), yaml.safe_dump_all(objs))
+    server = FakeApiServer()
+    server.apply(make_namespace("x"))
+    server.apply(make_pod("x", "r", "198.18.2.1", {"app": "r"}))
+
+    async def main():
+        await server.start()
+        kubeconfig = server.write_kubeconfig(str(tmp_path / "c2.kubeconfig"))
+        settings = dir_settings([("c1", str(local))], stale_after=0.3, backoff_initial=0.01, backoff_max=0.05)
+        settings.clusters.append(ClusterSource("c2", "kubeconfig", kubeconfig, "fake"))
+        probe = {"from": "198.18.2.1", "to": "c1/x/a", "port": 80, "protocol": "TCP"}
+        try:
+            async with running(settings) as (daemon, client):
+                assert (await client.get("/v1/explain", **probe))[1]["allowed"] is True
+                await server.stop()
+
+                async def unreachable():
+                    _, body = await client.get("/v1/clusters")
+                    return next(c for c in body["clusters"] if c["name"] == "c2")["connected"] is False
+
+                await eventually(unreachable)
+                assert (await client.get("/v1/explain", **probe))[1]["allowed"] is True  # fail-static
+
+                async def revoked():
+                    _, body = await client.get("/v1/explain", **probe)
+                    return body["allowed"] is False
+
+                await eventually(revoked)
+                _, body = await client.get("/v1/clusters")
+                c2 = next(c for c in body["clusters"] if c["name"] == "c2")
+                assert c2["stale"] is True and c2["unreachable_for"] >= 0.3
+                assert 'mcnp_cluster_stale{cluster="c2"} 1.0' in (await client.get("/metrics"))[1]
+                assert (await client.get("/readyz"))[0] == 200  # listed once: still ready
+
+                await server.start()
+
+                async def recovered():
+                    _, body = await client.get("/v1/explain", **probe)
+                    return body["allowed"] is True
+
+                await eventually(recovered, timeout=3.0)
+                assert server.token not in str(await client.get("/v1/clusters"))
+        finally:
+            await server.stop()
+
+    asyncio.run(main())

@@ -1,0 +1,295 @@
+"""Cluster sources: watched manifest directories, and Kubernetes list/watch through the
+real kubernetes_asyncio client against a wire-level fake API server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+
+import pytest
+import yaml
+
+from control.config import ClusterSource, Settings
+from control.sources import Backoff, DirSource, KubeSource
+from control.store import Store
+
+from .builders import make_namespace, make_pod, make_policy
+from .daemon_harness import eventually, write_yaml
+from .fake_apiserver import TOKEN, FakeApiServer
+
+
+# --------------------------------------------------------------------------- directories
+
+
+def dir_source(path: str) -> tuple[DirSource, Store]:
+    store = Store()
+    sink = store.add_cluster("c1")
+    return DirSource(ClusterSource("c1", "dir", path), sink, 0.05), store
+
+
+def test_dir_poll_reports_only_real_changes(tmp_path):
+    d = str(tmp_path)
+    write_yaml(os.path.join(d, "ns.yaml"), yaml.safe_dump(make_namespace("x")))
+    source, _ = dir_source(d)
+    first = source.poll()
+    assert [obj["metadata"]["name"] for _, obj in first] == ["x"]
+    assert source.poll() is None  # nothing changed
+    # Same contents, new mtime: the hash says nothing changed.
+    write_yaml(os.path.join(d, "ns.yaml"), yaml.safe_dump(make_namespace("x")))
+    os.utime(os.path.join(d, "ns.yaml"), ns=(1, 1))
+    assert source.poll() is None
+    write_yaml(os.path.join(d, "pod.yaml"), yaml.safe_dump(make_pod("x", "a", "198.18.0.1")))
+    second = source.poll()
+    assert len(second) == 2
+    assert second[0][1] is first[0][1]  # unchanged file: the very same parsed object
+    write_yaml(os.path.join(d, ".hidden.yaml"), "junk: [")
+    write_yaml(os.path.join(d, "notes.txt"), "ignored")
+    assert source.poll() is None
+
+
+def test_unparsable_file_keeps_its_last_contents(tmp_path):
+    d = str(tmp_path)
+    path = os.path.join(d, "p.yaml")
+    write_yaml(path, yaml.safe_dump(make_policy("x", "deny", {}, ingress=[])))
+    source, _ = dir_source(d)
+    source.poll()
+    write_yaml(path, "kind: NetworkPolicy\nmetadata: {name: [broken\n")
+    docs = source.poll()
+    assert [obj["metadata"]["name"] for _, obj in docs] == ["deny"]
+    assert list(source.file_errors) == [path] and "cannot be parsed" in source.file_errors[path]
+    write_yaml(path, yaml.safe_dump(make_policy("x", "deny2", {}, ingress=[])))
+    assert [obj["metadata"]["name"] for _, obj in source.poll()] == ["deny2"]
+    assert source.file_errors == {}
+
+
+def test_missing_directory_is_an_outage_not_a_crash(tmp_path):
+    source, store = dir_source(str(tmp_path / "nope"))
+
+    async def main():
+        await source.step()
+        st = store.sinks["c1"].status
+        assert not st.connected and "nope" in st.last_error and not st.ready
+        os.makedirs(tmp_path / "nope")
+        await source.step()
+        assert st.connected and st.ready
+
+    asyncio.run(main())
+
+
+def test_backoff_grows_with_jitter_and_resets():
+    import random
+
+    b = Backoff(0.5, 4.0, random.Random(1))
+    waits = [b.next() for _ in range(6)]
+    ceilings = [0.5, 1, 2, 4, 4, 4]
+    assert all(c / 2 <= w <= c for w, c in zip(waits, ceilings))
+    assert len(set(waits)) == len(waits)
+    b.reset()
+    assert b.next() <= 0.5
+
+
+# --------------------------------------------------------------------------- Kubernetes
+
+
+def kube_settings(**kw) -> Settings:
+    s = Settings(backoff_initial=0.01, backoff_max=0.05, watch_timeout=30)
+    for k, v in kw.items():
+        setattr(s, k, v)
+    return s
+
+
+@contextlib.asynccontextmanager
+async def kube(tmp_path, server: FakeApiServer, context: str = "fake", **settings):
+    await server.start()
+    path = server.write_kubeconfig(str(tmp_path / "kubeconfig"), context)
+    store = Store()
+    sink = store.add_cluster("c2")
+    source = KubeSource(ClusterSource("c2", "kubeconfig", path, context), sink, kube_settings(**settings))
+    task = asyncio.create_task(source.run())
+    try:
+        yield source, sink
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await server.stop()
+
+
+def seed(server: FakeApiServer, pods: int = 3) -> None:
+    server.apply(make_namespace("x", team="blue"))
+    for i in range(pods):
+        server.apply(make_pod("x", f"p{i}", f"198.18.2.{i + 1}", {"app": f"p{i}"}))
+    server.apply(make_policy("x", "deny", {}, ingress=[]))
+
+
+async def until(predicate, timeout: float = 3.0):
+    async def check():
+        return predicate()
+    return await eventually(check, timeout=timeout, interval=0.01)
+
+
+def test_list_then_watch_adds_modifies_and_deletes(tmp_path):
+    server = FakeApiServer()
+    seed(server)
+
+    async def main():
+        async with kube(tmp_path, server) as (source, sink):
+            await until(lambda: sink.status.ready)
+            assert set(sink.pods) == {("x", "p0"), ("x", "p1"), ("x", "p2")}
+            assert sink.namespaces["x"].labels["team"] == "blue" and ("x", "deny") in sink.policies
+            await until(lambda: server.open_watches == 3)
+            server.apply(make_pod("x", "p9", "198.18.2.9"))
+            server.apply(make_pod("x", "p0", "198.18.2.100"))
+            server.delete(make_pod("x", "p1", "-"))
+            await until(lambda: ("x", "p9") in sink.pods and ("x", "p1") not in sink.pods)
+            assert str(sink.pods[("x", "p0")].ip) == "198.18.2.100"
+            assert source.relists == {"Namespace": 1, "Pod": 1, "NetworkPolicy": 1}
+            watch = [q for what, q in server.requests if what == "Pod" and q.get("watch") == "true"][0]
+            assert watch["allowWatchBookmarks"] == "true" and int(watch["resourceVersion"]) >= 1000
+
+    asyncio.run(main())
+
+
+def test_bookmark_moves_the_resume_point(tmp_path):
+    server = FakeApiServer()
+    seed(server)
+
+    async def main():
+        async with kube(tmp_path, server) as (source, sink):
+            await until(lambda: sink.status.ready and server.open_watches == 3)
+            server.apply(make_namespace("unrelated"))  # bumps the version; pods see nothing
+            server.bookmark()
+            bookmark_rv = str(server.rv)
+            await until(lambda: source.resource_versions["Pod"] == bookmark_rv)
+            before = len(server.requests)
+            server.drop_watches()
+            await until(lambda: any(w == "Pod" and q.get("watch") == "true" for w, q in server.requests[before:]))
+            resumed = [q for what, q in server.requests if what == "Pod" and q.get("watch") == "true"][-1]
+            assert resumed["resourceVersion"] == bookmark_rv
+            assert source.relists["Pod"] == 1
+
+    asyncio.run(main())
+
+
+def test_gone_relists_and_sees_what_happened_meanwhile(tmp_path):
+    server = FakeApiServer()
+    seed(server)
+
+    async def main():
+        async with kube(tmp_path, server) as (source, sink):
+            await until(lambda: sink.status.ready and server.open_watches == 3)
+            # Events happen while the client is cut off, then history is compacted.
+            server.withhold = True
+            server.apply(make_pod("x", "late", "198.18.2.50"))
+            server.delete(make_pod("x", "p2", "-"))
+            server.compact()
+            server.withhold = False
+            server.drop_watches()
+            await until(lambda: source.relists["Pod"] == 2)
+            await until(lambda: ("x", "late") in sink.pods and ("x", "p2") not in sink.pods)
+
+    asyncio.run(main())
+
+
+def test_dropped_connection_reconnects_without_relisting(tmp_path):
+    server = FakeApiServer()
+    seed(server)
+
+    async def main():
+        async with kube(tmp_path, server) as (source, sink):
+            await until(lambda: sink.status.ready and server.open_watches == 3)
+            for _ in range(3):
+                before = len(server.requests)
+                server.drop_watches()
+                await until(lambda: len(server.requests) >= before + 3 and server.open_watches == 3)
+            server.apply(make_pod("x", "after", "198.18.2.60"))
+            await until(lambda: ("x", "after") in sink.pods)
+            assert source.relists == {"Namespace": 1, "Pod": 1, "NetworkPolicy": 1}
+
+    asyncio.run(main())
+
+
+def test_slow_and_failing_responses_are_waited_out(tmp_path):
+    server = FakeApiServer()
+    seed(server, pods=50)
+    server.delay = 0.2
+    server.fail_next = 4
+
+    async def main():
+        async with kube(tmp_path, server, list_page_size=7) as (source, sink):
+            await until(lambda: sink.status.last_error is not None)
+            assert "500" in sink.status.last_error
+            await until(lambda: sink.status.ready, timeout=10)
+            assert len(sink.pods) == 50 and sink.status.connected
+            pages = [q for what, q in server.requests if what == "Pod" and q.get("watch") != "true" and "continue" in q]
+            assert len(pages) >= 7
+
+    asyncio.run(main())
+
+
+def test_outage_keeps_state_and_reconnects(tmp_path):
+    server = FakeApiServer()
+    seed(server)
+
+    async def main():
+        async with kube(tmp_path, server) as (source, sink):
+            await until(lambda: sink.status.ready and server.open_watches == 3)
+            await server.stop()
+            await until(lambda: not sink.status.connected)
+            assert len(sink.pods) == 3  # fail-static
+            assert sink.status.disconnected_since is not None
+            server.apply(make_pod("x", "while-down", "198.18.2.70"))
+            await server.start()
+            await until(lambda: ("x", "while-down") in sink.pods and sink.status.connected)
+
+    asyncio.run(main())
+
+
+def test_cluster_property_must_name_the_cluster(tmp_path):
+    server = FakeApiServer()
+    seed(server)
+    server.cluster_property = "someone-else"
+
+    async def main():
+        async with kube(tmp_path, server) as (source, sink):
+            await until(lambda: sink.status.ready)
+            assert sink.status.declared_name == "someone-else"
+            assert "someone-else" in sink.status.last_error
+
+    asyncio.run(main())
+
+
+def test_credentials_are_never_logged(tmp_path, caplog):
+    server = FakeApiServer()
+    seed(server)
+    server.fail_next = 2
+
+    async def main():
+        async with kube(tmp_path, server) as (source, sink):
+            await until(lambda: sink.status.ready)
+            await server.stop()
+            await until(lambda: not sink.status.connected)
+
+    with caplog.at_level(logging.DEBUG):
+        asyncio.run(main())
+    assert TOKEN not in caplog.text
+    assert caplog.text  # something was logged: the outage
+
+
+def test_unreadable_kubeconfig_is_reported_by_name(tmp_path):
+    store = Store()
+    sink = store.add_cluster("c3")
+    path = str(tmp_path / "missing.kubeconfig")
+    source = KubeSource(ClusterSource("c3", "kubeconfig", path), sink, kube_settings())
+
+    async def main():
+        task = asyncio.create_task(source.run())
+        try:
+            await until(lambda: sink.status.last_error is not None)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert "missing.kubeconfig" in sink.status.last_error and not sink.status.ready
+
+    asyncio.run(main())
