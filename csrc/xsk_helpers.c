@@ -52,6 +52,7 @@ struct mcnp_umem {
     uint32_t ring_size;
     uint64_t *pool;
     uint32_t pool_n;
+    uint8_t *in_pool;          /* per frame: 1 while the pool holds it */
     uint64_t bad_frees;
     int nports;
 };
@@ -155,7 +156,10 @@ int mcnp_umem_create(struct mcnp_umem **out, void *area, uint32_t frames,
     if (!u)
         return -ENOMEM;
     u->pool = malloc(sizeof(uint64_t) * frames);
-    if (!u->pool) {
+    u->in_pool = calloc(frames, 1);
+    if (!u->pool || !u->in_pool) {
+        free(u->pool);
+        free(u->in_pool);
         free(u);
         return -ENOMEM;
     }
@@ -167,12 +171,15 @@ int mcnp_umem_create(struct mcnp_umem **out, void *area, uint32_t frames,
     err = create_umem_and_anchor(u, &cfg);
     if (err) {
         free(u->pool);
+        free(u->in_pool);
         free(u);
         return err < 0 ? err : -err;
     }
     /* Push in reverse so the first allocations hand out the lowest frames. */
-    for (i = 0; i < frames; i++)
+    for (i = 0; i < frames; i++) {
         u->pool[i] = (uint64_t)(frames - 1 - i) * frame_size;
+        u->in_pool[i] = 1;
+    }
     u->pool_n = frames;
     *out = u;
     return 0;
@@ -191,6 +198,7 @@ int mcnp_umem_destroy(struct mcnp_umem *u)
     if (err)
         return err;
     free(u->pool);
+    free(u->in_pool);
     free(u);
     return 0;
 }
@@ -198,24 +206,33 @@ int mcnp_umem_destroy(struct mcnp_umem *u)
 uint32_t mcnp_umem_free_frames(struct mcnp_umem *u) { return u->pool_n; }
 uint64_t mcnp_umem_bad_frees(struct mcnp_umem *u) { return u->bad_frees; }
 
+static inline uint64_t pool_take(struct mcnp_umem *u)
+{
+    uint64_t addr = u->pool[--u->pool_n];
+    u->in_pool[addr / u->frame_size] = 0;
+    return addr;
+}
+
 uint32_t mcnp_pool_alloc(struct mcnp_umem *u, uint64_t *addrs, uint32_t n)
 {
     uint32_t i;
     if (n > u->pool_n)
         n = u->pool_n;
     for (i = 0; i < n; i++)
-        addrs[i] = u->pool[--u->pool_n];
+        addrs[i] = pool_take(u);
     return n;
 }
 
 static inline void pool_put(struct mcnp_umem *u, uint64_t addr)
 {
-    /* A full pool means this frame is already free: refuse, do not corrupt. */
-    if (addr >= u->size || u->pool_n >= u->frames) {
+    uint64_t frame = addr / u->frame_size;
+    /* A frame outside the UMEM or already free: refuse, do not corrupt. */
+    if (addr >= u->size || u->in_pool[frame]) {
         u->bad_frees++;
         return;
     }
-    u->pool[u->pool_n++] = addr & ~(uint64_t)(u->frame_size - 1);
+    u->in_pool[frame] = 1;
+    u->pool[u->pool_n++] = frame * u->frame_size;
 }
 
 void mcnp_pool_free(struct mcnp_umem *u, const uint64_t *addrs, uint32_t n)
@@ -234,7 +251,7 @@ uint32_t mcnp_frames_copy(struct mcnp_umem *u, const uint64_t *src, const uint32
         if (src[i] >= u->size || len > u->frame_size ||
             len > u->frame_size - (src[i] & (u->frame_size - 1)))
             len = 0; /* invalid source: hand out an empty frame, never overrun */
-        dst[i] = u->pool[--u->pool_n];
+        dst[i] = pool_take(u);
         memcpy(u->area + dst[i], u->area + src[i], len);
     }
     return i;
@@ -343,9 +360,11 @@ static void refill(struct mcnp_port *p)
     }
     if (want == 0)
         return;
+    if (xsk_prod_nb_free(&p->fill, want) < want)
+        want = xsk_prod_nb_free(&p->fill, want);
     got = xsk_ring_prod__reserve(&p->fill, want, &idx);
     for (i = 0; i < got; i++)
-        *xsk_ring_prod__fill_addr(&p->fill, idx + i) = u->pool[--u->pool_n];
+        *xsk_ring_prod__fill_addr(&p->fill, idx + i) = pool_take(u);
     xsk_ring_prod__submit(&p->fill, got);
     p->st.fill_outstanding += got;
     if (got && xsk_ring_prod__needs_wakeup(&p->fill))
@@ -523,7 +542,9 @@ int mcnp_tx_batch(struct mcnp_port *p, const uint64_t *addrs, const uint32_t *le
     int err;
 
     mcnp_port_reap(p);
-    got = xsk_ring_prod__reserve(&p->tx, n, &idx);
+    /* reserve() is all-or-nothing: ask for what fits. */
+    got = xsk_ring_prod__reserve(&p->tx, xsk_prod_nb_free(&p->tx, n) < n ?
+                                 xsk_prod_nb_free(&p->tx, n) : n, &idx);
     for (i = 0; i < n; i++) {
         uint64_t a = addrs[i];
         if (a >= u->size || lens[i] > u->frame_size - (a & (u->frame_size - 1))) {

@@ -49,7 +49,6 @@ import atexit
 import logging
 import mmap
 import os
-import weakref
 
 import numpy as np
 
@@ -90,7 +89,8 @@ def _u32(a: np.ndarray):
     return ffi.from_buffer("uint32_t[]", a)
 
 
-_live_umems: "weakref.WeakSet[Umem]" = weakref.WeakSet()
+# Strong references: a Umem or Port the caller forgot still gets closed at exit.
+_live_umems: "set[Umem]" = set()
 
 
 @atexit.register
@@ -115,7 +115,7 @@ class Umem:
         self.frames = frames
         self.frame_size = frame_size
         self.ring_size = ring_size
-        self._ports: "weakref.WeakSet[Port]" = weakref.WeakSet()
+        self._ports: "set[Port]" = set()
         self._mem = mmap.mmap(-1, frames * frame_size,
                               flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         #: the whole UMEM as uint8; frame at addr is buf[addr:addr+len]
