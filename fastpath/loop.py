@@ -143,7 +143,10 @@ class Pipeline:
         if bad_mac.any():
             reason[bad_mac] = _R["bad_src_mac"]
             alive &= ~bad_mac
-        # 3. anti-spoofing on pod ports
+        # 3. anti-spoofing on pod ports (before the first tables, all IP is dropped)
+        if self.tables is None:
+            reason[alive & ip] = _R["no_tables"]
+            alive &= ~ip
         spoofed = alive & ip & self.switch.spoofed(in_port, p.src)
         if spoofed.any():
             reason[spoofed] = _R["spoofed"]
