@@ -1,0 +1,278 @@
+"""One direction (egress or ingress) of the compiled tables.
+
+Words used here (see ``fastpath.tables`` for the arrays they become):
+
+*slot*
+    What an address resolves to: an ipBlock interval (slots ``0..M-1``) for an address
+    no single pod owns, or an identity (slot ``M + i``) for pod ``i``.
+*peer column*
+    One distinct selector or ipBlock peer of this direction's rules. Peers that mean
+    the same thing (same peer, same scope-relevant cluster/namespace of the policy)
+    share a column.
+*atom*
+    Slots that every peer column treats alike — and, for egress, whose named ports
+    resolve alike, since the peer is the destination there (rule S4).
+*class*
+    Local endpoints isolated by the same policies — and, for ingress, with the same
+    named-port resolution, since the endpoint is the destination there. Class 0 is
+    "not judged here": non-local, non-pod, or not isolated (rule S1).
+*port set*
+    For one (class, atom): the ordered rules whose peers match (with the first matching
+    peer of each) and the destination's named ports. Its row over port atoms holds the
+    first admitting rule id, or -1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fastpath.tables import DENIED, NOT_ENFORCED, PORT_SPACE, PROTO_BY_NAME
+
+from .compile_select import AddressSpace, PodIndex, policies_for
+from .model import Peer, Policy, Rule
+
+ALL_PEERS = -3  # "first matching peer" of a rule without peers: it matches everything
+
+
+def as_bytes(a: np.ndarray) -> np.ndarray:
+    """A 2-D array's rows as ``uint8`` rows (for :func:`unique_rows`)."""
+    a = np.ascontiguousarray(a)
+    return a.view(np.uint8).reshape(a.shape[0], a.shape[1] * a.itemsize)
+
+
+def unique_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first index of each distinct row, group of each row) for a 2-D uint8 array."""
+    n = rows.shape[0]
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    if rows.shape[1] == 0:
+        return np.zeros(1, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    rows = np.ascontiguousarray(rows)
+    keys = rows.view(np.dtype((np.void, rows.shape[1]))).ravel()
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    return first, inverse.reshape(-1)
+
+
+class PortSpace:
+    """Port atoms: intervals of the key ``proto << 16 | port`` cut at every port,
+    range end and resolved named port any rule can mean."""
+
+    def __init__(self, rules: list[Rule], resolved: list[tuple[str, np.ndarray]]):
+        cuts = {0, 1 << 16, 2 << 16, 3 << 16}
+        for rule in rules:
+            for spec in rule.ports:
+                if isinstance(spec.port, int):
+                    base = PROTO_BY_NAME[spec.protocol] << 16
+                    cuts.update((base | spec.port, base | ((spec.end_port or spec.port) + 1)))
+        self._named_cuts(cuts, resolved)
+        self.bounds = np.asarray(sorted(cuts), dtype=np.int32)
+
+    @staticmethod
+    def _named_cuts(cuts: set, resolved: list[tuple[str, np.ndarray]]) -> None:
+        for protocol, values in resolved:
+            base = PROTO_BY_NAME[protocol] << 16
+            for v in np.unique(values[values >= 0]).tolist():
+                cuts.update((base | v, base | (v + 1)))
+
+    @property
+    def size(self) -> int:
+        return len(self.bounds)
+
+    def atoms(self, lo: int, hi: int) -> tuple[int, int]:
+        """Port atoms covering key range ``[lo, hi)``."""
+        a0 = int(np.searchsorted(self.bounds, lo))
+        a1 = len(self.bounds) if hi >= PORT_SPACE else int(np.searchsorted(self.bounds, hi))
+        return a0, a1
+
+
+class RuleIds:
+    """Rule id ↔ (policy, direction, rule, peer, port), shared by both directions."""
+
+    def __init__(self):
+        self.ids: dict[tuple, int] = {}
+        self.rules: list[dict] = []
+
+    def get(self, policy: Policy, direction: str, rule: int, peer, port) -> int:
+        key = (policy.ref, direction, rule, peer, port)
+        rid = self.ids.get(key)
+        if rid is None:
+            rid = self.ids[key] = len(self.rules)
+            self.rules.append({"policy": policy.ref, "direction": direction, "rule": rule, "peer": peer, "port": port})
+        return rid
+
+
+class Direction:
+    """Classes, atoms, cells and port sets of one direction."""
+
+    def __init__(self, direction: str, compiler):
+        self.direction = direction
+        self.egress = direction == "Egress"
+        c = compiler
+        self.policies: list[Policy] = policies_for(c.cset, direction)
+        # Rules in the order they are tried, each with its peer columns.
+        self.rules: list[tuple[Policy, int, Rule]] = [(p, ri, r) for p in self.policies for ri, r in enumerate(p.rules(direction))]
+        self.rule_start = np.cumsum([0] + [len(p.rules(direction)) for p in self.policies]).tolist()
+        self.columns: list[tuple[Policy, Peer]] = []
+        column_of: dict[tuple, int] = {}
+        self.rule_columns: list[list[int] | None] = []
+        for policy, _, rule in self.rules:
+            if not rule.peers:
+                self.rule_columns.append(None)
+                continue
+            cols = []
+            for peer in rule.peers:
+                key = self._column_key(c.index, policy, peer)
+                if key not in column_of:
+                    column_of[key] = len(self.columns)
+                    self.columns.append((policy, peer))
+                cols.append(column_of[key])
+            self.rule_columns.append(cols)
+        self.named = sorted({(s.port, s.protocol) for _, _, r in self.rules for s in r.ports if isinstance(s.port, str)})
+
+    @staticmethod
+    def _column_key(index: PodIndex, policy: Policy, peer: Peer) -> tuple:
+        if peer.ip_block is not None:
+            return ("ip", peer.ip_block)
+        cluster = None if index.peer_clusters_unrestricted(peer) else policy.cluster
+        namespace = policy.namespace if peer.namespace_selector is None else None
+        return ("sel", peer.pod_selector, peer.namespace_selector, cluster, namespace)
+
+    # ------------------------------------------------------------------ slot properties
+
+    def peer_bits(self, index: PodIndex, space: AddressSpace, pod_interval: np.ndarray, has_ip: np.ndarray) -> np.ndarray:
+        """``uint8[slots, ceil(columns/8)]``: packed peer-column matches of every slot,
+        built in chunks so memory stays at one byte per (slot, 8 columns)."""
+        m, n = space.size, index.n
+        ncol = len(self.columns)
+        out = np.zeros((m + n, (ncol + 7) // 8), dtype=np.uint8)
+        chunk = 1024
+        for start in range(0, ncol, chunk):
+            cols = self.columns[start: start + chunk]
+            block = np.zeros((len(cols), m + n), dtype=bool)
+            for k, (policy, peer) in enumerate(cols):
+                if peer.ip_block is not None:
+                    bm = space.block_mask(peer.ip_block)
+                    block[k, :m] = bm
+                    block[k, m:] = has_ip & bm[pod_interval]
+                else:
+                    block[k, m:] = index.selector_peer(policy, peer)
+            out[:, start // 8: start // 8 + (len(cols) + 7) // 8] = np.packbits(block, axis=0).T
+        return out
+
+    def named_values(self, index: PodIndex, m: int) -> np.ndarray:
+        """``int32[slots, len(named)]``: each slot's resolution of every named port as
+        a destination (-1: none; intervals are not pods and resolve nothing)."""
+        out = np.full((m + index.n, len(self.named)), -1, dtype=np.int32)
+        for k, (name, protocol) in enumerate(self.named):
+            out[m:, k] = index.named_port(name, protocol)
+        return out
+
+    # ------------------------------------------------------------------ compile
+
+    def build(self, compiler) -> None:
+        c = compiler
+        m = c.space.size
+        bits = self.peer_bits(c.index, c.space, c.pod_interval, c.has_ip)
+        named = self.named_values(c.index, m)
+        self.ctx_first, ctx_of_slot = unique_rows(as_bytes(named))
+        self.ctx_values = named[self.ctx_first]
+        key = bits
+        if self.egress:
+            key = np.hstack([bits, as_bytes(ctx_of_slot.astype(np.int32).reshape(-1, 1))])
+        atom_first, self.atom_of_slot = unique_rows(key)
+        self.atom_bits = bits[atom_first]
+        self.atom_ctx = ctx_of_slot[atom_first]
+        # Classes: local endpoints by isolating policies (and, for ingress, named ports).
+        sel = np.zeros((c.index.n, len(self.policies)), dtype=bool)
+        for k, policy in enumerate(self.policies):
+            sel[:, k] = c.index.selected_by(policy)
+        sel &= c.is_local.reshape(-1, 1)
+        isolated = sel.any(axis=1)
+        ckey = np.packbits(sel, axis=1)
+        if not self.egress:
+            ckey = np.hstack([ckey, as_bytes(ctx_of_slot[m:].astype(np.int32).reshape(-1, 1))])
+        self.class_of_slot = np.zeros(m + c.index.n, dtype=np.int32)
+        iso = np.flatnonzero(isolated)
+        first, inverse = unique_rows(ckey[iso])
+        self.class_of_slot[m + iso] = inverse + 1
+        self.class_policies = [None] + [np.flatnonzero(sel[iso[f]]) for f in first]
+        self.class_ctx = [None] + [int(ctx_of_slot[m + iso[f]]) for f in first]
+        # Cells and port sets.
+        self.portsets: dict[tuple, int] = {}
+        self.port_rows: list[np.ndarray] = []
+        self._portset_row(c, None)  # 0: not enforced
+        self._portset_row(c, (0, ()))  # 1: isolated, nothing admits
+        self.cells = np.zeros((len(self.class_policies), len(atom_first)), dtype=np.int32)
+        for cls in range(1, len(self.class_policies)):
+            self.cells[cls] = self.class_row(c, cls)
+
+    def _rules_of(self, policy_idx: np.ndarray) -> list[int]:
+        """Rule ids of the given policies, in the order they are tried."""
+        return [g for k in policy_idx for g in range(self.rule_start[k], self.rule_start[k + 1])]
+
+    def class_row(self, c, cls: int, atoms: np.ndarray | None = None) -> np.ndarray:
+        """Port set of every atom (or of ``atoms``) for class ``cls``."""
+        bits = self.atom_bits if atoms is None else self.atom_bits[atoms]
+        actx = self.atom_ctx if atoms is None else self.atom_ctx[atoms]
+        rules = self._rules_of(self.class_policies[cls])
+        first = np.empty((len(bits), len(rules) + 1), dtype=np.int32)
+        for j, g in enumerate(rules):
+            cols = self.rule_columns[g]
+            if cols is None:
+                first[:, j] = ALL_PEERS
+                continue
+            sub = (bits[:, np.asarray(cols) // 8] >> (7 - np.asarray(cols) % 8)) & 1
+            hit = sub.any(axis=1)
+            first[:, j] = np.where(hit, sub.argmax(axis=1), -1)
+        first[:, -1] = actx if self.egress else self.class_ctx[cls]
+        reps, inverse = unique_rows(as_bytes(first))
+        ids = np.empty(len(reps), dtype=np.int32)
+        for u, r in enumerate(reps):
+            row = first[r]
+            matched = tuple((g, None if row[j] == ALL_PEERS else int(row[j])) for j, g in enumerate(rules) if row[j] != -1)
+            ids[u] = self._portset_row(c, (int(row[-1]), matched))
+        return ids[inverse]
+
+    def _portset_row(self, c, key) -> int:
+        psid = self.portsets.get(key)
+        if psid is not None:
+            return psid
+        ports = c.ports
+        if key is None:
+            row = np.full(ports.size, NOT_ENFORCED, dtype=np.int32)
+        else:
+            ctx, matched = key
+            row = np.full(ports.size, DENIED, dtype=np.int32)
+            resolved = self.ctx_values[ctx] if len(self.ctx_values) else None
+            for g, peer in matched:
+                policy, ri, rule = self.rules[g]
+                if not rule.ports:
+                    row[row == DENIED] = c.rule_ids.get(policy, self.direction, ri, peer, None)
+                    break
+                for q, spec in enumerate(rule.ports):
+                    base = PROTO_BY_NAME[spec.protocol] << 16
+                    if spec.port is None:
+                        lo, hi = base, base + (1 << 16)
+                    elif isinstance(spec.port, str):
+                        v = int(resolved[self.named.index((spec.port, spec.protocol))])
+                        if v < 0:
+                            continue  # rule S8: no such port on the destination (or not a pod)
+                        lo, hi = base | v, (base | v) + 1
+                    else:
+                        lo, hi = base | spec.port, (base | (spec.end_port or spec.port)) + 1
+                    a0, a1 = ports.atoms(lo, hi)
+                    seg = row[a0:a1]
+                    free = seg == DENIED
+                    if free.any():
+                        seg[free] = c.rule_ids.get(policy, self.direction, ri, peer, q)
+        psid = self.portsets[key] = len(self.port_rows)
+        self.port_rows.append(row)
+        return psid
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {
+            f"{prefix}_class": self.class_of_slot.astype(np.int32),
+            f"{prefix}_atom": self.atom_of_slot.astype(np.int32),
+            f"{prefix}_cell": np.ascontiguousarray(self.cells, dtype=np.int32),
+            f"{prefix}_ports": np.vstack(self.port_rows).astype(np.int32),
+        }

@@ -1,0 +1,120 @@
+"""The compiled tables as a value: hand-over through a buffer, immutability, what the
+rule ids name, address conflicts (rule M8), local endpoints, and incremental updates
+giving the same answers as a full compile."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import numpy as np
+import pytest
+
+from control.compile import Compiler, compile_tables
+from fastpath import match
+from fastpath.tables import DENIED, NOT_ENFORCED, PolicyTables, ip_keys
+from tests.builders import make_clusterset, make_namespace, make_policy, make_pod, peer_pods
+from tests.worlds import random_packets, random_world
+
+
+def everything(pod) -> bool:
+    return True
+
+
+def judge_one(tables, src, dst, proto=6, port=80):
+    j = match.judge(tables, ip_keys([src]), ip_keys([dst]), np.array([proto], np.uint8), np.array([port], np.uint16))
+    return bool(j.allowed[0]), int(j.egress[0]), int(j.ingress[0])
+
+
+def same_answers(a: PolicyTables, b: PolicyTables, packets) -> None:
+    src, dst, proto, dport, _ = packets
+    ja, jb = match.judge(a, src, dst, proto, dport), match.judge(b, src, dst, proto, dport)
+    assert (ja.allowed == jb.allowed).all()
+    assert [a.rule(int(r)) for r in ja.egress] == [b.rule(int(r)) for r in jb.egress]
+    assert [a.rule(int(r)) for r in ja.ingress] == [b.rule(int(r)) for r in jb.ingress]
+    assert ((ja.egress < 0) == (jb.egress < 0)).all() and ((ja.ingress < 0) == (jb.ingress < 0)).all()
+    assert (ja.egress[ja.egress < 0] == jb.egress[jb.egress < 0]).all()
+
+
+def test_pack_unpack_is_zero_copy_and_judges_alike():
+    cset = random_world(3, clusters=2, pods_per_cluster=60, policies_per_cluster=20)
+    tables = compile_tables(cset, everything, revision=42)
+    header, buf = tables.pack()
+    back = PolicyTables.unpack(header, buf)
+    assert back.revision == 42 and back.rules == tables.rules
+    for name, arr in tables.arrays.items():
+        assert np.array_equal(back.arrays[name], arr), name
+        if arr.size:
+            assert np.shares_memory(back.arrays[name], np.frombuffer(buf, np.uint8)), name
+    packets = random_packets(cset, 500, seed=1)
+    same_answers(tables, back, packets)
+
+
+def test_tables_are_read_only():
+    tables = compile_tables(random_world(1, clusters=1, pods_per_cluster=10, policies_per_cluster=3), everything, 1)
+    with pytest.raises(ValueError):
+        tables.arrays["eg_cell"][0, 0] = 5
+
+
+def _two_clusters_sharing_an_ip():
+    pol = make_policy("x", "allow", {}, ingress=[
+        {"from": [peer_pods(app="a")]},
+        {"from": [{"ipBlock": {"cidr": "198.18.9.0/24"}}], "ports": [{"port": 81}]},
+    ])
+    return make_clusterset({
+        "c1": [make_namespace("x"), make_pod("x", "server", "198.18.1.1", {"app": "s"}), make_pod("x", "a", "198.18.9.9", {"app": "a"}), pol],
+        "c2": [make_namespace("x"), make_pod("x", "a", "198.18.9.9", {"app": "a"})],
+    })
+
+
+def test_an_ip_two_pods_claim_is_an_unknown_address():
+    cset = _two_clusters_sharing_an_ip()
+    tables = compile_tables(cset, everything, 1)
+    assert tables.meta["conflicted_ips"] == 1
+    # The selector peer cannot match an address nobody owns alone...
+    assert judge_one(tables, "198.18.9.9", "198.18.1.1", port=80)[0] is False
+    # ...but the ipBlock still can (rules M6, M8).
+    allowed, egress, ingress = judge_one(tables, "198.18.9.9", "198.18.1.1", port=81)
+    assert allowed and egress == NOT_ENFORCED
+    assert tables.rules[ingress] == {"policy": "c1/x/allow", "direction": "Ingress", "rule": 1, "peer": 0, "port": 0}
+
+
+def test_local_endpoints_and_sides_judged():
+    cset = _two_clusters_sharing_an_ip()
+    tables = compile_tables(cset, lambda p: p.name == "server", 1)
+    assert tables.local_endpoint_ips() == {"198.18.1.1"}
+    # The server is local: its ingress is judged. Traffic towards a non-local pod is
+    # judged by nobody here.
+    assert judge_one(tables, "198.18.1.1", "198.18.9.9")[1:] == (NOT_ENFORCED, NOT_ENFORCED)
+    assert judge_one(tables, "203.0.113.1", "198.18.1.1")[2] == DENIED
+
+
+def test_rule_ids_name_policy_rule_peer_and_port():
+    cset = random_world(5, clusters=2, pods_per_cluster=40, policies_per_cluster=10)
+    tables = compile_tables(cset, everything, 1)
+    refs = {p.ref: p for p in cset.policies()}
+    for rule in tables.rules:
+        assert set(rule) == {"policy", "direction", "rule", "peer", "port"}
+        policy = refs[rule["policy"]]
+        r = policy.rules(rule["direction"])[rule["rule"]]
+        assert (rule["peer"] is None) == (not r.peers) and (rule["port"] is None) == (not r.ports)
+
+
+def test_malformed_batches_get_a_verdict():
+    tables = compile_tables(random_world(2, clusters=1, pods_per_cluster=10, policies_per_cluster=4), everything, 1)
+    empty = match.judge(tables, np.zeros((0, 16), np.uint8), np.zeros((0, 16), np.uint8), np.zeros(0, np.uint8), np.zeros(0, np.uint16))
+    assert empty.allowed.shape == (0,)
+    j = match.judge(tables, np.full((1, 16), 255, np.uint8), np.zeros((1, 16), np.uint8), np.array([255], np.uint8), np.array([65535], np.uint16))
+    assert j.allowed.shape == (1,)
+
+
+def test_empty_clusterset_compiles():
+    tables = compile_tables(make_clusterset({}), everything, 0)
+    assert judge_one(tables, "198.18.0.1", "198.18.0.2") == (True, NOT_ENFORCED, NOT_ENFORCED)
+
+
+def test_ipv6_blocks_do_not_contain_ipv4_addresses():
+    pol = make_policy("x", "v6", {}, ingress=[{"from": [{"ipBlock": {"cidr": "::/0"}}]}])
+    cset = make_clusterset({"c1": [make_namespace("x"), make_pod("x", "s", "198.18.1.1"), pol]})
+    tables = compile_tables(cset, everything, 1)
+    assert judge_one(tables, "198.18.7.7", "198.18.1.1")[0] is False
+    assert judge_one(tables, ipaddress.ip_address("2001:db8::5"), "198.18.1.1")[0] is True
