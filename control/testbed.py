@@ -34,7 +34,7 @@ from typing import Callable, Optional
 from .manifests import load_clusterset
 from .model import InvalidObject
 from .testbed_net import (
-    NetError, ip_batch, list_netns, netns_name, popen_in, process_start_time, write_sysctl,
+    NetError, ip_batch, list_netns, netns_name, popen_in, process_start_time, session_members, write_sysctl,
 )
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,9 @@ POD_NET = ipaddress.ip_network("198.18.0.0/15")
 #: XDP in native mode on veth needs a peer MTU of at most 3506 (DESIGN.md section 3).
 MTU = 1500
 MODES = ("mcnp", "bridge")
+#: Seconds a daemon gets to detach its programs after SIGTERM before its session is
+#: killed; pod servers get one second.
+DAEMON_GRACE = 5.0
 PODSERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "podserver.py")
 #: Test hosts carry IPv4 pod addresses only; without IPv6 the node and core namespaces
 #: really hold no addresses and no router solicitations wander through the switches.
@@ -164,11 +167,14 @@ def load_state(state_dir: Optional[str] = None) -> Optional[dict]:
     ``netns`` (every namespace made), ``pods`` (ref → netns, ip, node, port, ports),
     ``nodes`` (key → netns, cluster, name, uplink, ports), ``servers`` (ref → pid),
     ``daemons`` (node key → pid, log, api)."""
+    path = _state_path(state_dir or state_dir_default())
     try:
-        with open(_state_path(state_dir or state_dir_default())) as f:
+        with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
         return None
+    except ValueError as e:
+        raise TestbedError(f"the testbed state {path} is unreadable ({e}); remove what it made by hand") from None
 
 
 def _save(state: dict) -> None:
@@ -398,10 +404,18 @@ def up(cluster_specs: list[tuple[Optional[str], str]], mode: str = "mcnp", json_
     if json_out and log is print:
         log = lambda m: print(m, file=sys.stderr)  # noqa: E731 - keep stdout pure JSON
     state_dir = os.path.abspath(state_dir or state_dir_default())
+    if os.geteuid() != 0:
+        log("mcnp testbed: needs root (network namespaces, and XDP for the daemons)")
+        return 1
     if mode not in MODES:
         log(f"mcnp testbed: unknown mode {mode!r} (choose {' or '.join(MODES)})")
         return 2
-    if load_state(state_dir) is not None:
+    try:
+        existing = load_state(state_dir)
+    except TestbedError as e:
+        log(f"mcnp testbed: {e}")
+        return 1
+    if existing is not None:
         log(f"mcnp testbed: a testbed is already up (state in {state_dir}); run `mcnp testbed down` first")
         return 1
     started = time.monotonic()
@@ -455,50 +469,64 @@ def summary(state: dict) -> dict:
 # --------------------------------------------------------------------------- teardown
 
 
-def _alive(info: dict) -> bool:
+def _members(info: dict) -> list[int]:
+    """The live processes of the session ``up`` started for ``info`` (its leader and
+    whatever the leader spawned, e.g. a daemon's dataplane worker). A PID now held by a
+    process with another start time means our session is gone for good."""
     start = process_start_time(info["pid"])
-    return start is not None and start == info.get("start")
+    if start is not None and start != info.get("start"):
+        return []
+    return session_members(info["pid"])
 
 
-def _stop(procs: list[dict], grace: float) -> list[dict]:
-    """SIGTERM, then SIGKILL after ``grace`` seconds; only processes whose PID and start
-    time still match what ``up`` recorded. Returns those that would not die."""
-    ours = [p for p in procs if _alive(p)]
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
-        for p in ours:
+def _stop(procs: list[dict], grace: float) -> list[int]:
+    """SIGTERM to each leader we started, then, after ``grace`` seconds, SIGKILL to
+    every process left in its session. Returns the PIDs that would not die."""
+    def signal_all(pids: list[int], sig: int) -> None:
+        for pid in pids:
             try:
-                os.kill(p["pid"], sig)
+                os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + wait
-        while ours and time.monotonic() < deadline:
-            for p in ours:
+
+    def wait(deadline: float) -> list[int]:
+        while True:
+            for p in procs:
                 try:  # reap our own children (up and down in one process)
                     os.waitpid(p["pid"], os.WNOHANG)
                 except ChildProcessError:
                     pass
-            ours = [p for p in ours if _alive(p)]
-            if ours:
-                time.sleep(0.05)
-        if not ours:
-            break
-    return ours
+            left = [pid for p in procs for pid in _members(p)]
+            if not left or time.monotonic() >= deadline:
+                return left
+            time.sleep(0.05)
+
+    signal_all([p["pid"] for p in procs if process_start_time(p["pid"]) == p.get("start")], signal.SIGTERM)
+    left = wait(time.monotonic() + grace)
+    if left:
+        signal_all(left, signal.SIGKILL)
+        left = wait(time.monotonic() + 2.0)
+    return left
 
 
 def down(state_dir: Optional[str] = None, log: Callable[[str], None] = print) -> int:
     """Remove everything the saved state names: daemons, servers, namespaces, files.
     Safe to run again; 0 when nothing of the testbed is left."""
     state_dir = os.path.abspath(state_dir or state_dir_default())
-    state = load_state(state_dir)
+    try:
+        state = load_state(state_dir)
+    except TestbedError as e:
+        log(f"mcnp testbed: {e}")
+        return 1
     if state is None:
         log("mcnp testbed: no testbed is up")
         return 0
-    stuck = _stop(list(state.get("daemons", {}).values()), grace=5.0)
+    stuck = _stop(list(state.get("daemons", {}).values()), grace=DAEMON_GRACE)
     stuck += _stop(list(state.get("servers", {}).values()), grace=1.0)
     ip_batch((f"netns del {ns}" for ns in state["netns"] if ns in list_netns()), force=True)
     left = [ns for ns in state["netns"] if ns in list_netns()]
     if stuck or left:
-        what = [f"process {p['pid']}" for p in stuck] + [f"netns {ns}" for ns in left]
+        what = [f"process {pid}" for pid in stuck] + [f"netns {ns}" for ns in left]
         log(f"mcnp testbed: could not remove {', '.join(what)}; state kept in {state_dir}")
         return 1
     for info in state.get("daemons", {}).values():

@@ -131,3 +131,22 @@ def process_start_time(pid: int) -> Optional[int]:
     if fields[0] == "Z":
         return None
     return int(fields[19])
+
+
+def session_members(sid: int) -> list[int]:
+    """Live (non-zombie) processes of session ``sid``. A session's ID is its leader's
+    PID, and the kernel does not hand that PID out again while any member lives, so
+    these are exactly the processes a leader we started left behind."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            members.append(int(entry))
+    return members

@@ -16,7 +16,7 @@ import textwrap
 import pytest
 
 from control import probe, testbed
-from control.testbed_net import NetError, list_netns, process_start_time
+from control.testbed_net import NetError, list_netns, process_start_time, session_members
 
 ROOT = os.geteuid() == 0
 _needs_root = pytest.mark.skipif(not ROOT, reason="needs root and network namespaces")
@@ -249,6 +249,28 @@ def test_mcnp_mode_waits_for_daemons_in_node_namespaces(clusters, state_dir, mon
     daemons = list(state["daemons"].values())
     assert testbed.down(state_dir, log=lambda m: None) == 0
     assert ours() == set() and all(process_start_time(d["pid"]) is None for d in daemons)
+
+
+#: A daemon that ignores SIGTERM and leaves a worker process behind in its session.
+STUBBORN_DAEMON = "import signal, subprocess, sys\n" \
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" \
+    "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n" + FAKE_DAEMON
+
+
+@privileged
+def test_down_kills_a_stubborn_daemon_and_its_workers(clusters, state_dir, monkeypatch):
+    monkeypatch.setattr(testbed, "DAEMON_GRACE", 0.5)
+
+    def stubborn(node, cl, api):
+        return [sys.executable, "-c", STUBBORN_DAEMON] + testbed.mcnp_run_command(node, cl, api)[1:]
+
+    assert testbed.up(clusters[:1], mode="mcnp", prefix=PREFIX, state_dir=state_dir, log=lambda m: None, daemon_command=stubborn) == 0
+    state = testbed.load_state(state_dir)
+    sessions = {d["pid"]: session_members(d["pid"]) for d in state["daemons"].values()}
+    assert all(len(members) == 2 for members in sessions.values())  # daemon + worker
+    assert testbed.down(state_dir, log=lambda m: None) == 0
+    assert all(session_members(sid) == [] for sid in sessions)
+    assert ours() == set()
 
 
 @privileged
