@@ -13,8 +13,11 @@ it.  Every loop is bounded in count and time.
 
 from __future__ import annotations
 
+import os
 import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -160,16 +163,37 @@ def test_tcp_connection_through_af_xdp(forwarder):
 def test_ports_close_and_detach(two_hosts):
     """Closing a port detaches its program; a new Umem can bind the same port again."""
     node, a, b = two_hosts
-    for _ in range(3):  # re-binding right after a close is where EBUSY shows up
+    # re-binding right after a close is where EBUSY shows up
+    for mode in ("auto", "generic", "native", "auto"):
         with xsk.Umem(frames=1024, ring_size=256) as umem:
             with nu.in_netns(node):
-                port = xsk.Port(umem, "pa", fill=128)
-            assert port.xdp_mode in ("native", "generic")
+                port = xsk.Port(umem, "pa", fill=128, xdp_mode=mode)
+            assert port.xdp_mode == (mode if mode != "auto" else "native")
             assert umem.free_frames == 1024 - 128
             assert "prog/xdp" in nu.ip("-d", "link", "show", "pa", ns=node).stdout
             port.close()  # from the root netns: detaching must not depend on it
             assert umem.free_frames == 1024  # the fill ring's frames came back
         assert "prog/xdp" not in nu.ip("-d", "link", "show", "pa", ns=node).stdout
+
+
+def test_killed_process_leaves_no_program(two_hosts):
+    """SIGKILL skips every cleanup; the BPF link still takes the program away."""
+    node, _, _ = two_hosts
+    code = ("import sys, time; from fastpath import xsk; u = xsk.Umem(frames=256, ring_size=64);"
+            " p = xsk.Port(u, 'pa', fill=32); print('ready', flush=True); time.sleep(30)")
+    proc = nu.popen_in(node, [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        assert "prog/xdp" in nu.ip("-d", "link", "show", "pa", ns=node).stdout
+    finally:
+        proc.kill()
+        proc.wait(10)
+    for _ in range(50):  # bounded: the link is released as the process's files close
+        if "prog/xdp" not in nu.ip("-d", "link", "show", "pa", ns=node).stdout:
+            break
+        time.sleep(0.1)
+    assert "prog/xdp" not in nu.ip("-d", "link", "show", "pa", ns=node).stdout
 
 
 def test_ports_reopen_on_one_umem(two_hosts):
