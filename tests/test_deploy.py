@@ -1,0 +1,432 @@
+"""The deployment manifests under deploy/, checked offline against the code they run.
+
+What a reviewer would check by hand before `kubectl apply`, made mechanical: every
+document parses and is of a kind we mean to ship; the DaemonSet's arguments are flags
+``mcnp run`` accepts and its ConfigMap passes the daemon's own settings validation; the
+RBAC is exactly read-only on the four resources the sources watch; the capabilities
+are the documented set; the probes hit the REST endpoint the config makes the daemon
+listen on; the remote-kubeconfig Secret matches the clusters the config names; the
+Containerfile installs what ./dev installs and names no registry. With the
+``kubernetes`` client installed, every object is also round-tripped through its model
+class, which catches misspelled fields (the models drop what they do not know).
+
+One privileged test shows that the documented capabilities are enough to open an AF_XDP
+port and that each one is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from control.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+NAMESPACE = "mcnp-system"
+
+#: What we ship, by file: (apiVersion, kind) of every document, in order.
+EXPECTED_KINDS = {
+    "namespace.yaml": [("v1", "Namespace")],
+    "rbac.yaml": [("v1", "ServiceAccount"), ("rbac.authorization.k8s.io/v1", "ClusterRole"),
+                  ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding")],
+    "configmap.yaml": [("v1", "ConfigMap")],
+    "daemonset.yaml": [("apps/v1", "DaemonSet")],
+    "remote-kubeconfigs.example.yaml": [("v1", "Secret")],
+    "remote-cluster-reader.yaml": [("v1", "Namespace"), ("v1", "ServiceAccount"), ("v1", "Secret"),
+                                   ("rbac.authorization.k8s.io/v1", "ClusterRole"),
+                                   ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding")],
+    "kustomization.yaml": [("kustomize.config.k8s.io/v1beta1", "Kustomization")],
+}
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "Kustomization"}
+
+#: The read access the sources need (control/sources.py): list+watch of Namespaces, Pods
+#: and NetworkPolicies, and the ClusterProperty of rule M1.
+READ_ONLY = {(group, resource, verb)
+             for group, resource in [("", "pods"), ("", "namespaces"), ("networking.k8s.io", "networkpolicies"),
+                                     ("about.k8s.io", "clusterproperties")]
+             for verb in ("get", "list", "watch")}
+
+#: Debian packages of ./dev that only the tests and the testbed use, not the image build.
+TEST_ONLY_PACKAGES = {"ethtool", "iproute2"}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load(name: str) -> list[dict]:
+    with open(DEPLOY / name, "rb") as f:
+        return [d for d in yaml.load_all(f, Loader=yaml.CSafeLoader) if d is not None]
+
+
+def one(name: str, kind: str) -> dict:
+    found = [d for d in load(name) if d.get("kind") == kind]
+    assert len(found) == 1, f"{name}: expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def daemonset() -> dict:
+    return one("daemonset.yaml", "DaemonSet")
+
+
+def container() -> dict:
+    containers = daemonset()["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def config_text() -> str:
+    return one("configmap.yaml", "ConfigMap")["data"]["mcnp.yaml"]
+
+
+def config_data() -> dict:
+    return yaml.load(config_text(), Loader=yaml.CSafeLoader)
+
+
+def env_values(c: dict) -> dict[str, str]:
+    """Stand-in values for the container's env, as the kubelet would expand them."""
+    return {e["name"]: e.get("value", f"<{e['name']}>") for e in c.get("env", [])}
+
+
+def expanded_args(c: dict) -> list[str]:
+    """The container's args with ``$(VAR)`` expanded the way the kubelet does."""
+    env = env_values(c)
+    return [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), a) for a in c["args"]]
+
+
+def run_flags() -> set[str]:
+    """Every option string ``mcnp run`` defines."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return set(sub.choices["run"]._option_string_actions)
+
+
+def parse_run_args(c: dict):
+    """The container's command line through mcnp's own parser (fails on unknown flags)."""
+    assert c["command"] == ["mcnp"], "the container must run the mcnp entry point"
+    args = expanded_args(c)
+    assert args[0] == "run"
+    # Spelled out in full: argparse would also take a prefix, which a later flag can
+    # make ambiguous.
+    flags = run_flags()
+    for a in args[1:]:
+        if a.startswith("-"):
+            assert a.split("=", 1)[0] in flags, f"{a}: not a flag of mcnp run"
+    try:
+        return build_parser().parse_args(args)
+    except SystemExit as e:  # argparse reports unknown flags by exiting
+        pytest.fail(f"mcnp rejects the DaemonSet's arguments {args}: exit {e.code}")
+
+
+def mount_for(c: dict, volume: str) -> dict:
+    mounts = [m for m in c["volumeMounts"] if m["name"] == volume]
+    assert len(mounts) == 1, f"volume {volume} must be mounted exactly once"
+    return mounts[0]
+
+
+def volume(name: str) -> dict:
+    vols = [v for v in daemonset()["spec"]["template"]["spec"]["volumes"] if v["name"] == name]
+    assert len(vols) == 1
+    return vols[0]
+
+
+def rbac_triples(role: dict) -> set[tuple[str, str, str]]:
+    out = set()
+    for rule in role["rules"]:
+        assert set(rule) <= {"apiGroups", "resources", "verbs"}, f"unexpected rule fields {sorted(rule)}"
+        for g in rule["apiGroups"]:
+            for r in rule["resources"]:
+                for v in rule["verbs"]:
+                    out.add((g, r, v))
+    return out
+
+
+# --------------------------------------------------------------------------- documents
+
+
+def test_every_manifest_parses_into_the_kinds_we_ship():
+    shipped = sorted(p.name for p in DEPLOY.glob("*.yaml"))
+    assert shipped == sorted(EXPECTED_KINDS), "a manifest was added or removed: update EXPECTED_KINDS"
+    for name, kinds in EXPECTED_KINDS.items():
+        docs = load(name)
+        assert [(d.get("apiVersion"), d.get("kind")) for d in docs] == kinds, name
+        for d in docs:
+            if d["kind"] == "Kustomization":
+                continue
+            meta = d["metadata"]
+            assert re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", meta["name"]), f"{name}: bad name {meta['name']!r}"
+            if d["kind"] in CLUSTER_SCOPED:
+                assert "namespace" not in meta, f"{name}: {d['kind']} is cluster-scoped"
+            else:
+                assert meta.get("namespace") == NAMESPACE, f"{name}: {d['kind']} {meta['name']} outside {NAMESPACE}"
+
+
+def test_kustomization_applies_the_local_cluster_manifests_only():
+    resources = one("kustomization.yaml", "Kustomization")["resources"]
+    for r in resources:
+        assert (DEPLOY / r).is_file(), r
+    # The Secret example holds placeholders, and the reader is for remote clusters.
+    assert "remote-kubeconfigs.example.yaml" not in resources
+    assert "remote-cluster-reader.yaml" not in resources
+    assert {"namespace.yaml", "rbac.yaml", "configmap.yaml", "daemonset.yaml"} <= set(resources)
+
+
+def test_namespace_admits_a_privileged_pod():
+    labels = one("namespace.yaml", "Namespace")["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "privileged"
+
+
+# --------------------------------------------------------------------------- the daemon's command line and config
+
+
+def test_daemonset_args_are_flags_mcnp_run_accepts():
+    c = container()
+    args = parse_run_args(c)
+    assert args.func.__name__ == "cmd_run"
+    assert args.node_name == "<NODE_NAME>", "--node-name must come from the NODE_NAME variable"
+    node = [e for e in c["env"] if e["name"] == "NODE_NAME"]
+    assert node and node[0]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    # The config file the args name is the one the ConfigMap is mounted as.
+    m = mount_for(c, "config")
+    assert args.config == m["mountPath"] and m["subPath"] == "mcnp.yaml" and m["readOnly"]
+    assert volume("config")["configMap"]["name"] == one("configmap.yaml", "ConfigMap")["metadata"]["name"]
+
+
+def test_configmap_config_passes_the_daemons_validation(tmp_path):
+    config = pytest.importorskip("control.config", reason="control.config (the settings loader) is not in the tree yet")
+    path = tmp_path / "mcnp.yaml"
+    path.write_text(config_text())
+    c = container()
+    argv = [a if not a.startswith("--config=") else f"--config={path}" for a in expanded_args(c)]
+    settings = config.Settings.from_args(build_parser().parse_args(argv))  # raises listing every problem
+    assert settings.node_name == "<NODE_NAME>"
+    sources = {s.name: s for s in settings.clusters}
+    assert sources[settings.local_cluster].kind == "in-cluster", "the local cluster is read with the service account"
+    assert settings.remote_clusters, "the example names at least one remote cluster"
+    remote_dir = mount_for(c, "remote-kubeconfigs")["mountPath"]
+    for name in settings.remote_clusters:
+        s = sources[name]
+        assert s.kind == "kubeconfig" and s.path == f"{remote_dir}/{name}", f"{name}: expected kubeconfig:{remote_dir}/{name}"
+    assert settings.attach == {} and settings.uplink is None, "per-node settings do not belong in the shared ConfigMap"
+    assert settings.default_peer_scope == "local" and settings.multicluster
+
+
+def test_configmap_keys_are_settings_the_loader_knows():
+    config = pytest.importorskip("control.config", reason="control.config (the settings loader) is not in the tree yet")
+    problems: list[str] = []
+    config.Settings.from_mapping(config_data(), problems)
+    assert problems == []
+
+
+def test_probes_hit_the_rest_endpoint_the_config_opens():
+    config = pytest.importorskip("control.config", reason="control.config (the settings loader) is not in the tree yet")
+    kind, (host, port) = config.parse_listen(config_data()["api-listen"])
+    assert kind == "tcp" and host == "127.0.0.1"
+    c = container()
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        get = c[probe]["httpGet"]
+        # hostNetwork: the pod IP is the node's, so the loopback must be named.
+        assert (get["host"], get["port"], get["path"]) == (host, port, path), probe
+
+
+def test_probe_paths_are_served_by_the_api():
+    api = pytest.importorskip("control.api", reason="control.api (the REST endpoint) is not in the tree yet")
+    source = inspect.getsource(api)
+    for path in ("/healthz", "/readyz"):
+        assert f'"{path}"' in source, f"control.api does not route {path}"
+
+
+# --------------------------------------------------------------------------- privileges
+
+
+def test_pod_runs_on_the_host_network_with_exactly_the_documented_capabilities():
+    spec = daemonset()["spec"]["template"]["spec"]
+    assert spec["hostNetwork"] is True
+    sc = container()["securityContext"]
+    assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    added = {f"CAP_{c}" for c in sc["capabilities"]["add"]}
+    documented = documented_capabilities()
+    assert added == documented, f"manifest adds {sorted(added)}, README documents {sorted(documented)}"
+    # And the design's measured list (DESIGN.md §3) is what the README documents.
+    assert documented == {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_BPF", "CAP_IPC_LOCK"}
+    # Nothing that would widen them through the back door.
+    for key in ("hostPID", "hostIPC"):
+        assert not spec.get(key)
+    for v in spec["volumes"]:
+        assert "hostPath" not in v, f"volume {v['name']}: no host paths are needed"
+
+
+def documented_capabilities() -> set[str]:
+    """The capabilities of deploy/README.md's table under "## Privileges"."""
+    text = (DEPLOY / "README.md").read_text()
+    section = text.split("## Privileges", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `(CAP_[A-Z_]+)` \|", section, flags=re.M))
+
+
+def test_cluster_role_is_exactly_read_only_on_the_four_resources():
+    local = one("rbac.yaml", "ClusterRole")
+    remote = one("remote-cluster-reader.yaml", "ClusterRole")
+    assert rbac_triples(local) == READ_ONLY
+    assert rbac_triples(remote) == READ_ONLY, "remote clusters grant the same role"
+    sa = one("rbac.yaml", "ServiceAccount")["metadata"]["name"]
+    assert daemonset()["spec"]["template"]["spec"]["serviceAccountName"] == sa
+    for name in ("rbac.yaml", "remote-cluster-reader.yaml"):
+        binding = one(name, "ClusterRoleBinding")
+        role = one(name, "ClusterRole")
+        account = one(name, "ServiceAccount")
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                      "name": role["metadata"]["name"]}
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"],
+                                        "namespace": account["metadata"]["namespace"]}]
+
+
+def test_remote_kubeconfig_secret_has_one_key_per_remote_cluster():
+    data = config_data()
+    clusters = data["clusters"]
+    remote = {name for name in clusters if name != data["local-cluster"]}
+    secret = one("remote-kubeconfigs.example.yaml", "Secret")
+    assert set(secret["stringData"]) == remote
+    for name, text in secret["stringData"].items():
+        kc = yaml.load(text, Loader=yaml.CSafeLoader)
+        assert kc["kind"] == "Config" and kc["current-context"] in {c["name"] for c in kc["contexts"]}, name
+    vol = volume("remote-kubeconfigs")["secret"]
+    assert vol["secretName"] == secret["metadata"]["name"]
+    assert vol["optional"] is True, "a single-cluster installation needs no Secret"
+    assert vol["defaultMode"] == 0o400
+    assert mount_for(container(), "remote-kubeconfigs")["readOnly"] is True
+    token = one("remote-cluster-reader.yaml", "Secret")
+    assert token["type"] == "kubernetes.io/service-account-token"
+    assert token["metadata"]["annotations"]["kubernetes.io/service-account.name"] == \
+        one("remote-cluster-reader.yaml", "ServiceAccount")["metadata"]["name"]
+
+
+# --------------------------------------------------------------------------- the image
+
+
+def dev_apt_packages() -> set[str]:
+    text = (ROOT / "dev").read_text()
+    block = re.search(r"APT_PACKAGES=\((.*?)\)", text, flags=re.S).group(1)
+    return set(block.split())
+
+
+def containerfile_stages() -> list[tuple[str, set[str]]]:
+    """(base image, apt packages installed) per stage of deploy/Containerfile."""
+    text = (DEPLOY / "Containerfile").read_text()
+    text = re.sub(r"\\\n", " ", text)
+    stages: list[tuple[str, set[str]]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.upper().startswith("FROM "):
+            stages.append((line.split()[1], set()))
+        m = re.search(r"apt-get install ((?:-\S+\s+)*)(.*?)(?:&&|$)", line)
+        if m:
+            stages[-1][1].update(w for w in m.group(2).split() if not w.startswith("-"))
+    return stages
+
+
+def test_containerfile_builds_on_debian_12_with_the_packages_dev_installs():
+    stages = containerfile_stages()
+    assert len(stages) == 2
+    for image, _ in stages:
+        # Plain names only (no registry host such as name.example/ or localhost:5000/).
+        assert "/" not in image, f"{image}: name no registry"
+        assert image in ("debian:12", "python:3.11-slim-bookworm"), f"{image}: Debian 12 is what is built and tested"
+    (_, build), (_, runtime) = stages
+    missing = dev_apt_packages() - TEST_ONLY_PACKAGES - build
+    assert not missing, f"the build stage lacks packages ./dev installs: {sorted(missing)}"
+    assert {"python3", "libbpf1", "libxdp1", "libelf1"} <= runtime
+    text = (DEPLOY / "Containerfile").read_text()
+    assert not re.search(r"https?://", text), "no URLs: packages come from the builder's configured sources"
+    # The entry point the DaemonSet runs is the one the project declares.
+    assert 'ENTRYPOINT ["mcnp"]' in text
+    assert 'mcnp = "control.cli:main"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_containerfile_copies_every_package_the_project_declares():
+    text = (DEPLOY / "Containerfile").read_text()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    packages = re.search(r'packages = \[(.*?)\]', pyproject).group(1)
+    for pkg in re.findall(r'"([^"]+)"', packages) + ["csrc"]:
+        assert f"COPY {pkg}/ {pkg}/" in text, f"the image build does not copy {pkg}/"
+
+
+# --------------------------------------------------------------------------- object shapes (optional)
+
+
+MODELS = {
+    "Namespace": "V1Namespace", "ServiceAccount": "V1ServiceAccount", "ConfigMap": "V1ConfigMap",
+    "Secret": "V1Secret", "DaemonSet": "V1DaemonSet", "ClusterRole": "V1ClusterRole",
+    "ClusterRoleBinding": "V1ClusterRoleBinding",
+}
+
+
+def _deserialize(api, doc: dict, klass: str):
+    """``ApiClient.deserialize`` across client versions (a text or a response object)."""
+    text = json.dumps(doc)
+    if "response_text" in inspect.signature(api.deserialize).parameters:
+        return api.deserialize(text, klass, "application/json")
+    return api.deserialize(types.SimpleNamespace(data=text), klass)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in EXPECTED_KINDS if n != "kustomization.yaml"))
+def test_objects_round_trip_through_the_kubernetes_models(name):
+    client = pytest.importorskip("kubernetes.client", reason="the kubernetes Python client is not installed")
+    api = client.ApiClient()
+    for doc in load(name):
+        obj = _deserialize(api, doc, MODELS[doc["kind"]])
+        # The models keep only the fields they know: a misspelled or misplaced field
+        # does not survive the round trip.
+        assert api.sanitize_for_serialization(obj) == doc, f"{name}: {doc['kind']} has fields the API does not know"
+
+
+# --------------------------------------------------------------------------- the capabilities, for real
+
+
+PROBE = """
+import sys
+from fastpath.xsk import Umem, Port
+with Umem(frames=1024, frame_size=2048, ring_size=512) as u:
+    with Port(u, sys.argv[1]):
+        print("opened")
+"""
+
+
+@pytest.mark.privileged
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to build a network namespace and drop capabilities")
+@pytest.mark.skipif(shutil.which("capsh") is None, reason="capsh (Debian package libcap2-bin) is not installed")
+def test_documented_capabilities_open_an_af_xdp_port_and_each_is_needed():
+    pytest.importorskip("fastpath._xsk", reason="the AF_XDP extension is not built")
+    from tests import netns_util as nu
+
+    wanted = {c.lower() for c in documented_capabilities()}
+    bounding = subprocess.run(["capsh", "--print"], capture_output=True, text=True, check=True).stdout
+    every = set(re.search(r"^Bounding set =(.*)$", bounding, flags=re.M).group(1).strip().split(","))
+    assert wanted <= every
+
+    def attempt(ns: str, drop: set[str]) -> subprocess.CompletedProcess:
+        # A 64 KiB memlock limit, as a container may get: only CAP_IPC_LOCK lifts it.
+        shell = f"ulimit -l 64 && exec {sys.executable} -c '{PROBE}' p0"
+        cmd = ["nsenter", f"--net={nu.NETNS_DIR}/{ns}", "capsh", f"--drop={','.join(sorted(drop))}", "--", "-c", shell]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    with nu.netns("cap") as ns:
+        nu.veth_pair("p0", ns, "p1", ns)
+        res = attempt(ns, every - wanted)
+        assert res.returncode == 0 and "opened" in res.stdout, res.stderr[-2000:]
+        for cap in sorted(wanted):
+            res = attempt(ns, (every - wanted) | {cap})
+            assert res.returncode != 0, f"the port opened without {cap}: it is not needed"
+            assert "XskError" in res.stderr, res.stderr[-2000:]
