@@ -259,6 +259,8 @@ uint32_t mcnp_frames_copy(struct mcnp_umem *u, const uint64_t *src, const uint32
 
 /* ---- ports --------------------------------------------------------------- */
 
+static int kick(struct mcnp_port *p);
+
 static int load_program(struct mcnp_port *p, const char *path)
 {
     struct bpf_program *prog;
@@ -449,6 +451,8 @@ void mcnp_port_close(struct mcnp_port *p)
 {
     if (!p)
         return;
+    if (p->xsk && p->st.tx_outstanding)
+        kick(p); /* let queued frames go out and come back to the pool */
     detach_program(p);
     if (p->xsk) {
         uint32_t key = p->queue_id;

@@ -92,7 +92,8 @@ class ParsedBatch:
     Allocate one per packet loop and pass it as ``out`` to :func:`parse_batch`;
     the arrays are filled in place, so views taken from them are only valid
     until the next parse.  ``n`` is the number of frames of the last parse;
-    rows ``[n:]`` hold stale data.
+    rows ``[n:]`` hold stale data.  The C side writes through pointers to
+    these arrays: read and slice them, never rebind them.
 
     Columns (all length ``capacity``): ``status``, ``family`` (4, 6, or 0),
     ``proto``, ``frag`` (0/1/2), ``tcp_flags``, ``icmp_type``, ``icmp_code``
