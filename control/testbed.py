@@ -363,6 +363,23 @@ def mcnp_run_command(node: NodePlan, clusters: list[tuple[str, str]], api: str) 
 DaemonCommand = Callable[[NodePlan, list, str], list]
 
 
+def _daemon_ready(sock: str) -> bool:
+    """``/readyz`` answers 200 once every cluster is listed; probes need more — the
+    dataplane running with compiled tables in force — which ``/v1/stats`` shows (a
+    daemon without a dataplane, or one that does not report it, is ready at 200)."""
+    try:
+        status, _ = _unix_get(sock, "/readyz", timeout=1.0)
+        if status != 200:
+            return False
+        status, stats = _unix_get(sock, "/v1/stats", timeout=1.0)
+    except OSError:
+        return False
+    dp = stats.get("dataplane") if status == 200 and isinstance(stats, dict) else None
+    if not isinstance(dp, dict) or "generation_in_force" not in dp:
+        return True
+    return bool(dp.get("ready")) and 0 < dp["generation_in_force"] == dp.get("published_generation")
+
+
 def _start_daemons(plan: Plan, state: dict, timeout: float, command: DaemonCommand) -> None:
     procs: dict[str, subprocess.Popen] = {}
     try:
@@ -382,11 +399,7 @@ def _start_daemons(plan: Plan, state: dict, timeout: float, command: DaemonComma
             info = state["daemons"][key]
             if procs[key].poll() is not None:
                 raise TestbedError(f"the daemon of node {key} exited with code {procs[key].returncode}:\n{_tail(info['log'])}")
-            try:
-                status, _ = _unix_get(info["api"][len("unix:"):], "/readyz", timeout=1.0)
-            except OSError:
-                continue
-            if status == 200:
+            if _daemon_ready(info["api"][len("unix:"):]):
                 pending.discard(key)
         if not pending:
             break
