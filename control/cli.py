@@ -70,13 +70,11 @@ def _participants(cset: ClusterSet, pattern: Optional[str]) -> list[Pod]:
 
 
 def matrix_values(cset: ClusterSet, sources: list[Pod], destinations: list[Pod], port: int, protocol: str, engine: str):
-    """Verdicts for every (source, destination) pair as a list of rows of booleans."""
-    if engine == "reference":
-        ev = ReferenceEvaluator(cset)
-        return [[ev.allowed(s, d, port, protocol) for d in destinations] for s in sources]
-    from .matrix import compiled_matrix
+    """Verdicts for every (source, destination) pair: a boolean array, sources × destinations."""
+    from . import matrix
 
-    return compiled_matrix(cset, sources, destinations, port, protocol).tolist()
+    fn = matrix.reference_matrix if engine == "reference" else matrix.compiled_matrix
+    return fn(cset, sources, destinations, port, protocol)
 
 
 def render_table(sources: list[Pod], destinations: list[Pod], values, port: int, protocol: str) -> str:
@@ -92,7 +90,7 @@ def render_table(sources: list[Pod], destinations: list[Pod], values, port: int,
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, [first] + widths)) + " |"
 
     lines = [sep, row([corner] + col_names), sep]
-    for s, vals in zip(sources, values):
+    for s, vals in zip(sources, values.tolist()):
         lines.append(row([s.ref] + ["." if v else "X" for v in vals]))
     lines.append(sep)
     return "\n".join(lines)
@@ -104,8 +102,8 @@ def cmd_matrix(args) -> int:
     destinations = _participants(cset, args.to)
     values = matrix_values(cset, sources, destinations, args.port, args.protocol, args.engine)
     if args.summary:
-        allowed = sum(sum(1 for v in row if v) for row in values)
-        denied = len(sources) * len(destinations) - allowed
+        allowed = int(values.sum())
+        denied = values.size - allowed
         if args.json:
             print(json.dumps({"allowed": allowed, "denied": denied}))
         else:
@@ -114,7 +112,7 @@ def cmd_matrix(args) -> int:
     if args.json:
         probes = [
             {"from": s.ref, "to": d.ref, "port": args.port, "protocol": args.protocol, "allowed": bool(v)}
-            for s, row in zip(sources, values)
+            for s, row in zip(sources, values.tolist())
             for d, v in zip(destinations, row)
         ]
         json.dump({"probes": probes}, sys.stdout)
