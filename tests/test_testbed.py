@@ -16,6 +16,8 @@ import textwrap
 import pytest
 
 from control import probe, testbed
+from control.manifests import load_clusterset
+from control.reference import ReferenceEvaluator
 from control.testbed_net import NetError, list_netns, process_start_time, session_members
 
 ROOT = os.geteuid() == 0
@@ -271,6 +273,43 @@ def test_down_kills_a_stubborn_daemon_and_its_workers(clusters, state_dir, monke
     assert testbed.down(state_dir, log=lambda m: None) == 0
     assert all(session_members(sid) == [] for sid in sessions)
     assert ours() == set()
+
+
+POLICY = """\
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: a-from-b, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: a}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: b}}}]
+    ports: [{protocol: TCP, port: 80}]
+"""
+
+
+@privileged
+@pytest.mark.slow
+def test_mcnp_mode_real_daemons_enforce_what_the_reference_expects(tmp_path, state_dir):
+    """The whole path: real `mcnp run` daemons switching real connections, observed
+    beside the reference evaluator's verdicts."""
+    if not os.path.exists(os.path.join(os.path.dirname(testbed.__file__), "..", "fastpath", "xdp_redirect.bpf.o")):
+        pytest.skip("the XDP program is not built (./dev setup)")
+    c1 = write_cluster(tmp_path / "c1", [("a", "n1", "198.18.0.1", WEB), ("b", "n1", "198.18.0.2", WEB), ("c", "n2", "198.18.1.3", WEB)])
+    c2 = write_cluster(tmp_path / "c2", [("b", "n1", "198.19.0.2", WEB)])
+    with open(os.path.join(c1, "policy.yaml"), "w") as f:
+        f.write(POLICY)
+    lines = []
+    assert testbed.up([("c1", c1), ("c2", c2)], mode="mcnp", prefix=PREFIX, state_dir=state_dir, log=lines.append) == 0, "\n".join(lines)
+    state = testbed.load_state(state_dir)
+    cset, _ = load_clusterset([("c1", c1), ("c2", c2)])
+    oracle = ReferenceEvaluator(cset)
+    pods = sorted(cset.pods(), key=lambda p: p.ref)
+    cases = [(s, d, port, proto) for s in pods for d in pods if s.ref != d.ref for port, proto in ((80, "TCP"), (53, "UDP"))]
+    observed = probe.probe_many([(state["pods"][s.ref]["netns"], str(d.ip), port, proto) for s, d, port, proto in cases])
+    expected = [oracle.evaluate(s, d, port, proto).allowed for s, d, port, proto in cases]
+    assert any(expected) and not all(expected)  # the policy matters for some pairs only
+    assert {(s.ref, d.ref, proto): o for (s, d, _, proto), o in zip(cases, observed)} == \
+        {(s.ref, d.ref, proto): e for (s, d, _, proto), e in zip(cases, expected)}
 
 
 @privileged
