@@ -16,15 +16,12 @@ declared ports. All of it is recorded in a state file *before* it is made, so ``
 from __future__ import annotations
 
 import hashlib
-import http.client
 import ipaddress
 import json
 import logging
 import os
 import selectors
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,9 +30,8 @@ from typing import Callable, Optional
 
 from .manifests import load_clusterset
 from .model import InvalidObject
-from .testbed_net import (
-    NetError, ip_batch, list_netns, netns_name, popen_in, process_start_time, session_members, write_sysctl,
-)
+from .testbed_net import NetError, ip_batch, list_netns, netns_name, popen_in, write_sysctl
+from .testbed_proc import start_detached, stop, tail, unix_get
 
 logger = logging.getLogger(__name__)
 
@@ -280,31 +276,6 @@ def _run_parallel(argvs: dict[str, list[str]], inputs: dict[str, str]) -> None:
         raise NetError("ip -batch failed: " + "; ".join(errors))
 
 
-def _log_path(state: dict, name: str) -> str:
-    d = os.path.join(state["dir"], "logs")
-    os.makedirs(d, exist_ok=True)
-    return os.path.join(d, name + ".log")
-
-
-def _tail(path: str, lines: int = 20) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:]).rstrip() or "(empty log)"
-    except OSError:
-        return "(no log)"
-
-
-def _start_detached(state: dict, table: str, key: str, netns: str, argv: list[str], log_name: str, stdout=None) -> subprocess.Popen:
-    """Start a process in ``netns`` in a session of its own, output to a log file, and
-    record it (PID and start time) before anything else can fail."""
-    log = _log_path(state, log_name)
-    with open(log, "ab") as logf:
-        proc = popen_in(netns, argv, stdin=subprocess.DEVNULL, stdout=stdout if stdout is not None else logf,
-                        stderr=logf, start_new_session=True, close_fds=True)
-    state[table][key] = {"pid": proc.pid, "start": process_start_time(proc.pid), "log": log, "argv": argv}
-    return proc
-
-
 def _start_servers(plan: Plan, state: dict, timeout: float) -> None:
     """One podserver per pod with ports; returns when each has bound every port."""
     procs: dict[str, subprocess.Popen] = {}
@@ -312,7 +283,7 @@ def _start_servers(plan: Plan, state: dict, timeout: float) -> None:
         for pod in plan.pods.values():
             if pod.ports:
                 argv = [sys.executable, "-I", "-S", PODSERVER] + [f"{pr}:{n}" for pr, n in pod.ports]
-                procs[pod.ref] = _start_detached(state, "servers", pod.ref, pod.netns, argv, pod.netns, stdout=subprocess.PIPE)
+                procs[pod.ref] = start_detached(state, "servers", pod.ref, pod.netns, argv, pod.netns, stdout=subprocess.PIPE)
     finally:
         _save(state)
     sel = selectors.DefaultSelector()
@@ -325,12 +296,12 @@ def _start_servers(plan: Plan, state: dict, timeout: float) -> None:
             left = deadline - time.monotonic()
             if left <= 0:
                 ref = sorted(pending)[0]
-                raise TestbedError(f"the server of {ref} was not ready within {timeout:.0f} s:\n{_tail(state['servers'][ref]['log'])}")
+                raise TestbedError(f"the server of {ref} was not ready within {timeout:.0f} s:\n{tail(state['servers'][ref]['log'])}")
             for key, _ in sel.select(left):
                 ref = key.data
                 line = key.fileobj.readline()
                 if line.strip() != b"ready":
-                    raise TestbedError(f"the server of {ref} failed:\n{_tail(state['servers'][ref]['log'])}")
+                    raise TestbedError(f"the server of {ref} failed:\n{tail(state['servers'][ref]['log'])}")
                 sel.unregister(key.fileobj)
                 pending.discard(ref)
     finally:
@@ -368,10 +339,10 @@ def _daemon_ready(sock: str) -> bool:
     dataplane running with compiled tables in force — which ``/v1/stats`` shows (a
     daemon without a dataplane, or one that does not report it, is ready at 200)."""
     try:
-        status, _ = _unix_get(sock, "/readyz", timeout=1.0)
+        status, _ = unix_get(sock, "/readyz", timeout=1.0)
         if status != 200:
             return False
-        status, stats = _unix_get(sock, "/v1/stats", timeout=1.0)
+        status, stats = unix_get(sock, "/v1/stats", timeout=1.0)
     except OSError:
         return False
     dp = stats.get("dataplane") if status == 200 and isinstance(stats, dict) else None
@@ -388,7 +359,7 @@ def _start_daemons(plan: Plan, state: dict, timeout: float, command: DaemonComma
             sock = api[len("unix:"):]
             if os.path.exists(sock):
                 os.unlink(sock)
-            procs[node.key] = _start_detached(state, "daemons", node.key, node.netns, command(node, plan.clusters, api), node.netns)
+            procs[node.key] = start_detached(state, "daemons", node.key, node.netns, command(node, plan.clusters, api), node.netns)
             state["daemons"][node.key]["api"] = api
     finally:
         _save(state)
@@ -398,14 +369,14 @@ def _start_daemons(plan: Plan, state: dict, timeout: float, command: DaemonComma
         for key in sorted(pending):
             info = state["daemons"][key]
             if procs[key].poll() is not None:
-                raise TestbedError(f"the daemon of node {key} exited with code {procs[key].returncode}:\n{_tail(info['log'])}")
+                raise TestbedError(f"the daemon of node {key} exited with code {procs[key].returncode}:\n{tail(info['log'])}")
             if _daemon_ready(info["api"][len("unix:"):]):
                 pending.discard(key)
         if not pending:
             break
         if time.monotonic() > deadline:
             key = sorted(pending)[0]
-            raise TestbedError(f"the daemon of node {key} was not ready within {timeout:.0f} s:\n{_tail(state['daemons'][key]['log'])}")
+            raise TestbedError(f"the daemon of node {key} was not ready within {timeout:.0f} s:\n{tail(state['daemons'][key]['log'])}")
         time.sleep(0.2)
 
 
@@ -482,46 +453,6 @@ def summary(state: dict) -> dict:
 # --------------------------------------------------------------------------- teardown
 
 
-def _members(info: dict) -> list[int]:
-    """The live processes of the session ``up`` started for ``info`` (its leader and
-    whatever the leader spawned, e.g. a daemon's dataplane worker). A PID now held by a
-    process with another start time means our session is gone for good."""
-    start = process_start_time(info["pid"])
-    if start is not None and start != info.get("start"):
-        return []
-    return session_members(info["pid"])
-
-
-def _stop(procs: list[dict], grace: float) -> list[int]:
-    """SIGTERM to each leader we started, then, after ``grace`` seconds, SIGKILL to
-    every process left in its session. Returns the PIDs that would not die."""
-    def signal_all(pids: list[int], sig: int) -> None:
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-
-    def wait(deadline: float) -> list[int]:
-        while True:
-            for p in procs:
-                try:  # reap our own children (up and down in one process)
-                    os.waitpid(p["pid"], os.WNOHANG)
-                except ChildProcessError:
-                    pass
-            left = [pid for p in procs for pid in _members(p)]
-            if not left or time.monotonic() >= deadline:
-                return left
-            time.sleep(0.05)
-
-    signal_all([p["pid"] for p in procs if process_start_time(p["pid"]) == p.get("start")], signal.SIGTERM)
-    left = wait(time.monotonic() + grace)
-    if left:
-        signal_all(left, signal.SIGKILL)
-        left = wait(time.monotonic() + 2.0)
-    return left
-
-
 def down(state_dir: Optional[str] = None, log: Callable[[str], None] = print) -> int:
     """Remove everything the saved state names: daemons, servers, namespaces, files.
     Safe to run again; 0 when nothing of the testbed is left."""
@@ -534,8 +465,8 @@ def down(state_dir: Optional[str] = None, log: Callable[[str], None] = print) ->
     if state is None:
         log("mcnp testbed: no testbed is up")
         return 0
-    stuck = _stop(list(state.get("daemons", {}).values()), grace=DAEMON_GRACE)
-    stuck += _stop(list(state.get("servers", {}).values()), grace=1.0)
+    stuck = stop(list(state.get("daemons", {}).values()), grace=DAEMON_GRACE)
+    stuck += stop(list(state.get("servers", {}).values()), grace=1.0)
     ip_batch((f"netns del {ns}" for ns in state["netns"] if ns in list_netns()), force=True)
     left = [ns for ns in state["netns"] if ns in list_netns()]
     if stuck or left:
@@ -559,33 +490,6 @@ def down(state_dir: Optional[str] = None, log: Callable[[str], None] = print) ->
 # --------------------------------------------------------------------------- daemon API
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float):
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self._path)
-
-
-def _unix_get(path: str, url: str, timeout: float = 5.0):
-    conn = _UnixHTTPConnection(path, timeout)
-    try:
-        conn.request("GET", url)
-        resp = conn.getresponse()
-        body = resp.read()
-    except (http.client.HTTPException, socket.timeout) as e:
-        raise OSError(f"GET {url} on {path}: {e}") from None
-    finally:
-        conn.close()
-    try:
-        return resp.status, json.loads(body)
-    except ValueError:
-        return resp.status, body.decode(errors="replace")
-
-
 def api_get(node: str, path: str, timeout: float = 5.0, state_dir: Optional[str] = None):
     """``GET path`` on the daemon of ``node`` ("cluster/node", or a node name that is
     unique in the testbed) → (status, parsed JSON or text)."""
@@ -596,4 +500,4 @@ def api_get(node: str, path: str, timeout: float = 5.0, state_dir: Optional[str]
     keys = [node] if node in daemons else [k for k in daemons if k.split("/", 1)[1] == node]
     if len(keys) != 1:
         raise LookupError(f"no single daemon for node {node!r} (have: {', '.join(sorted(daemons)) or 'none'})")
-    return _unix_get(daemons[keys[0]]["api"][len("unix:"):], path, timeout)
+    return unix_get(daemons[keys[0]]["api"][len("unix:"):], path, timeout)

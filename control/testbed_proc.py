@@ -1,0 +1,106 @@
+"""Processes of the test hosts: started detached inside a namespace, recorded so that
+they can be stopped for certain later, and the daemons' API over a unix socket."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+from .testbed_net import popen_in, process_start_time, session_members
+
+
+def log_path(state: dict, name: str) -> str:
+    d = os.path.join(state["dir"], "logs")
+    os.makedirs(d, exist_ok=True)
+    return os.path.join(d, name + ".log")
+
+
+def tail(path: str, lines: int = 20) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:]).rstrip() or "(empty log)"
+    except OSError:
+        return "(no log)"
+
+
+def start_detached(state: dict, table: str, key: str, netns: str, argv: list[str], log_name: str, stdout=None) -> subprocess.Popen:
+    """Start a process in ``netns`` in a session of its own, output to a log file, and
+    record it (PID and start time) before anything else can fail."""
+    log = log_path(state, log_name)
+    with open(log, "ab") as logf:
+        proc = popen_in(netns, argv, stdin=subprocess.DEVNULL, stdout=stdout if stdout is not None else logf,
+                        stderr=logf, start_new_session=True, close_fds=True)
+    state[table][key] = {"pid": proc.pid, "start": process_start_time(proc.pid), "log": log, "argv": argv}
+    return proc
+
+
+def _members(info: dict) -> list[int]:
+    """The live processes of the session ``up`` started for ``info`` (its leader and
+    whatever the leader spawned, e.g. a daemon's dataplane worker). A PID now held by a
+    process with another start time means our session is gone for good."""
+    start = process_start_time(info["pid"])
+    if start is not None and start != info.get("start"):
+        return []
+    return session_members(info["pid"])
+
+
+def stop(procs: list[dict], grace: float) -> list[int]:
+    """SIGTERM to each leader we started, then, after ``grace`` seconds, SIGKILL to
+    every process left in its session. Returns the PIDs that would not die."""
+    def signal_all(pids: list[int], sig: int) -> None:
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def wait(deadline: float) -> list[int]:
+        while True:
+            for p in procs:
+                try:  # reap our own children (up and down in one process)
+                    os.waitpid(p["pid"], os.WNOHANG)
+                except ChildProcessError:
+                    pass
+            left = [pid for p in procs for pid in _members(p)]
+            if not left or time.monotonic() >= deadline:
+                return left
+            time.sleep(0.05)
+
+    signal_all([p["pid"] for p in procs if process_start_time(p["pid"]) == p.get("start")], signal.SIGTERM)
+    left = wait(time.monotonic() + grace)
+    if left:
+        signal_all(left, signal.SIGKILL)
+        left = wait(time.monotonic() + 2.0)
+    return left
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
+
+
+def unix_get(path: str, url: str, timeout: float = 5.0):
+    conn = _UnixHTTPConnection(path, timeout)
+    try:
+        conn.request("GET", url)
+        resp = conn.getresponse()
+        body = resp.read()
+    except (http.client.HTTPException, socket.timeout) as e:
+        raise OSError(f"GET {url} on {path}: {e}") from None
+    finally:
+        conn.close()
+    try:
+        return resp.status, json.loads(body)
+    except ValueError:
+        return resp.status, body.decode(errors="replace")
