@@ -108,8 +108,14 @@ class Plan:
         return [self.core] + [n.netns for n in self.nodes.values()] + [p.netns for p in self.pods.values()]
 
 
-def make_plan(cluster_specs: list[tuple[Optional[str], str]], mode: str, prefix: str) -> Plan:
-    """Read the manifests and decide every name and address; nothing is made yet."""
+def make_plan(cluster_specs: list[tuple[Optional[str], str]], mode: str, prefix: str,
+              extra_ports: tuple = ()) -> Plan:
+    """Read the manifests and decide every name and address; nothing is made yet.
+    ``extra_ports`` ((protocol, number), ...) are served by every pod besides its
+    declared ones, so a probe on them shows the policy's verdict, not a closed port."""
+    for proto, number in extra_ports:
+        if str(proto).upper() not in ("TCP", "UDP") or not 1 <= int(number) <= 65535:
+            raise TestbedError(f"extra port {proto}/{number}: want TCP or UDP and a port in 1-65535", 2)
     try:
         cset, notes = load_clusterset([(n, os.path.abspath(d)) for n, d in cluster_specs], strict=True)
     except InvalidObject as e:
@@ -139,7 +145,7 @@ def make_plan(cluster_specs: list[tuple[Optional[str], str]], mode: str, prefix:
                 node = plan.nodes[key] = NodePlan(key, cname, node_name, netns_name(prefix, cname, node_name), "uplink", f"node{i}")
             port_if = f"pod{len(node.ports)}"
             node.ports[port_if] = pod.ref
-            ports = []
+            ports = [(proto.upper(), int(n)) for proto, n in extra_ports]
             for cp in pod.ports:
                 if cp.protocol == "SCTP":
                     plan.notes.append(f"{pod.ref}: SCTP port {cp.port} not served (this kernel has no SCTP sockets)")
@@ -382,7 +388,7 @@ def _start_daemons(plan: Plan, state: dict, timeout: float, command: DaemonComma
 
 def up(cluster_specs: list[tuple[Optional[str], str]], mode: str = "mcnp", json_out: bool = False, log: Callable[[str], None] = print, *,
        prefix: Optional[str] = None, state_dir: Optional[str] = None, ready_timeout: float = 90.0,
-       daemon_command: DaemonCommand = mcnp_run_command) -> int:
+       daemon_command: DaemonCommand = mcnp_run_command, extra_ports: tuple = ()) -> int:
     """Build the testbed; exit code 0 when every server listens and every daemon is
     ready, 2 for invalid input, 1 when building failed (everything made is removed)."""
     if json_out and log is print:
@@ -404,7 +410,7 @@ def up(cluster_specs: list[tuple[Optional[str], str]], mode: str = "mcnp", json_
         return 1
     started = time.monotonic()
     try:
-        plan = make_plan(cluster_specs, mode, prefix or prefix_default())
+        plan = make_plan(cluster_specs, mode, prefix or prefix_default(), extra_ports)
     except TestbedError as e:
         log(f"mcnp testbed: {e}")
         return e.code

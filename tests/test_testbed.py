@@ -105,6 +105,13 @@ def test_plan_names_nodes_ports_and_notes(clusters):
     assert "placed on node 'c2': d" in notes
 
 
+def test_plan_serves_extra_ports_on_every_pod(clusters):
+    plan = testbed.make_plan(clusters, "bridge", PREFIX, extra_ports=[("tcp", 5432), ("TCP", 80)])
+    assert all(p.ports == [("TCP", 5432), ("TCP", 80), ("UDP", 53)] for p in plan.pods.values())
+    with pytest.raises(testbed.TestbedError, match="extra port SCTP/9"):
+        testbed.make_plan(clusters, "bridge", PREFIX, extra_ports=[("SCTP", 9)])
+
+
 @pytest.mark.parametrize("ip", ["10.1.2.3", "198.20.0.1", "fd00::1"])
 def test_plan_refuses_addresses_outside_the_test_range(tmp_path, ip):
     c = write_cluster(tmp_path / "c", [("a", "n1", "198.18.0.1", WEB), ("bad", "n1", ip, WEB)])
