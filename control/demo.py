@@ -54,12 +54,17 @@ def expected(cset: ClusterSet, pods: list[Pod], port: int, protocol: str) -> dic
     return {(s.ref, d.ref): bool(values[i, j]) for i, s in enumerate(pods) for j, d in enumerate(pods)}
 
 
+def serves(pod: Pod, port: int, protocol: str) -> bool:
+    return any(p.port == port and p.protocol == protocol for p in pod.ports)
+
+
 def observe(state: dict, pods: list[Pod], port: int, protocol: str) -> dict[tuple[str, str], bool]:
-    """Real connections for every ordered pair of distinct pods (self pairs skipped: a
-    connection to a pod's own IP never leaves the pod, rule S7)."""
+    """Real connections for every ordered pair of distinct pods whose destination serves
+    the port (self pairs skipped: a connection to a pod's own IP never leaves the pod,
+    rule S7)."""
     from .probe import probe_many
 
-    pairs = [(s, d) for s in pods for d in pods if s.ref != d.ref]
+    pairs = [(s, d) for s in pods for d in pods if s.ref != d.ref and serves(d, port, protocol)]
     netns = {ref: info["netns"] for ref, info in state["pods"].items()}
     results = probe_many([(netns[s.ref], str(d.ip), port, protocol) for s, d in pairs])
     return {(s.ref, d.ref): ok for (s, d), ok in zip(pairs, results)}
@@ -77,7 +82,7 @@ def side_by_side(pods: list[Pod], observed: dict, want: dict, port: int, protoco
     for i, s in enumerate(names):
         cells = []
         for d in names:
-            if s == d:
+            if (s, d) not in observed:  # self pair, or nothing listens there
                 cells.append(" " * (col - 1) + "-")
                 continue
             o, e = observed[(s, d)], want[(s, d)]
@@ -85,7 +90,7 @@ def side_by_side(pods: list[Pod], observed: dict, want: dict, port: int, protoco
             wrong += o != e
             cells.append(f"{mark}{'.' if o else 'X'}/{'.' if e else 'X'}".rjust(col))
         lines.append(f"{short[s].ljust(width)} | " + " ".join(cells) + f"   {i}")
-    legend = "cell = observed/expected ('.' allowed, 'X' denied, '!' disagreement); columns numbered as rows"
+    legend = "cell = observed/expected ('.' allowed, 'X' denied, '!' disagreement, '-' not probed); columns numbered as rows"
     return "\n".join(lines + [legend]), wrong
 
 
