@@ -112,6 +112,7 @@ class ConnTrack:
         self._aux = np.zeros(batch, dtype=np.uint8)
         self._dump: FlowColumns | None = None
         self._sweep_at = 0
+        self._cols_of: tuple | None = None  # (parsed batch, its column pointers)
 
     # -- per batch ---------------------------------------------------------
 
@@ -119,6 +120,16 @@ class ConnTrack:
         if n > len(self._result):
             self._result = np.zeros(n, dtype=np.uint8)
             self._aux = np.zeros(n, dtype=np.uint8)
+
+    def _cols(self, parsed) -> tuple:
+        """cffi pointers to a parsed batch's columns, made once per batch object
+        (``ndarray.ctypes`` is slow, and the packet loop reuses one batch)."""
+        if self._cols_of is None or self._cols_of[0] is not parsed:
+            self._cols_of = (parsed, (
+                _ptr("uint8_t *", parsed.src), _ptr("uint8_t *", parsed.dst),
+                _ptr("uint8_t *", parsed.proto), _ptr("uint16_t *", parsed.sport),
+                _ptr("uint16_t *", parsed.dport)))
+        return self._cols_of[1]
 
     def aux(self, parsed, n: int, buf=None, addrs: np.ndarray | None = None) -> np.ndarray:
         """The per-frame state input of the C table: TCP flags, ICMP type, SCTP chunk.
@@ -150,9 +161,7 @@ class ConnTrack:
         res = self._result[:n]
         cmask = ffi.NULL if mask is None else ffi.from_buffer("uint8_t[]", _u8(mask))
         fresh = lib.mcnp_ct_lookup(
-            self._ct, n, cmask, _ptr("uint8_t *", parsed.src), _ptr("uint8_t *", parsed.dst),
-            _ptr("uint8_t *", parsed.proto), _ptr("uint16_t *", parsed.sport),
-            _ptr("uint16_t *", parsed.dport), ffi.from_buffer("uint8_t[]", aux),
+            self._ct, n, cmask, *self._cols(parsed), ffi.from_buffer("uint8_t[]", aux),
             ffi.NULL if lens is None else ffi.from_buffer("uint32_t[]", lens),
             now, ffi.from_buffer("uint8_t[]", res))
         return res, fresh
@@ -168,9 +177,7 @@ class ConnTrack:
         now = self.clock() if now is None else now
         return lib.mcnp_ct_commit(
             self._ct, n, ffi.from_buffer("uint8_t[]", _u8(commit)),
-            _ptr("uint8_t *", parsed.src), _ptr("uint8_t *", parsed.dst),
-            _ptr("uint8_t *", parsed.proto), _ptr("uint16_t *", parsed.sport),
-            _ptr("uint16_t *", parsed.dport), ffi.from_buffer("uint8_t[]", aux),
+            *self._cols(parsed), ffi.from_buffer("uint8_t[]", aux),
             ffi.NULL if lens is None else ffi.from_buffer("uint32_t[]", lens),
             ffi.NULL if rule_egress is None else ffi.from_buffer("int32_t[]", _i32(rule_egress)),
             ffi.NULL if rule_ingress is None else ffi.from_buffer("int32_t[]", _i32(rule_ingress)),

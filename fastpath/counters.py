@@ -76,6 +76,7 @@ class Counters:
             cells = np.frombuffer(buffer, dtype=np.int64, count=total)
         self.cells = cells
         self.verdicts = cells[:nv].reshape(2, len(REASONS))
+        self.verdict_cells = cells[:nv]  # flat view: pass reasons, then drop reasons
         self.gauges = cells[nv:nv + ng]
         self.rule_hits = cells[nv + ng:]
 

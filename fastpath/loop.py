@@ -52,6 +52,14 @@ _IS_IP = np.zeros(256, dtype=bool)
 _IS_IP[[parse.OK_IP, parse.FRAGMENT]] = True
 _PASS_REASON = np.array([r in ("l2", "nd", "established", "reply", "allowed") for r in REASONS])
 _R = {name: np.int16(i) for name, i in REASON.items()}
+# reason -> flat index into verdicts (pass row or drop row), for one bincount per batch
+_FLAT = np.where(_PASS_REASON, np.arange(len(REASONS)), len(REASONS) + np.arange(len(REASONS)))
+_MCAST = np.uint64(1 << 40)
+# conntrack result -> reason for tracked frames, and whether the matcher must judge it
+_CT_REASON = np.full(8, REASON["allowed"], dtype=np.int16)
+_CT_REASON[ORIG], _CT_REASON[REPLY] = REASON["established"], REASON["reply"]
+_CT_JUDGE = np.zeros(8, dtype=bool)
+_CT_JUDGE[[NEW, UNTRACKED]] = True
 
 
 class BufferFrames:
@@ -98,6 +106,8 @@ class Pipeline:
         self._rule_eg = np.full(batch, -2, dtype=np.int32)
         self._rule_in = np.full(batch, -2, dtype=np.int32)
         self._commit = np.zeros(batch, dtype=bool)
+        self._all_allowed = np.full(batch, _R["allowed"], dtype=np.int16)
+        self._all_true = np.ones(batch, dtype=bool)
 
     # -- policy hand-over ------------------------------------------------------
 
@@ -134,21 +144,28 @@ class Pipeline:
         # 1. parse
         p = parse.parse_batch(buf, addrs, lens, n, out=self.parsed)
         st = p.status[:n]
-        reason = _START_REASON[st]
-        alive = _PASS_REASON[reason]
-        ip = _IS_IP[st]
+        if st.any():
+            reason = _START_REASON[st]
+            alive = _PASS_REASON[reason]
+            ip = _IS_IP[st]
+        else:  # the common case: every frame is a well-formed IP packet
+            reason = self._all_allowed[:n].copy()
+            alive = self._all_true[:n].copy()
+            ip = self._all_true[:n].copy()
         eth_src = p.eth_src[:n]
         # 2. a multicast source MAC is never legitimate
-        bad_mac = alive & ((eth_src >> np.uint64(40)) & np.uint64(1)).astype(bool)
-        if bad_mac.any():
+        group_src = eth_src & _MCAST
+        if group_src.any():
+            bad_mac = alive & group_src.astype(bool)
             reason[bad_mac] = _R["bad_src_mac"]
             alive &= ~bad_mac
         # 3. anti-spoofing on pod ports (before the first tables, all IP is dropped)
         if self.tables is None:
             reason[alive & ip] = _R["no_tables"]
             alive &= ~ip
-        spoofed = alive & ip & self.switch.spoofed(in_port, p.src)
+        spoofed = self.switch.spoofed(in_port, p.src)
         if spoofed.any():
+            spoofed &= alive & ip
             reason[spoofed] = _R["spoofed"]
             alive &= ~spoofed
         # 4. learn source MACs
@@ -163,8 +180,9 @@ class Pipeline:
             self._police(buf, addrs, lens, n, st, ip, reason, alive, now)
         # 6. forwarding
         out = self.switch.forward(p.eth_dst[:n])
-        hairpin = alive & (out == in_port)
+        hairpin = out == in_port
         if hairpin.any():
+            hairpin &= alive
             reason[hairpin] = _R["hairpin"]
             alive &= ~hairpin
         # 7. checksums of what leaves
@@ -180,10 +198,8 @@ class Pipeline:
         # 9. drops back to the pool, every frame counted once
         if not alive.all():
             pool.free(np.ascontiguousarray(addrs[~alive]))
-        counts = np.bincount(reason, minlength=len(REASONS))
         c = self.counters
-        c.verdicts[PASS] += np.where(_PASS_REASON, counts, 0)
-        c.verdicts[DROP] += np.where(_PASS_REASON, 0, counts)
+        c.verdict_cells += np.bincount(_FLAT[reason], minlength=2 * len(REASONS))
         g = c.gauges
         g[GAUGE["batches"]] += 1
         g[GAUGE["frames"]] += n
@@ -200,10 +216,11 @@ class Pipeline:
         tracked = ip & (st == parse.OK_IP)
         aux = self.ct.aux(p, n, buf, addrs)
         res, fresh = self.ct.lookup(p, n, tracked, aux, lens, now)
-        reason[res == ORIG] = _R["established"]
-        reason[res == REPLY] = _R["reply"]
+        np.copyto(reason, _CT_REASON[res], where=tracked)
         # New flows, untracked protocols and fragments are judged packet by packet.
-        judge_mask = ip & ((res == NEW) | (res == UNTRACKED) | (st == parse.FRAGMENT))
+        judge_mask = _CT_JUDGE[res]
+        judge_mask |= st == parse.FRAGMENT
+        judge_mask &= ip
         if not judge_mask.any():
             return
         idx = np.nonzero(judge_mask)[0]

@@ -149,9 +149,16 @@ class Switch:
         ``src`` is uint8[n, 16]; only meaningful for IP frames (the caller masks).
         """
         n = len(in_port)
-        src64 = np.ascontiguousarray(src[:n]).view(np.uint64).reshape(n, 1, 2)
-        own = (self.bound[in_port] == src64).all(axis=2).any(axis=1)
-        return self.is_pod[in_port] & ~own
+        src64 = src[:n].view(np.uint64)
+        # Most pods have one address: check the first bound address of every
+        # port for the whole batch, and the others only for what is left.
+        bad = (self.bound[:, 0][in_port] != src64).any(axis=1)
+        bad &= self.is_pod[in_port]
+        if bad.any():
+            idx = np.nonzero(bad)[0]
+            own = (self.bound[in_port[idx]] == src64[idx, None, :]).all(axis=2).any(axis=1)
+            bad[idx[own]] = False
+        return bad
 
     def learn(self, in_port: np.ndarray, eth_src: np.ndarray, now: int) -> np.ndarray:
         """Learn source MACs; returns bool[n], True where the frame must be dropped
@@ -176,6 +183,7 @@ class Switch:
     def forward(self, eth_dst: np.ndarray) -> np.ndarray:
         """Output port per frame, FLOOD for multicast/broadcast/unknown."""
         out = self.macs.lookup(eth_dst)
-        group = ((eth_dst >> np.uint64(40)) & np.uint64(1)).astype(bool)
-        out[group] = FLOOD
+        group = eth_dst & np.uint64(1 << 40)
+        if group.any():
+            out[group.astype(bool)] = FLOOD
         return out
