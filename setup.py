@@ -11,6 +11,7 @@ import subprocess
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -20,7 +21,12 @@ BPF_OBJECTS = [("csrc/xdp_redirect.bpf.c", "fastpath/xdp_redirect.bpf.o")]
 # Each builder module exposes ``ffibuilder`` and calls set_source once.
 CFFI_MODULES = [
     path
-    for path in ("csrc/build_xsk.py:ffibuilder", "csrc/build_match.py:ffibuilder", "csrc/build_ct.py:ffibuilder")
+    for path in (
+        "csrc/build_xsk.py:ffibuilder",
+        "csrc/build_match.py:ffibuilder",
+        "csrc/build_ct.py:ffibuilder",
+        "csrc/build_trafgen.py:ffibuilder",
+    )
     if os.path.exists(os.path.join(HERE, path.split(":")[0]))
 ]
 
@@ -36,12 +42,25 @@ def compile_bpf(src: str, dst: str) -> None:
     subprocess.run(cmd, check=True)
 
 
+def compile_all_bpf() -> None:
+    for src, dst in BPF_OBJECTS:
+        if os.path.exists(os.path.join(HERE, src)):
+            compile_bpf(src, dst)
+
+
 class BuildExt(build_ext):
     def run(self):
-        for src, dst in BPF_OBJECTS:
-            if os.path.exists(os.path.join(HERE, src)):
-                compile_bpf(src, dst)
+        compile_all_bpf()
         super().run()
 
 
-setup(cmdclass={"build_ext": BuildExt}, cffi_modules=CFFI_MODULES)
+class BuildPy(build_py):
+    """build_py copies package data before build_ext runs: compile the XDP object
+    first so a wheel carries it."""
+
+    def run(self):
+        compile_all_bpf()
+        super().run()
+
+
+setup(cmdclass={"build_ext": BuildExt, "build_py": BuildPy}, cffi_modules=CFFI_MODULES)
