@@ -9,6 +9,7 @@ echoes a kubeconfig or a token: sources are described by file name only.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import os
@@ -193,7 +194,9 @@ async def flows(request: web.Request) -> web.Response:
         return _error(400, "limit must not be negative")
     if d.dataplane is None:
         return web.json_response({"dataplane": False, "flows": []})
-    return web.json_response({"dataplane": True, "flows": d.dataplane.flows(limit)})
+    # The dataplane answers over a pipe: ask from a thread, not on the event loop.
+    found = await asyncio.get_running_loop().run_in_executor(None, d.dataplane.flows, limit)
+    return web.json_response({"dataplane": True, "flows": found})
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -213,12 +216,12 @@ async def stats(request: web.Request) -> web.Response:
         "dataplane": None,
     }
     if d.dataplane is not None:
-        body["dataplane"] = d.dataplane.stats()
+        body["dataplane"] = await asyncio.get_running_loop().run_in_executor(None, d.dataplane.stats)
     return web.json_response(body)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = _daemon(request).metrics.render()
+    body = await asyncio.get_running_loop().run_in_executor(None, _daemon(request).metrics.render)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 

@@ -153,9 +153,11 @@ class Daemon:
         self._dirty.set()
 
     async def _stale_loop(self) -> None:
+        """Revoke remote clusters at most a quarter of ``stale_after`` late."""
+        period = min(1.0, self.settings.stale_after / 4)
         while True:
             due = self.store.check_stale()
-            await asyncio.sleep(min(due, 1.0) if due is not None else 1.0)
+            await asyncio.sleep(min(due, period) if due is not None else period)
 
     async def _recompile_loop(self) -> None:
         while True:
@@ -182,7 +184,7 @@ class Daemon:
             loop = asyncio.get_running_loop()
             started = time.perf_counter()
             try:
-                tables = await loop.run_in_executor(self._executor, self.compiler, snapshot.cset, self.local, revision)
+                tables = await loop.run_in_executor(self._executor, self._compile_and_publish, snapshot)
             except Exception as e:  # noqa: BLE001 - a compiler bug must not stop enforcement
                 self.tables.error = f"{type(e).__name__}: {e}"
                 self.metrics.compile_failed()
@@ -194,11 +196,17 @@ class Daemon:
                 self.tables.error = None
                 self.tables.compiles += 1
                 self.metrics.compiled(elapsed)
-                if self.dataplane is not None:
-                    self.dataplane.publish(tables, self.bindings(snapshot))
-                    self.tables.published = True
         async with self.rebuilt:
             self.rebuilt.notify_all()
+
+    def _compile_and_publish(self, snapshot: Snapshot):
+        """In the compile thread: compile, then hand the tables to the packet loop (a
+        copy into shared memory; too long for the event loop at scale)."""
+        tables = self.compiler(snapshot.cset, self.local, snapshot.revision)
+        if self.dataplane is not None:
+            self.dataplane.publish(tables, self.bindings(snapshot))
+            self.tables.published = True
+        return tables
 
     async def wait_revision(self, at_least: int, compiled: bool = False, timeout: float = 10.0) -> None:
         """Until revision ``at_least`` (compiled, if asked) is in force."""

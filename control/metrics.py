@@ -84,28 +84,35 @@ def dataplane_metrics(stats: Mapping[str, Any], tables: Any = None) -> Iterator[
         else:
             packets.add_metric([str(verdict), ""], float(reasons))
     yield packets
-    hits = CounterMetricFamily("mcnp_policy_hits", "Packets admitted per policy and direction", labels=["policy", "direction"])
-    for key, n in (stats.get("rule_hits") or {}).items():
-        rule = tables.rule(int(key)) if tables is not None and str(key).lstrip("-").isdigit() else None
-        if rule is not None:
-            hits.add_metric([str(rule.get("policy")), str(rule.get("direction"))], float(n))
-    for (policy, direction), n in _policy_hits(stats).items():
-        hits.add_metric([policy, direction], float(n))
+    hits = CounterMetricFamily("mcnp_policy_hits", "Packets admitted per policy and direction (most-hit rules)",
+                               labels=["policy", "direction"])
+    for (policy, direction), n in policy_hits(stats.get("rule_hits") or [], tables).items():
+        hits.add_metric([policy, direction], n)
     yield hits
     if "flows" in stats and isinstance(stats["flows"], (int, float)):
         yield GaugeMetricFamily("mcnp_tracked_flows", "Connections tracked by the dataplane", value=float(stats["flows"]))
     for key, value in stats.items():
-        if key in ("verdicts", "rule_hits", "policy_hits", "flows") or isinstance(value, bool):
+        if key in ("verdicts", "rule_hits", "flows") or isinstance(value, bool):
             continue
         if isinstance(value, (int, float)):
             yield GaugeMetricFamily(f"mcnp_dataplane_{_NAME_OK.sub('_', key)}", f"Dataplane counter {key}", value=float(value))
 
 
-def _policy_hits(stats: Mapping[str, Any]) -> dict[tuple, float]:
+def policy_hits(rule_hits: Any, tables: Any = None) -> dict[tuple, float]:
+    """Rule hit counters → (policy, direction) totals. Entries are
+    ``{"rule": id, "hits": n, "name": {"policy", "direction", ...}}`` (the dataplane's
+    counters); an entry without a name is looked up in the tables in force."""
     out: dict[tuple, float] = {}
-    for key, n in (stats.get("policy_hits") or {}).items():
-        policy, _, direction = str(key).partition("#")
-        out[(policy, direction)] = out.get((policy, direction), 0.0) + float(n)
+    for entry in rule_hits:
+        if not isinstance(entry, Mapping):
+            continue
+        rule = entry.get("name")
+        if not isinstance(rule, Mapping) and tables is not None and isinstance(entry.get("rule"), int):
+            rule = tables.rule(entry["rule"])
+        if not isinstance(rule, Mapping):
+            continue
+        key = (str(rule.get("policy")), str(rule.get("direction")))
+        out[key] = out.get(key, 0.0) + float(entry.get("hits", 0))
     return out
 
 

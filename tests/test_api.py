@@ -163,8 +163,11 @@ def test_metrics_clusters_tables_stats_and_flows(three_clusters):
             status, body = await client.get("/v1/clusters")
             assert [c["name"] for c in body["clusters"]] == ["cluster-1", "cluster-2", "cluster-3"]
             assert all(c["synced"] and c["counts"]["pods"] == 9 for c in body["clusters"])
+            await daemon.wait_revision(daemon.tables.revision, compiled=True)
             status, body = await client.get("/v1/tables")
-            assert status == 200 and body["revision"] >= 1
+            assert status == 200 and body["compiled_revision"] == body["revision"] >= 1
+            assert body["summary"]["identities"] == 27 and body["sizes"]["ip_keys"][1] == 16
+            assert body["compile_seconds"] > 0 and body["error"] is None
             status, body = await client.get("/v1/stats")
             assert status == 200 and body["pods"] == 27 and body["dataplane"] is None
             status, body = await client.get("/v1/flows")

@@ -148,7 +148,9 @@ class FakeDataplane:
         self.published.append((tables.revision, bindings))
 
     def stats(self):
-        return {"verdicts": {"allowed": {"rule": 5}, "denied": {"no-rule": 2}}, "flows": 3, "rx_batches": 7}
+        return {"verdicts": {"allowed": {"rule": 5}, "denied": {"no-rule": 2}}, "flows": 3, "rx_batches": 7,
+                "rule_hits": [{"rule": 0, "hits": 4, "name": {"policy": "c1/x/allow", "direction": "Ingress"}},
+                              {"rule": 1, "hits": 1, "name": {"policy": "c1/x/allow", "direction": "Ingress"}}]}
 
     def flows(self, limit):
         return [{"src": "198.18.1.1", "dst": "198.18.2.1"}][:limit]
@@ -181,6 +183,7 @@ def test_compile_runs_off_the_event_loop_and_publishes_to_the_dataplane(tmp_path
             assert body["dataplane"]["flows"] == 3 and body["local_endpoints"] == 4
             status, text = await client.get("/metrics")
             assert 'mcnp_packets_total{reason="no-rule",verdict="denied"} 2.0' in text
+            assert 'mcnp_policy_hits_total{direction="Ingress",policy="c1/x/allow"} 5.0' in text
             assert "mcnp_tracked_flows 3.0" in text and "mcnp_dataplane_rx_batches 7.0" in text
             status, body = await client.get("/v1/flows", limit=1)
             assert body == {"dataplane": True, "flows": [{"src": "198.18.1.1", "dst": "198.18.2.1"}]}
