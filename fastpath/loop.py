@@ -292,18 +292,20 @@ class Loop:
     ports detach their XDP programs and sockets close on every exit path.
     ``between_batches`` (if given) is called after every batch and after
     every idle poll, and is where a worker picks up new tables; it must be
-    cheap.
+    cheap.  On empty rings the loop spins for ``spin_us`` before sleeping in
+    ``poll()`` for at most ``poll_ms``.
     """
 
     def __init__(self, ifnames: list[str], uplink: str | None = None, *,
                  judge: Callable | None = None, batch: int = 256, frames: int = 8192,
                  frame_size: int = 2048, ring_size: int = 2048, xdp_mode: str = "auto",
                  counters: Counters | None = None, ct_capacity: int = 65536,
-                 ct_timeouts: dict | None = None, poll_ms: int = 10):
+                 ct_timeouts: dict | None = None, poll_ms: int = 10, spin_us: int = 200):
         from fastpath.xsk import Port, Umem
         self.ifnames = list(ifnames)
         self.batch = batch
         self.poll_ms = poll_ms
+        self.spin_s = spin_us / 1e6
         up = self.ifnames.index(uplink) if uplink is not None else None
         switch = Switch(self.ifnames, uplink=up)
         self.pipeline = Pipeline(switch, judge=judge, counters=counters, batch=batch,
@@ -353,12 +355,21 @@ class Loop:
         ``max_frames`` were received; returns frames received."""
         total = 0
         gauges = self.counters.gauges
+        idle_since = None
         while not should_stop():
             got = self.step()
             total += got
             if between_batches is not None:
                 between_batches()
-            if got == 0:
+            if got:
+                idle_since = None
+                continue
+            # Spin briefly on empty rings before sleeping in poll(): a wake-up
+            # from poll costs scheduler latency on every packet at low load.
+            now = time.monotonic()
+            if idle_since is None:
+                idle_since = now
+            if now - idle_since > self.spin_s:
                 gauges[GAUGE["rx_empty_polls"]] += 1
                 self._poll.poll(self.poll_ms)
             if max_frames is not None and total >= max_frames:
