@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from fastpath.tables import PolicyTables, ip_key, proto_index_table
+from fastpath.tables import PolicyTables, build_ip_hash, ip_key, proto_index_table
 
 from .compile_direction import Direction, PortSpace, RuleIds
 from .compile_select import EGRESS, INGRESS, AddressSpace, PodIndex, all_ip_blocks
@@ -97,6 +97,7 @@ class Compiler:
         keys = np.frombuffer(b"".join(unique), dtype=np.uint8).reshape(-1, 16) if unique else np.zeros((0, 16), np.uint8)
         self.ip_keys = keys.copy()
         self.ip_slot = np.fromiter((m + owners[k] for k in unique), dtype=np.int32, count=len(unique))
+        self.ip_hash_keys, self.ip_hash_slot = build_ip_hash(self.ip_keys, self.ip_slot)
         local = sorted(k for k in unique if self.is_local[owners[k]])
         self.local_ips = np.frombuffer(b"".join(local), dtype=np.uint8).reshape(-1, 16).copy() if local else np.zeros((0, 16), np.uint8)
 
@@ -107,6 +108,8 @@ class Compiler:
         arrays = {
             "ip_keys": self.ip_keys,
             "ip_slot": self.ip_slot,
+            "ip_hash_keys": self.ip_hash_keys,
+            "ip_hash_slot": self.ip_hash_slot,
             "net_bounds": self.space.bound_keys,
             "port_bounds": self.ports.bounds,
             "proto_index": proto_index_table(),

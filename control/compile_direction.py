@@ -24,6 +24,8 @@ Words used here (see ``fastpath.tables`` for the arrays they become):
 
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 
 from fastpath.tables import DENIED, NOT_ENFORCED, PORT_SPACE, PROTO_BY_NAME
@@ -65,7 +67,8 @@ class PortSpace:
                     base = PROTO_BY_NAME[spec.protocol] << 16
                     cuts.update((base | spec.port, base | ((spec.end_port or spec.port) + 1)))
         self._named_cuts(cuts, resolved)
-        self.bounds = np.asarray(sorted(cuts), dtype=np.int32)
+        self._cuts = sorted(cuts)
+        self.bounds = np.asarray(self._cuts, dtype=np.int32)
 
     @staticmethod
     def _named_cuts(cuts: set, resolved: list[tuple[str, np.ndarray]]) -> None:
@@ -79,9 +82,9 @@ class PortSpace:
         return len(self.bounds)
 
     def atoms(self, lo: int, hi: int) -> tuple[int, int]:
-        """Port atoms covering key range ``[lo, hi)``."""
-        a0 = int(np.searchsorted(self.bounds, lo))
-        a1 = len(self.bounds) if hi >= PORT_SPACE else int(np.searchsorted(self.bounds, hi))
+        """Port atoms covering key range ``[lo, hi)`` (both are cuts)."""
+        a0 = bisect.bisect_left(self._cuts, lo)
+        a1 = len(self._cuts) if hi >= PORT_SPACE else bisect.bisect_left(self._cuts, hi)
         return a0, a1
 
 
@@ -128,6 +131,11 @@ class Direction:
                 cols.append(column_of[key])
             self.rule_columns.append(cols)
         self.named = sorted({(s.port, s.protocol) for _, _, r in self.rules for s in r.ports if isinstance(s.port, str)})
+        name_idx = {n: k for k, n in enumerate(self.named)}
+        #: Per rule, (port entry, named-port column) of its named ports.
+        self.named_specs = [
+            [(q, name_idx[(s.port, s.protocol)]) for q, s in enumerate(r.ports) if isinstance(s.port, str)] for _, _, r in self.rules
+        ]
 
     @staticmethod
     def _column_key(index: PodIndex, policy: Policy, peer: Peer) -> tuple:
@@ -201,70 +209,125 @@ class Direction:
         self.portsets: dict[tuple, int] = {}
         self.port_rows: list[np.ndarray] = []
         self._portset_row(c, None)  # 0: not enforced
-        self._portset_row(c, (0, ()))  # 1: isolated, nothing admits
+        self._portset_row(c, ((), ()))  # 1: isolated, nothing admits
         self.cells = np.zeros((len(self.class_policies), len(atom_first)), dtype=np.int32)
+        self._first_cache: dict[int, np.ndarray] = {}
         for cls in range(1, len(self.class_policies)):
             self.cells[cls] = self.class_row(c, cls)
+        self._first_cache.clear()  # per-build scratch: atoms change with the next build
 
     def _rules_of(self, policy_idx: np.ndarray) -> list[int]:
         """Rule ids of the given policies, in the order they are tried."""
         return [g for k in policy_idx for g in range(self.rule_start[k], self.rule_start[k + 1])]
 
     def class_row(self, c, cls: int, atoms: np.ndarray | None = None) -> np.ndarray:
-        """Port set of every atom (or of ``atoms``) for class ``cls``."""
+        """Port set of every atom (or of ``atoms``) for class ``cls``.
+
+        Per atom, the behaviour is fixed by the first matching peer of each of the
+        class's rules and by how the destination resolves the named ports of the rules
+        that matched; atoms alike in those share a port set."""
         bits = self.atom_bits if atoms is None else self.atom_bits[atoms]
-        actx = self.atom_ctx if atoms is None else self.atom_ctx[atoms]
+        n_atoms = len(bits)
         rules = self._rules_of(self.class_policies[cls])
-        first = np.empty((len(bits), len(rules) + 1), dtype=np.int32)
+        extra = [(j, q, n) for j, g in enumerate(rules) for q, n in self.named_specs[g]]
+        nr = len(rules)
+        first = np.empty((n_atoms, nr + len(extra)), dtype=np.int32)
         for j, g in enumerate(rules):
-            cols = self.rule_columns[g]
-            if cols is None:
-                first[:, j] = ALL_PEERS
-                continue
-            sub = (bits[:, np.asarray(cols) // 8] >> (7 - np.asarray(cols) % 8)) & 1
-            hit = sub.any(axis=1)
-            first[:, j] = np.where(hit, sub.argmax(axis=1), -1)
-        first[:, -1] = actx if self.egress else self.class_ctx[cls]
+            first[:, j] = self._first_peer(g, bits) if atoms is not None else self._first_peer_cached(g)
+        if extra:
+            if self.egress:
+                actx = self.atom_ctx if atoms is None else self.atom_ctx[atoms]
+                values = self.ctx_values[actx]
+            else:
+                values = np.broadcast_to(self.ctx_values[self.class_ctx[cls]], (n_atoms, len(self.named)))
+            for e, (j, _, n) in enumerate(extra):
+                first[:, nr + e] = np.where(first[:, j] != -1, values[:, n], -2)
+        # Atoms no rule of the class matches are denied outright (port set 1); only
+        # the others need telling apart.
+        matches = first[:, :nr] != -1
+        hit = np.flatnonzero(matches.any(axis=1))
+        first, matches = first[hit], matches[hit]
+        # A matched rule without ports admits everything: forget the rules after it, so
+        # atoms that differ only there share a port set.
+        open_rules = np.fromiter((not self.rules[g][2].ports for g in rules), dtype=bool, count=nr)
+        if open_rules.any():
+            stops = matches & open_rules
+            stop = np.where(stops.any(axis=1), stops.argmax(axis=1), nr)
+            first[:, :nr][np.arange(nr) > stop[:, None]] = -1
+            if extra:
+                owner = np.fromiter((j for j, _, _ in extra), dtype=np.int64, count=len(extra))
+                first[:, nr:][owner > stop[:, None]] = -2
         reps, inverse = unique_rows(as_bytes(first))
         ids = np.empty(len(reps), dtype=np.int32)
         for u, r in enumerate(reps):
-            row = first[r]
-            matched = tuple((g, None if row[j] == ALL_PEERS else int(row[j])) for j, g in enumerate(rules) if row[j] != -1)
-            ids[u] = self._portset_row(c, (int(row[-1]), matched))
-        return ids[inverse]
+            row = first[r].tolist()
+            matched = []
+            for j in range(nr):
+                if row[j] != -1:
+                    g = rules[j]
+                    matched.append((g, None if row[j] == ALL_PEERS else row[j]))
+                    if not self.rules[g][2].ports:
+                        break  # admits every port: later rules cannot decide anything
+            last = matched[-1][0] if matched else -1
+            named = tuple((rules[j], q, v) for (j, q, _), v in zip(extra, row[nr:]) if v != -2 and rules[j] <= last)
+            ids[u] = self._portset_row(c, (tuple(matched), named))
+        out = np.ones(n_atoms, dtype=np.int32)
+        out[hit] = ids[inverse]
+        return out
+
+    def _first_peer(self, g: int, bits: np.ndarray) -> np.ndarray:
+        """For each atom row of ``bits``, the first peer of rule ``g`` it matches (-1:
+        none, ``ALL_PEERS``: the rule has no peers)."""
+        cols = self.rule_columns[g]
+        if cols is None:
+            return np.full(len(bits), ALL_PEERS, dtype=np.int32)
+        cols = np.asarray(cols)
+        sub = (bits[:, cols // 8] >> (7 - cols % 8)) & 1
+        return np.where(sub.any(axis=1), sub.argmax(axis=1), -1).astype(np.int32)
+
+    def _first_peer_cached(self, g: int) -> np.ndarray:
+        vec = self._first_cache.get(g)
+        if vec is None:
+            vec = self._first_cache[g] = self._first_peer(g, self.atom_bits)
+        return vec
+
+    def _segments(self, c, g: int, peer, named: dict) -> list[tuple[int, int, int]]:
+        """``(first port atom, end, rule id)`` for each port entry of rule ``g``."""
+        policy, ri, rule = self.rules[g]
+        out = []
+        for q, spec in enumerate(rule.ports):
+            base = PROTO_BY_NAME[spec.protocol] << 16
+            if spec.port is None:
+                lo, hi = base, base + (1 << 16)
+            elif isinstance(spec.port, str):
+                v = named.get((g, q), -1)
+                if v < 0:
+                    continue  # rule S8: no such port on the destination (or not a pod)
+                lo, hi = base | v, (base | v) + 1
+            else:
+                lo, hi = base | spec.port, (base | (spec.end_port or spec.port)) + 1
+            a0, a1 = c.ports.atoms(lo, hi)
+            out.append((a0, a1, c.rule_ids.get(policy, self.direction, ri, peer, q)))
+        return out
 
     def _portset_row(self, c, key) -> int:
         psid = self.portsets.get(key)
         if psid is not None:
             return psid
-        ports = c.ports
         if key is None:
-            row = np.full(ports.size, NOT_ENFORCED, dtype=np.int32)
+            row = np.full(c.ports.size, NOT_ENFORCED, dtype=np.int32)
         else:
-            ctx, matched = key
-            row = np.full(ports.size, DENIED, dtype=np.int32)
-            resolved = self.ctx_values[ctx] if len(self.ctx_values) else None
+            matched, named = key
+            named = {(g, q): v for g, q, v in named}
+            row = np.full(c.ports.size, DENIED, dtype=np.int32)
             for g, peer in matched:
                 policy, ri, rule = self.rules[g]
                 if not rule.ports:
                     row[row == DENIED] = c.rule_ids.get(policy, self.direction, ri, peer, None)
                     break
-                for q, spec in enumerate(rule.ports):
-                    base = PROTO_BY_NAME[spec.protocol] << 16
-                    if spec.port is None:
-                        lo, hi = base, base + (1 << 16)
-                    elif isinstance(spec.port, str):
-                        v = int(resolved[self.named.index((spec.port, spec.protocol))])
-                        if v < 0:
-                            continue  # rule S8: no such port on the destination (or not a pod)
-                        lo, hi = base | v, (base | v) + 1
-                    else:
-                        lo, hi = base | spec.port, (base | (spec.end_port or spec.port)) + 1
-                    a0, a1 = ports.atoms(lo, hi)
+                for a0, a1, rid in self._segments(c, g, peer, named):
                     seg = row[a0:a1]
-                    free = seg == DENIED
-                    if free.any():
-                        seg[free] = c.rule_ids.get(policy, self.direction, ri, peer, q)
+                    seg[seg == DENIED] = rid
         psid = self.portsets[key] = len(self.port_rows)
         self.port_rows.append(row)
         return psid

@@ -117,6 +117,7 @@ class PodIndex:
         self._cluster_mask: dict[str, np.ndarray] = {}
         self._nsname_mask: dict[str, np.ndarray] = {}
         self._named: dict[tuple[str, str], np.ndarray] = {}
+        self._port_sets: Optional[list] = None
         self._primary_keys: Optional[np.ndarray] = None
 
     @staticmethod
@@ -176,9 +177,12 @@ class PodIndex:
         """``int32[n]``: each pod's container port called ``name`` for ``protocol``, -1 if none."""
         vec = self._named.get((name, protocol))
         if vec is None:
-            vec = np.fromiter(
-                ((-1 if (v := p.named_port(name, protocol)) is None else v) for p in self.pods), dtype=np.int32, count=self.n
-            )
+            if self._port_sets is None:  # replicas share their ports: resolve per distinct set
+                groups: dict[tuple, int] = {}
+                self._port_of = np.fromiter((groups.setdefault(p.ports, len(groups)) for p in self.pods), dtype=np.int64, count=self.n)
+                self._port_sets = list(groups)
+            per_set = [next((cp.port for cp in ports if cp.name == name and cp.protocol == protocol), -1) for ports in self._port_sets]
+            vec = np.asarray(per_set, dtype=np.int32)[self._port_of] if self.n else np.zeros(0, np.int32)
             self._named[(name, protocol)] = vec
         return vec
 

@@ -61,6 +61,7 @@ class Shape:
     rejected: float = 0.02  # fail-closed stand-ins
     ip_blocks: float = 0.15  # share of peers that are ipBlocks
     mc_key: float = 0.3  # share of selectors that mention the multi-cluster key
+    replicas: float = 8.0  # mean pods per workload (replicas share labels and ports)
 
 
 def cluster_names(n: int) -> list[str]:
@@ -167,25 +168,34 @@ class _Gen:
         egress = tuple(self.rule() for _ in range(r.choice((0, 1, 1, 2, 3)))) if "Egress" in types else ()
         return Policy(cluster, ns, f"p{i}", sel, types, ingress, egress, "random")
 
-    def pod(self, cluster: str, ci: int, i: int, taken: list) -> Pod:
+    def workload(self) -> tuple:
+        """(namespace, labels, container ports) shared by the replicas of a workload."""
         r = self.r
-        s = self.s
-        ns = r.choice(NAMESPACES[: s.namespaces])
-        ip = pod_ip(ci, i)
-        if taken and r.random() < s.conflicts:
-            ip = r.choice(taken)
-        taken.append(ip)
+        ns = self.r.choice(NAMESPACES[: self.s.namespaces])
         ports = tuple(
             ContainerPort(name, r.choice(PORTS), r.choice(PROTOCOLS))
             for name in PORT_NAMES if r.random() < 0.4
         ) + ((ContainerPort(None, 80, "TCP"),) if r.random() < 0.5 else ())
+        return ns, self.labels(LABELS, r.random() < self.s.forged), ports
+
+    def pod(self, cluster: str, ci: int, i: int, taken: list, workloads: list) -> Pod:
+        r = self.r
+        s = self.s
+        if not workloads or r.random() < 1 / s.replicas:
+            workloads.append(self.workload())
+        ns, labels, ports = r.choice(workloads)
+        if r.random() < 0.1:  # a replica relabelled by hand
+            labels = self.labels(LABELS, r.random() < s.forged)
+        ip = pod_ip(ci, i)
+        if taken and r.random() < s.conflicts:
+            ip = r.choice(taken)
+        taken.append(ip)
         host, phase, ips = False, "Running", (ip,)
         if r.random() < s.ineligible:
             what = r.choice(("host", "done", "failed", "noip"))
             host, phase = what == "host", {"done": "Succeeded", "failed": "Failed"}.get(what, "Running")
             ips = () if what == "noip" else ips
         node = f"{cluster}-node-{r.randrange(s.nodes_per_cluster)}"
-        labels = self.labels(LABELS, r.random() < s.forged)
         return Pod(cluster, ns, f"pod-{i}", labels, ips, node, ports, host, phase, "random")
 
 
@@ -205,8 +215,9 @@ def random_world(seed: int, clusters: int = 3, pods_per_cluster: int = 1000, pol
                 labels = g.labels(NS_LABELS, g.r.random() < shape.forged)
                 labels[NS_NAME_KEY] = ns
                 state.namespaces[ns] = Namespace(cname, ns, labels)
+        workloads: list = []
         for i in range(pods_per_cluster):
-            pod = g.pod(cname, ci, i, taken)
+            pod = g.pod(cname, ci, i, taken, workloads)
             state.pods[(pod.namespace, pod.name)] = pod
         for i in range(policies_per_cluster):
             pol = g.policy(cname, i)
@@ -228,6 +239,7 @@ def worlds(draw, max_clusters: int = 3, max_pods: int = 12, max_policies: int = 
         rejected=draw(st.sampled_from((0.0, 0.2))),
         ip_blocks=draw(st.sampled_from((0.0, 0.3))),
         mc_key=draw(st.sampled_from((0.0, 0.3, 0.7))),
+        replicas=draw(st.sampled_from((1.0, 3.0))),
     )
     return random_world(
         draw(st.integers(0, 2**32 - 1)),
