@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import logging
 import signal
 import sys
@@ -79,7 +80,8 @@ class Daemon:
         for spec in settings.clusters:
             sink = self.store.add_cluster(spec.name, spec.describe(), spec.name == settings.local_cluster)
             self.sources[spec.name] = make_source(spec, sink, settings)
-        self.compiler = compiler if compiler is not None else default_compiler()
+        # None: the installed compiler; False: none (explain-only, as benchmarks use).
+        self.compiler = default_compiler() if compiler is None else (compiler or None)
         self._dataplane_factory = dataplane_factory or default_dataplane
         self.dataplane = None
         self.snapshot: Optional[Snapshot] = None
@@ -94,6 +96,7 @@ class Daemon:
         self._tasks: list[asyncio.Task] = []
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcnp-compile")
         self._api_runner = None
+        self._gc_frozen = False
         #: Set after each rebuild; benchmarks and tests wait on it.
         self.rebuilt = asyncio.Condition()
 
@@ -196,6 +199,12 @@ class Daemon:
                 self.tables.error = None
                 self.tables.compiles += 1
                 self.metrics.compiled(elapsed)
+        if not self._gc_frozen and self.ready:
+            # The initial lists are millions of long-lived objects; without this every
+            # full collection walks them all (pauses of hundreds of ms at 10k pods).
+            self._gc_frozen = True
+            gc.collect()
+            gc.freeze()
         async with self.rebuilt:
             self.rebuilt.notify_all()
 

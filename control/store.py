@@ -73,9 +73,14 @@ class ClusterStatus:
         return all(k in self.listed for k in KINDS)
 
 
+def _is_mapping(value: Any) -> bool:
+    # Parsed JSON and YAML are plain dicts; the ABC check is the slow path.
+    return type(value) is dict or isinstance(value, Mapping)
+
+
 def _key(kind: str, obj: Mapping[str, Any]) -> Optional[tuple]:
-    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
-    if not isinstance(meta, Mapping) or not isinstance(meta.get("name"), str) or not meta["name"]:
+    meta = obj.get("metadata") if _is_mapping(obj) else None
+    if not _is_mapping(meta) or not isinstance(meta.get("name"), str) or not meta["name"]:
         return None
     if kind == "Namespace":
         return (meta["name"],)
@@ -107,9 +112,9 @@ class ClusterSink:
     def _table(self, kind: str) -> dict:
         return {"Namespace": self.namespaces, "Pod": self.pods, "NetworkPolicy": self.policies}[kind]
 
-    def _apply(self, kind: str, obj: Mapping[str, Any], source: str) -> bool:
+    def _apply(self, kind: str, obj: Mapping[str, Any], source: str, key: Optional[tuple] = None) -> bool:
         """Parse and install one object. Returns whether anything in force changed."""
-        key = _key(kind, obj)
+        key = key or _key(kind, obj)
         if key is None:
             err = InvalidObject(source, objects.describe(obj), "metadata.name", "is required")
             self.errors[(kind, None, source)] = ObjectError(self.name, kind, "?", source, err.field, err.message, "none")
@@ -195,7 +200,7 @@ class ClusterSink:
                 continue
             if key is not None:
                 seen.add(key)
-            changed |= self._apply(kind, obj, source)
+            changed |= self._apply(kind, obj, source, key)
         for key in [k for k in self.raw[kind] if k not in seen]:
             changed |= self._remove(kind, key)
         if kind not in self.status.listed:
@@ -209,7 +214,7 @@ class ClusterSink:
         by_kind: dict[str, list] = {k: [] for k in KINDS}
         declared = None
         for source, obj in docs:
-            kind = obj.get("kind") if isinstance(obj, Mapping) else None
+            kind = obj.get("kind") if _is_mapping(obj) else None
             if kind in by_kind:
                 by_kind[kind].append((source, obj))
             elif kind == "ClusterProperty":
