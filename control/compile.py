@@ -52,17 +52,71 @@ def compile_tables(cset: ClusterSet, local: Local, revision: int) -> PolicyTable
 class Compiler:
     """Compiles a cluster set and keeps what it needs to follow pod changes cheaply."""
 
-    def __init__(self, cset: ClusterSet, local: Local):
+    def __init__(self, cset: ClusterSet, local: Local, compact_after: int = 2000):
         self.cset = cset
         self.local = local
+        self.compact_after = compact_after
         self.full_compiles = 0
+        self.incremental_changes = 0
         self._build()
+
+    def rebuild(self, cset: ClusterSet) -> None:
+        """Full compile of ``cset`` (after policy, namespace, cluster or option changes)."""
+        self.cset = cset
+        self._build()
+
+    def pods_changed(self, cset: ClusterSet, refs) -> None:
+        """The pods ``refs`` (``cluster/namespace/name``) were added, changed or removed
+        in ``cset``, and nothing else changed. Falls back to a full compile when a pod
+        brings a named-port number no port atom can express."""
+        self.cset = cset
+        m = self.space.size
+        for ref in refs:
+            pod = cset.pod(ref)
+            alive = pod is not None and pod.can_take_part
+            i = self.identity_of.get(ref)
+            if not alive:
+                if i is not None:
+                    self.identities[i] = None
+                    self.id_keys[i] = ()
+                    self.is_local[i] = False
+                    for d in self.directions.values():
+                        d.update_slot(self, m + i, None, False)
+                continue
+            if not self.ports.expresses(pod, [n for d in self.directions.values() for n in d.named]):
+                logger.debug("Pod %s resolves a named port to a new number: full compile", ref)
+                self._build()
+                return
+            if i is None:
+                i = self.identity_of[ref] = len(self.identities)
+                self.identities.append(pod)
+                self.id_keys.append(())
+                self.is_local = np.append(self.is_local, False)
+                for d in self.directions.values():
+                    d.grow(m + len(self.identities))
+            self.identities[i] = pod
+            self.id_keys[i] = tuple(ip_key(ip) for ip in pod.ips)
+            self.is_local[i] = bool(self.local(pod))
+            for d in self.directions.values():
+                d.update_slot(self, m + i, pod, bool(self.is_local[i]))
+        self._address_table()
+        self.incremental_changes += 1
+        if self.incremental_changes >= self.compact_after:
+            self._build()
+
+    def interval_of(self, pod: Pod) -> int:
+        """The ipBlock interval of a pod's primary address (-1: it has none)."""
+        if pod.ip is None:
+            return -1
+        return int(self.space.interval_of(np.frombuffer(ip_key(pod.ip), np.uint8).reshape(1, 16))[0])
 
     # ------------------------------------------------------------------ full compile
 
     def _build(self) -> None:
         cset = self.cset
-        self.identities: list[Pod] = [p for p in cset.pods() if p.can_take_part]
+        self.identities: list[Pod | None] = [p for p in cset.pods() if p.can_take_part]
+        self.identity_of = {p.ref: i for i, p in enumerate(self.identities)}
+        self.id_keys = [tuple(ip_key(ip) for ip in p.ips) for p in self.identities]
         self.index = PodIndex(cset, self.identities)
         self.space = AddressSpace(all_ip_blocks(cset))
         keys, self.has_ip = self.index.primary_keys()
@@ -80,15 +134,15 @@ class Compiler:
             direction.build(self)
         self._address_table()
         self.full_compiles += 1
+        self.incremental_changes = 0
 
     def _address_table(self) -> None:
         """Exact IP → slot for every address exactly one identity claims (rule M8)."""
         m = self.space.size
         owners: dict[bytes, int] = {}
         conflicted: set[bytes] = set()
-        for i, pod in enumerate(self.identities):
-            for ip in pod.ips:
-                key = ip_key(ip)
+        for i, keys in enumerate(self.id_keys):
+            for key in keys:
                 if key in owners and owners[key] != i:
                     conflicted.add(key)
                 owners.setdefault(key, i)
@@ -120,6 +174,8 @@ class Compiler:
         arrays = {k: np.array(v, copy=True) for k, v in arrays.items()}
         meta = {
             "identities": len(self.identities),
+            "full_compiles": self.full_compiles,
+            "incremental_changes": self.incremental_changes,
             "intervals": self.space.size,
             "port_atoms": self.ports.size,
             "conflicted_ips": self.conflicts,

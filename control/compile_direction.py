@@ -30,7 +30,7 @@ import numpy as np
 
 from fastpath.tables import DENIED, NOT_ENFORCED, PORT_SPACE, PROTO_BY_NAME
 
-from .compile_select import AddressSpace, PodIndex, policies_for
+from .compile_select import AddressSpace, PodIndex, policies_for, selector_peer_matches
 from .model import Peer, Policy, Rule
 
 ALL_PEERS = -3  # "first matching peer" of a rule without peers: it matches everything
@@ -68,6 +68,7 @@ class PortSpace:
                     cuts.update((base | spec.port, base | ((spec.end_port or spec.port) + 1)))
         self._named_cuts(cuts, resolved)
         self._cuts = sorted(cuts)
+        self._cut_set = set(self._cuts)
         self.bounds = np.asarray(self._cuts, dtype=np.int32)
 
     @staticmethod
@@ -80,6 +81,16 @@ class PortSpace:
     @property
     def size(self) -> int:
         return len(self.bounds)
+
+    def expresses(self, pod, named: list[tuple[str, str]]) -> bool:
+        """Can every named port of ``named`` that ``pod`` resolves be told apart here?"""
+        for name, protocol in named:
+            v = pod.named_port(name, protocol)
+            if v is not None:
+                key = (PROTO_BY_NAME[protocol] << 16) | v
+                if key not in self._cut_set or key + 1 not in self._cut_set:
+                    return False
+        return True
 
     def atoms(self, lo: int, hi: int) -> tuple[int, int]:
         """Port atoms covering key range ``[lo, hi)`` (both are cuts)."""
@@ -214,7 +225,106 @@ class Direction:
         self._first_cache: dict[int, np.ndarray] = {}
         for cls in range(1, len(self.class_policies)):
             self.cells[cls] = self.class_row(c, cls)
-        self._first_cache.clear()  # per-build scratch: atoms change with the next build
+        self._first_cache = None  # per-build scratch: incremental changes add atoms
+        # What incremental changes look up: atoms, classes and named-port contexts by key.
+        self.atom_ids = {key[f].tobytes(): a for a, f in enumerate(atom_first)}
+        self.class_ids = {ckey[iso[f]].tobytes(): k + 1 for k, f in enumerate(first)}
+        self.ctx_ids = {v.tobytes(): k for k, v in enumerate(self.ctx_values)}
+        self.policies_at: dict[tuple[str, str], list[int]] = {}
+        for k, policy in enumerate(self.policies):
+            self.policies_at.setdefault((policy.cluster, policy.namespace), []).append(k)
+
+    # ------------------------------------------------------------------ incremental
+
+    def update_slot(self, c, slot: int, pod, local: bool) -> None:
+        """Re-derive one identity's atom and class after its pod changed (``pod`` None:
+        gone or no longer eligible — it is judged by nobody)."""
+        if pod is None:
+            self.class_of_slot[slot] = 0
+            return
+        cset = c.cset
+        labels = cset.effective_pod_labels(pod)
+        interval = c.interval_of(pod)
+        bits = np.zeros(len(self.columns), dtype=bool)
+        ns_labels = None
+        for k, (policy, peer) in enumerate(self.columns):
+            if peer.ip_block is not None:
+                bits[k] = interval >= 0 and bool(c.space.block_mask(peer.ip_block)[interval])
+            else:
+                if ns_labels is None:
+                    ns_labels = cset.effective_namespace_labels(pod.cluster, pod.namespace)
+                bits[k] = selector_peer_matches(cset, policy, peer, pod, labels, ns_labels)
+        packed = np.packbits(bits)
+        named = np.asarray([-1 if (v := pod.named_port(n, p)) is None else v for n, p in self.named], dtype=np.int32)
+        ctx = self.ctx_ids.get(named.tobytes())
+        if ctx is None:
+            ctx = self.ctx_ids[named.tobytes()] = len(self.ctx_values)
+            self.ctx_values = np.vstack([self.ctx_values, named[None]])
+        ctx_bytes = np.int32(ctx).tobytes()
+        key = packed.tobytes() + (ctx_bytes if self.egress else b"")
+        atom = self.atom_ids.get(key)
+        if atom is None:
+            atom = self._new_atom(c, packed, ctx, key)
+        self.atom_of_slot[slot] = atom
+        cls = 0
+        if local:
+            chosen = [k for k in self.policies_at.get((pod.cluster, pod.namespace), ()) if self.policies[k].pod_selector.matches(labels)]
+            if chosen:
+                row = np.zeros(len(self.policies), dtype=bool)
+                row[chosen] = True
+                ckey = np.packbits(row).tobytes() + (b"" if self.egress else ctx_bytes)
+                cls = self.class_ids.get(ckey)
+                if cls is None:
+                    cls = self._new_class(c, np.asarray(chosen), ctx, ckey)
+        self.class_of_slot[slot] = cls
+
+    def _new_atom(self, c, packed: np.ndarray, ctx: int, key: bytes) -> int:
+        atom = len(self.atom_bits)
+        self.atom_bits = np.vstack([self.atom_bits, packed.reshape(1, -1)])
+        self.atom_ctx = np.append(self.atom_ctx, ctx)
+        on = set(np.flatnonzero(np.unpackbits(packed)).tolist())
+        column = np.zeros(len(self.class_policies), dtype=np.int32)
+        for cls in range(1, len(self.class_policies)):
+            column[cls] = self._cell(c, cls, on, ctx)
+        self.cells = np.hstack([self.cells, column.reshape(-1, 1)])
+        self.atom_ids[key] = atom
+        return atom
+
+    def _cell(self, c, cls: int, on: set, atom_ctx: int) -> int:
+        """The port set of one atom (its set peer columns ``on``) for class ``cls``:
+        :meth:`class_row` for a single atom, in plain Python (no per-rule numpy)."""
+        matched = []
+        for g in self._rules_of(self.class_policies[cls]):
+            cols = self.rule_columns[g]
+            if cols is None:
+                matched.append((g, None))
+            else:
+                k = next((k for k, col in enumerate(cols) if col in on), -1)
+                if k < 0:
+                    continue
+                matched.append((g, k))
+            if not self.rules[g][2].ports:
+                break
+        if not matched:
+            return 1
+        values = self.ctx_values[atom_ctx if self.egress else self.class_ctx[cls]]
+        named = tuple((g, q, int(values[n])) for g, _ in matched for q, n in self.named_specs[g])
+        return self._portset_row(c, (tuple(matched), named))
+
+    def _new_class(self, c, policies: np.ndarray, ctx: int, key: bytes) -> int:
+        cls = len(self.class_policies)
+        self.class_policies.append(policies)
+        self.class_ctx.append(ctx)
+        self.cells = np.vstack([self.cells, self.class_row(c, cls).reshape(1, -1)])
+        self.class_ids[key] = cls
+        return cls
+
+    def grow(self, slots: int) -> None:
+        """Make room for identities added since the build."""
+        extra = slots - len(self.class_of_slot)
+        if extra > 0:
+            self.class_of_slot = np.concatenate([self.class_of_slot, np.zeros(extra, np.int32)])
+            self.atom_of_slot = np.concatenate([self.atom_of_slot, np.zeros(extra, self.atom_of_slot.dtype)])
 
     def _rules_of(self, policy_idx: np.ndarray) -> list[int]:
         """Rule ids of the given policies, in the order they are tried."""
@@ -286,6 +396,8 @@ class Direction:
         return np.where(sub.any(axis=1), sub.argmax(axis=1), -1).astype(np.int32)
 
     def _first_peer_cached(self, g: int) -> np.ndarray:
+        if self._first_cache is None:
+            return self._first_peer(g, self.atom_bits)
         vec = self._first_cache.get(g)
         if vec is None:
             vec = self._first_cache[g] = self._first_peer(g, self.atom_bits)

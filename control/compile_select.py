@@ -22,7 +22,7 @@ import numpy as np
 
 from fastpath.tables import ip_keys
 
-from .model import MC_KEY, ClusterSet, IPBlock, Peer, Pod, Policy, Requirement, Selector
+from .model import MC_KEY, ClusterSet, IPBlock, Options, Peer, Pod, Policy, Requirement, Selector
 
 INGRESS, EGRESS = "Ingress", "Egress"
 
@@ -148,10 +148,7 @@ class PodIndex:
         return self.ns_labels.selector(sel)[self.pod_ns] if self.n else np.zeros(0, dtype=bool)
 
     def peer_clusters_unrestricted(self, peer: Peer) -> bool:
-        """Rules M4/M7: does a selector peer reach beyond the policy's own cluster?"""
-        if not self.options.multicluster:
-            return False
-        return self.options.default_peer_scope == "clusterset" or peer.mentions(MC_KEY)
+        return reaches_all_clusters(self.options, peer)
 
     # ------------------------------------------------------------------ answers
 
@@ -193,6 +190,29 @@ class PodIndex:
         if has.any():
             keys[has] = ip_keys([p.ip for p in self.pods if p.ip is not None])
         return keys, has
+
+
+def reaches_all_clusters(options: Options, peer: Peer) -> bool:
+    """Rules M4/M7: does a selector peer reach beyond the policy's own cluster?"""
+    if not options.multicluster:
+        return False
+    return options.default_peer_scope == "clusterset" or peer.mentions(MC_KEY)
+
+
+def selector_peer_matches(cset: ClusterSet, policy: Policy, peer: Peer, pod: Pod, labels, ns_labels) -> bool:
+    """One pod against one selector peer — :meth:`PodIndex.selector_peer` for a single
+    pod, used by incremental recompiles. ``labels``/``ns_labels`` are the pod's and its
+    namespace's effective labels."""
+    if not pod.can_take_part:
+        return False
+    if pod.cluster != policy.cluster and not reaches_all_clusters(cset.options, peer):
+        return False
+    if peer.namespace_selector is None:
+        if pod.namespace != policy.namespace:
+            return False
+    elif not peer.namespace_selector.matches(ns_labels):
+        return False
+    return peer.pod_selector is None or peer.pod_selector.matches(labels)
 
 
 class _WithCluster:
