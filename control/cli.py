@@ -157,10 +157,17 @@ def cmd_explain(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .config import Settings
+    from .config import Settings, SettingsError
     from .daemon import run
 
-    settings = Settings.from_args(args)
+    if args.verbose == 0:  # a daemon reports what it does: INFO unless asked otherwise
+        logging.getLogger().setLevel(logging.INFO)
+    try:
+        settings = Settings.from_args(args)
+    except SettingsError as e:
+        for problem in e.problems:
+            print(f"mcnp run: {problem}", file=sys.stderr)
+        return EXIT_INVALID
     return run(settings)
 
 
