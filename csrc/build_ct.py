@@ -1,8 +1,10 @@
-"""cffi (API mode) builder for ``fastpath._ct``: connection tracking in C.
+"""cffi (API mode) builder for ``fastpath._ct``: connection tracking and the
+fused per-batch pipeline in C.
 
-The cdef is the block of ``conntrack.c`` between its CDEF markers, and the
-same block is the declaration the generated wrapper compiles against, so the
-binding is declared exactly once.
+The cdef is the block of ``mcnp_ct.h`` between its CDEF markers, and the same
+header is what the C sources and the generated wrapper compile against, so
+the binding is declared exactly once.  ``parse.c`` is compiled in as well:
+the pipeline parses each batch itself instead of crossing the FFI again.
 """
 
 import os
@@ -10,7 +12,8 @@ import os
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCE = os.path.join(HERE, "conntrack.c")
+HEADER = os.path.join(HERE, "mcnp_ct.h")
+SOURCES = [os.path.join(HERE, name) for name in ("conntrack.c", "pipeline.c", "parse.c")]
 
 
 def cdef_from_source(path: str) -> str:
@@ -21,14 +24,15 @@ def cdef_from_source(path: str) -> str:
     return text[start:text.index("/* CDEF END */")]
 
 
-DECLARATIONS = cdef_from_source(SOURCE)
+DECLARATIONS = cdef_from_source(HEADER)
 
 ffibuilder = FFI()
 ffibuilder.cdef(DECLARATIONS)
 ffibuilder.set_source(
     "fastpath._ct",
-    "#include <stdint.h>\n" + DECLARATIONS,
-    sources=[os.path.relpath(SOURCE)],
+    '#include "mcnp_xsk.h"\n#include "mcnp_ct.h"\n',
+    sources=[os.path.relpath(s) for s in SOURCES],
+    include_dirs=[HERE],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],
 )
 

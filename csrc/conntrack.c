@@ -18,112 +18,13 @@
  * whole window, so no tombstones are needed.  Timeouts are lazy: an expired
  * entry is treated as absent when met, and mcnp_ct_sweep frees them in slices.
  *
- * The block between the CDEF markers is handed to cffi's cdef() verbatim by
- * csrc/build_ct.py, so the binding cannot drift from this file.
+ * The declarations live in csrc/mcnp_ct.h (also the cffi cdef).
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-/* CDEF BEGIN */
-
-/* Per-frame result of mcnp_ct_lookup. */
-enum {
-    MCNP_CT_NEW = 0,        /* trackable, no live flow: judge, then commit if allowed */
-    MCNP_CT_ORIG = 1,       /* live flow, original (admitted) direction */
-    MCNP_CT_REPLY = 2,      /* live flow, reply direction */
-    MCNP_CT_UNTRACKED = 3,  /* cannot be tracked (other protocols, ICMP errors): judge each */
-    MCNP_CT_SKIPPED = 4     /* masked out by the caller */
-};
-
-/* Flow states; each has its own timeout. */
-enum {
-    MCNP_CTS_TCP_OPENING = 0,  /* SYN (or a mid-stream packet) seen, no reply yet */
-    MCNP_CTS_TCP_ESTABLISHED = 1,
-    MCNP_CTS_TCP_CLOSING = 2,  /* FIN seen in one direction */
-    MCNP_CTS_TCP_CLOSED = 3,   /* RST, or FIN both ways */
-    MCNP_CTS_UDP = 4,
-    MCNP_CTS_ICMP = 5,
-    MCNP_CTS_SCTP_OPENING = 6, /* INIT seen */
-    MCNP_CTS_SCTP_ESTABLISHED = 7,
-    MCNP_CTS_SCTP_CLOSING = 8, /* SHUTDOWN seen */
-    MCNP_CTS_SCTP_CLOSED = 9,  /* ABORT or SHUTDOWN COMPLETE */
-    MCNP_CTS_COUNT = 10
-};
-
-struct mcnp_ct_stats {
-    uint64_t lookups;
-    uint64_t hits;
-    uint64_t created;
-    uint64_t refreshed;    /* commit found the flow already present */
-    uint64_t expired;      /* entries found or swept past their timeout */
-    uint64_t evicted;      /* live entries pushed out by a full probe window */
-    uint64_t killed;       /* removed by mcnp_ct_kill (policy re-check) */
-    uint64_t reopened;     /* closed flows restarted by a new SYN/INIT: judged again */
-    uint32_t capacity;
-};
-
-/* Column arrays that mcnp_ct_dump fills, each with room for `capacity` flows.
- * Addresses and ports are in the flow's original direction. */
-struct mcnp_ct_flows {
-    uint32_t capacity;
-    uint32_t *slot;
-    uint8_t  *src;          /* [capacity][16] */
-    uint8_t  *dst;          /* [capacity][16] */
-    uint16_t *sport;
-    uint16_t *dport;
-    uint8_t  *proto;
-    uint8_t  *state;
-    uint32_t *revision;
-    int32_t  *rule_egress;
-    int32_t  *rule_ingress;
-    uint64_t *created_ns;
-    uint64_t *last_ns;
-    uint64_t *packets_orig;
-    uint64_t *packets_reply;
-    uint64_t *bytes_orig;
-    uint64_t *bytes_reply;
-};
-
-struct mcnp_ct;
-
-/* capacity is rounded up to a power of two (minimum 64). NULL on ENOMEM. */
-struct mcnp_ct *mcnp_ct_new(uint32_t capacity);
-void mcnp_ct_free(struct mcnp_ct *ct);
-void mcnp_ct_set_timeout(struct mcnp_ct *ct, uint32_t state, uint64_t ns);
-void mcnp_ct_get_stats(const struct mcnp_ct *ct, struct mcnp_ct_stats *out);
-
-/* Classify frames i < n with mask[i] != 0 (mask NULL: all) and advance the
- * state of the flows they belong to.  aux[i] is the TCP flags for TCP, the
- * first chunk type for SCTP, the ICMP type for ICMP/ICMPv6.  lens may be NULL.
- * Writes result[i] (MCNP_CT_*) and returns the number of MCNP_CT_NEW frames. */
-uint32_t mcnp_ct_lookup(struct mcnp_ct *ct, uint32_t n, const uint8_t *mask,
-                        const uint8_t *src, const uint8_t *dst, const uint8_t *proto,
-                        const uint16_t *sport, const uint16_t *dport, const uint8_t *aux,
-                        const uint32_t *lens, uint64_t now_ns, uint8_t *result);
-
-/* Record a flow for every frame with commit[i] != 0 whose packet may open one
- * (not a lone TCP RST, not an ICMP echo reply), admitted at `revision` by the
- * given rule ids.  A flow already present is refreshed.  Returns flows created. */
-uint32_t mcnp_ct_commit(struct mcnp_ct *ct, uint32_t n, const uint8_t *commit,
-                        const uint8_t *src, const uint8_t *dst, const uint8_t *proto,
-                        const uint16_t *sport, const uint16_t *dport, const uint8_t *aux,
-                        const uint32_t *lens, const int32_t *rule_egress,
-                        const int32_t *rule_ingress, uint32_t revision, uint64_t now_ns);
-
-/* Copy up to out->capacity live flows into out; returns how many. */
-uint32_t mcnp_ct_dump(const struct mcnp_ct *ct, uint64_t now_ns, struct mcnp_ct_flows *out);
-/* Remove the flows in the given slots (as reported by mcnp_ct_dump). */
-uint32_t mcnp_ct_kill(struct mcnp_ct *ct, const uint32_t *slots, uint32_t n);
-/* Stamp every live flow with `revision` (after a re-check let it stand). */
-void mcnp_ct_set_revision(struct mcnp_ct *ct, uint32_t revision);
-/* Free expired entries in slots [start, start + count); returns entries freed. */
-uint32_t mcnp_ct_sweep(struct mcnp_ct *ct, uint32_t start, uint32_t count, uint64_t now_ns);
-/* Live (unexpired) flows; a full scan, for stats, not the hot path. */
-uint32_t mcnp_ct_count(const struct mcnp_ct *ct, uint64_t now_ns);
-void mcnp_ct_clear(struct mcnp_ct *ct);
-
-/* CDEF END */
+#include "mcnp_ct.h"
 
 #define PROBE 16
 #define P_TCP 6
@@ -201,34 +102,31 @@ static inline int is_echo(uint8_t proto, uint8_t type, int *request)
     return 0;
 }
 
-/* Build the key of frame i; 0 when the frame cannot be tracked. */
-static int make_key(struct key *k, uint32_t i, const uint8_t *src, const uint8_t *dst,
-                    const uint8_t *proto, const uint16_t *sport, const uint16_t *dport,
-                    const uint8_t *aux)
+/* Build the key of one packet; 0 when it cannot be tracked. */
+static int make_key(struct key *k, const uint8_t *s, const uint8_t *d, uint8_t p,
+                    uint16_t sport, uint16_t dport, uint8_t aux)
 {
-    const uint8_t *s = src + (size_t)i * 16, *d = dst + (size_t)i * 16;
-    uint8_t p = proto[i];
     int c, request;
 
     k->proto = p;
     if (p == P_TCP || p == P_UDP || p == P_SCTP) {
         c = memcmp(s, d, 16);
         if (c == 0)
-            c = (int)sport[i] - (int)dport[i];
+            c = (int)sport - (int)dport;
         if (c <= 0) {
-            k->a = s; k->pa = sport[i]; k->b = d; k->pb = dport[i]; k->from_b = 0;
+            k->a = s; k->pa = sport; k->b = d; k->pb = dport; k->from_b = 0;
         } else {
-            k->a = d; k->pa = dport[i]; k->b = s; k->pb = sport[i]; k->from_b = 1;
+            k->a = d; k->pa = dport; k->b = s; k->pb = sport; k->from_b = 1;
         }
         return 1;
     }
-    if (is_echo(p, aux ? aux[i] : 0, &request)) {
+    if (is_echo(p, aux, &request)) {
         if (request) {
             k->a = s; k->b = d; k->from_b = 0;
         } else {
             k->a = d; k->b = s; k->from_b = 1;
         }
-        k->pa = k->pb = sport[i];
+        k->pa = k->pb = sport;
         return 1;
     }
     return 0;
@@ -361,53 +259,57 @@ void mcnp_ct_get_stats(const struct mcnp_ct *ct, struct mcnp_ct_stats *out)
     *out = ct->st;
 }
 
+uint8_t mcnp_ct_lookup_one(struct mcnp_ct *ct, const uint8_t *src, const uint8_t *dst,
+                           uint8_t proto, uint16_t sport, uint16_t dport, uint8_t aux,
+                           uint32_t len, uint64_t now_ns)
+{
+    struct key k;
+    struct entry *e;
+    int s, dir;
+
+    if (!make_key(&k, src, dst, proto, sport, dport, aux))
+        return MCNP_CT_UNTRACKED;
+    ct->st.lookups++;
+    s = find(ct, &k, hash_key(&k));
+    if (s >= 0 && expired(ct, &ct->e[s], now_ns)) {
+        clear_slot(ct, (uint32_t)s);
+        ct->st.expired++;
+        s = -1;
+    }
+    if (s < 0)
+        return MCNP_CT_NEW;
+    e = &ct->e[s];
+    dir = k.from_b != e->orig_is_b;
+    if (advance(e, aux, dir)) {
+        /* A new connection on the tuple of a closed one: forget the old
+         * flow so the new one is judged under the current policy. */
+        clear_slot(ct, (uint32_t)s);
+        ct->st.reopened++;
+        return MCNP_CT_NEW;
+    }
+    ct->st.hits++;
+    e->last = now_ns;
+    e->packets[dir]++;
+    e->bytes[dir] += len;
+    return dir ? MCNP_CT_REPLY : MCNP_CT_ORIG;
+}
+
 uint32_t mcnp_ct_lookup(struct mcnp_ct *ct, uint32_t n, const uint8_t *mask,
                         const uint8_t *src, const uint8_t *dst, const uint8_t *proto,
                         const uint16_t *sport, const uint16_t *dport, const uint8_t *aux,
                         const uint32_t *lens, uint64_t now_ns, uint8_t *result)
 {
     uint32_t i, fresh = 0;
-    struct key k;
 
     for (i = 0; i < n; i++) {
-        struct entry *e;
-        int s, dir;
         if (mask && !mask[i]) {
             result[i] = MCNP_CT_SKIPPED;
             continue;
         }
-        if (!make_key(&k, i, src, dst, proto, sport, dport, aux)) {
-            result[i] = MCNP_CT_UNTRACKED;
-            continue;
-        }
-        ct->st.lookups++;
-        s = find(ct, &k, hash_key(&k));
-        if (s >= 0 && expired(ct, &ct->e[s], now_ns)) {
-            clear_slot(ct, (uint32_t)s);
-            ct->st.expired++;
-            s = -1;
-        }
-        if (s < 0) {
-            result[i] = MCNP_CT_NEW;
-            fresh++;
-            continue;
-        }
-        e = &ct->e[s];
-        dir = k.from_b != e->orig_is_b;
-        if (advance(e, aux ? aux[i] : 0, dir)) {
-            /* A new connection on the tuple of a closed one: forget the old
-             * flow so the new one is judged under the current policy. */
-            clear_slot(ct, (uint32_t)s);
-            ct->st.reopened++;
-            result[i] = MCNP_CT_NEW;
-            fresh++;
-            continue;
-        }
-        ct->st.hits++;
-        e->last = now_ns;
-        e->packets[dir]++;
-        e->bytes[dir] += lens ? lens[i] : 0;
-        result[i] = dir ? MCNP_CT_REPLY : MCNP_CT_ORIG;
+        result[i] = mcnp_ct_lookup_one(ct, src + (size_t)i * 16, dst + (size_t)i * 16,
+                                       proto[i], sport[i], dport[i], aux ? aux[i] : 0,
+                                       lens ? lens[i] : 0, now_ns);
+        fresh += result[i] == MCNP_CT_NEW;
     }
     return fresh;
 }
@@ -455,6 +357,55 @@ static uint32_t take_slot(struct mcnp_ct *ct, uint32_t h, uint64_t now)
     return victim;
 }
 
+int mcnp_ct_commit_one(struct mcnp_ct *ct, const uint8_t *src, const uint8_t *dst,
+                       uint8_t proto, uint16_t sport, uint16_t dport, uint8_t a,
+                       uint32_t len, int32_t rule_egress, int32_t rule_ingress,
+                       uint32_t revision, uint64_t now_ns)
+{
+    struct key k;
+    struct entry *e;
+    uint32_t h;
+    int s, request;
+
+    if (!make_key(&k, src, dst, proto, sport, dport, a))
+        return 0;
+    if (k.proto == P_TCP && (a & TCP_RST))
+        return 0;
+    if ((k.proto == P_ICMP || k.proto == P_ICMPV6) && (!is_echo(k.proto, a, &request) || !request))
+        return 0;
+    h = hash_key(&k);
+    s = find(ct, &k, h);
+    if (s >= 0 && !expired(ct, &ct->e[s], now_ns)) {
+        /* Two frames of one new flow in the same batch. */
+        e = &ct->e[s];
+        e->last = now_ns;
+        e->packets[k.from_b != e->orig_is_b]++;
+        ct->st.refreshed++;
+        return 0;
+    }
+    if (s < 0)
+        s = (int)take_slot(ct, h, now_ns);
+    e = &ct->e[s];
+    memset(e, 0, sizeof(*e));
+    memcpy(e->a, k.a, 16);
+    memcpy(e->b, k.b, 16);
+    e->pa = k.pa;
+    e->pb = k.pb;
+    e->proto = k.proto;
+    e->orig_is_b = k.from_b;
+    e->state = initial_state(k.proto, a);
+    e->fin = (k.proto == P_TCP && (a & TCP_FIN)) ? 1 : 0;
+    e->revision = revision;
+    e->rule_egress = rule_egress;
+    e->rule_ingress = rule_ingress;
+    e->created = e->last = now_ns;
+    e->packets[0] = 1;
+    e->bytes[0] = len;
+    ct->tag[s] = h;
+    ct->st.created++;
+    return 1;
+}
+
 uint32_t mcnp_ct_commit(struct mcnp_ct *ct, uint32_t n, const uint8_t *commit,
                         const uint8_t *src, const uint8_t *dst, const uint8_t *proto,
                         const uint16_t *sport, const uint16_t *dport, const uint8_t *aux,
@@ -462,50 +413,14 @@ uint32_t mcnp_ct_commit(struct mcnp_ct *ct, uint32_t n, const uint8_t *commit,
                         const int32_t *rule_ingress, uint32_t revision, uint64_t now_ns)
 {
     uint32_t i, made = 0;
-    struct key k;
 
     for (i = 0; i < n; i++) {
-        struct entry *e;
-        uint32_t h;
-        int s, request;
-        uint8_t a = aux ? aux[i] : 0;
-        if (!commit[i] || !make_key(&k, i, src, dst, proto, sport, dport, aux))
+        if (!commit[i])
             continue;
-        if (k.proto == P_TCP && (a & TCP_RST))
-            continue;
-        if ((k.proto == P_ICMP || k.proto == P_ICMPV6) && (!is_echo(k.proto, a, &request) || !request))
-            continue;
-        h = hash_key(&k);
-        s = find(ct, &k, h);
-        if (s >= 0 && !expired(ct, &ct->e[s], now_ns)) {
-            /* Two frames of one new flow in the same batch. */
-            e = &ct->e[s];
-            e->last = now_ns;
-            e->packets[k.from_b != e->orig_is_b]++;
-            ct->st.refreshed++;
-            continue;
-        }
-        if (s < 0)
-            s = (int)take_slot(ct, h, now_ns);
-        e = &ct->e[s];
-        memset(e, 0, sizeof(*e));
-        memcpy(e->a, k.a, 16);
-        memcpy(e->b, k.b, 16);
-        e->pa = k.pa;
-        e->pb = k.pb;
-        e->proto = k.proto;
-        e->orig_is_b = k.from_b;
-        e->state = initial_state(k.proto, a);
-        e->fin = (k.proto == P_TCP && (a & TCP_FIN)) ? 1 : 0;
-        e->revision = revision;
-        e->rule_egress = rule_egress ? rule_egress[i] : -2;
-        e->rule_ingress = rule_ingress ? rule_ingress[i] : -2;
-        e->created = e->last = now_ns;
-        e->packets[0] = 1;
-        e->bytes[0] = lens ? lens[i] : 0;
-        ct->tag[s] = h;
-        ct->st.created++;
-        made++;
+        made += (uint32_t)mcnp_ct_commit_one(
+            ct, src + (size_t)i * 16, dst + (size_t)i * 16, proto[i], sport[i], dport[i],
+            aux ? aux[i] : 0, lens ? lens[i] : 0, rule_egress ? rule_egress[i] : -2,
+            rule_ingress ? rule_ingress[i] : -2, revision, now_ns);
     }
     return made;
 }

@@ -1,21 +1,28 @@
 """The packet loop: receive a batch, decide every frame, transmit or drop.
 
-Stages, per batch (numbered as in the code of :meth:`Pipeline.process`):
+Stages, per batch (as in ``csrc/pipeline.c``, which does the per-frame work):
 
-1. parse the whole batch (one C call); malformed frames are dropped with the
-   parser's reason;
+1. parse the whole batch; malformed frames are dropped with the parser's
+   reason;
 2. L2 sanity: a multicast source MAC is dropped;
-3. anti-spoofing: an IP frame from a pod port must carry its pod's address;
+3. fail closed before the first tables; anti-spoofing: an IP frame from a
+   pod port must carry its pod's address;
 4. MAC learning (a MAC held by a pod port does not move);
-5. policy for IP frames: before the first tables, drop (fail closed); else
-   conntrack classifies the batch, frames of known flows pass, the rest are
-   judged by ONE tables revision, and allowed new flows are recorded;
+5. policy for IP frames: conntrack classifies the batch, frames of known
+   flows pass, the rest are judged by ONE tables revision, and allowed new
+   flows are recorded;
 6. forwarding: MAC table lookup, hairpins dropped;
 7. L4 checksums of forwarded IP frames fixed (veth sends CHECKSUM_PARTIAL);
 8. unicast grouped per output port; broadcast/multicast/unknown flooded to
    every other port (copies in fresh frames);
 9. dropped frames go back to the pool; every frame is counted exactly once
    in ``counters.verdicts``.
+
+A batch crosses into C twice: ``mcnp_pipe_classify`` (stages 1-5a) and
+``mcnp_pipe_finish`` (5b-9).  Between them Python does only what belongs in
+Python: the matcher (``judge``, numpy, once per batch and only when a frame
+needs a verdict) and inserting newly seen MACs into the switch's table.
+Flooding copies stay in Python too; they are rare (ARP, unknown unicast).
 
 :class:`Pipeline` holds the decisions and works on any byte buffer with a
 frame pool (``copy``/``free``), so it runs unchanged over a UMEM or over a
@@ -33,33 +40,39 @@ from typing import Callable
 import numpy as np
 
 from fastpath import parse
-from fastpath.conntrack import NEW, ORIG, REPLY, UNTRACKED, ConnTrack
-from fastpath.counters import DROP, GAUGE, PASS, REASON, REASONS, STATUS_REASON, Counters
-from fastpath.switch import FLOOD, Switch
+from fastpath._ct import ffi, lib
+from fastpath._xsk import ffi as _xsk_ffi
+from fastpath.conntrack import ConnTrack
+from fastpath.counters import GAUGE, REASON, REASONS, STATUS_REASON, Counters
+from fastpath.switch import Switch
 
 logger = logging.getLogger(__name__)
 
-DENIED = -1
-
-# Per parser status: the reason a frame starts with, and whether it is IP.
+# Per parser status: the reason a frame starts with (provisional for IP).
 _START_REASON = STATUS_REASON.copy()
 _START_REASON[parse.NON_IP] = REASON["l2"]
 _START_REASON[parse.ND] = REASON["nd"]
 _START_REASON[parse.OK_IP] = REASON["allowed"]     # provisional, decided in stage 5
 _START_REASON[parse.FRAGMENT] = REASON["allowed"]
 _START_REASON[_START_REASON < 0] = REASON["truncated"]  # codes the parser never writes
-_IS_IP = np.zeros(256, dtype=bool)
-_IS_IP[[parse.OK_IP, parse.FRAGMENT]] = True
-_PASS_REASON = np.array([r in ("l2", "nd", "established", "reply", "allowed") for r in REASONS])
-_R = {name: np.int16(i) for name, i in REASON.items()}
-# reason -> flat index into verdicts (pass row or drop row), for one bincount per batch
-_FLAT = np.where(_PASS_REASON, np.arange(len(REASONS)), len(REASONS) + np.arange(len(REASONS)))
-_MCAST = np.uint64(1 << 40)
-# conntrack result -> reason for tracked frames, and whether the matcher must judge it
-_CT_REASON = np.full(8, REASON["allowed"], dtype=np.int16)
-_CT_REASON[ORIG], _CT_REASON[REPLY] = REASON["established"], REASON["reply"]
-_CT_JUDGE = np.zeros(8, dtype=bool)
-_CT_JUDGE[[NEW, UNTRACKED]] = True
+_PASS_REASON = np.array([r in ("l2", "nd", "established", "reply", "allowed") for r in REASONS],
+                        dtype=np.uint8)
+
+
+def _check_reason_codes() -> None:
+    """The C pipeline names reasons by number: they must be counters.REASONS' order."""
+    for name in ("l2", "nd", "established", "reply", "allowed", "no_tables", "spoofed",
+                 "bad_src_mac", "mac_conflict", "denied_egress", "denied_ingress", "hairpin",
+                 "no_destination"):
+        if getattr(lib, "MCNP_R_" + name.upper()) != REASON[name]:
+            raise RuntimeError(f"csrc/mcnp_ct.h and fastpath/counters.py disagree on {name!r}")
+
+
+_check_reason_codes()
+
+
+def _ptr(ctype: str, arr: np.ndarray):
+    return ffi.cast(ctype, arr.ctypes.data)
 
 
 class BufferFrames:
@@ -82,6 +95,26 @@ class BufferFrames:
         self.freed.extend(int(a) for a in addrs)
 
 
+class _Arg:
+    """A cffi pointer to a caller's array, remade only when the array object changes
+    (the packet loop passes the same arrays every batch)."""
+
+    __slots__ = ("obj", "ptr", "size")
+
+    def __init__(self):
+        self.obj = None
+        self.ptr = ffi.NULL
+        self.size = 0
+
+    def get(self, arr, ctype: str, dtype, what: str):
+        if arr is not self.obj:
+            if not isinstance(arr, np.ndarray) or arr.dtype != dtype or not arr.flags.c_contiguous:
+                raise TypeError(f"{what} must be a C-contiguous {np.dtype(dtype).name} array")
+            self.ptr = ffi.from_buffer(ctype, arr)
+            self.obj, self.size = arr, len(arr)
+        return self.ptr
+
+
 class Pipeline:
     """Every decision of the packet loop, for one batch at a time.
 
@@ -98,16 +131,89 @@ class Pipeline:
         self.judge = judge
         self.switch = switch
         self.clock = clock
+        self.batch = batch
         self.ct = conntrack or ConnTrack(clock=clock, batch=batch)
         self.counters = counters or Counters()
         self.parsed = parse.ParsedBatch(batch)
         self.tables = None
         self.fix_checksums = fix_checksums
-        self._rule_eg = np.full(batch, -2, dtype=np.int32)
-        self._rule_in = np.full(batch, -2, dtype=np.int32)
-        self._commit = np.zeros(batch, dtype=bool)
-        self._all_allowed = np.full(batch, _R["allowed"], dtype=np.int16)
-        self._all_true = np.ones(batch, dtype=bool)
+        self._args = {name: _Arg() for name in ("buf", "addrs", "lens", "in_port")}
+        self._c = self._make_c(batch)
+        self._mac_refs = self._bound_ref = None
+        self._sync_switch()
+
+    def _make_c(self, batch: int):
+        """The C pipeline's state: pointers into arrays this object keeps alive."""
+        nports = self.switch.n_ports
+        c = ffi.new("struct mcnp_pipe *")
+        keep = self._keep = {}
+
+        def arr(name, ctype, shape, dtype, fill=0):
+            a = np.full(shape, fill, dtype=dtype)
+            keep[name] = a
+            setattr(c, name, _ptr(ctype, a))
+            return a
+
+        c.capacity, c.n_ports = batch, nports
+        c.ct = self.ct._ct
+        c.parsed = ffi.cast("struct mcnp_parsed *",
+                            int(_xsk_ffi.cast("uintptr_t", self.parsed._c)))
+        c.fix_checksums = int(self.fix_checksums)
+        counters = self.counters
+        c.verdicts = _ptr("int64_t *", counters.verdict_cells)
+        c.n_reasons = len(REASONS)
+        c.rule_hits = _ptr("int64_t *", counters.rule_hits)
+        c.max_rules = counters.max_rules
+        gauges = counters.gauges
+        for field, name in (("gauge_batches", "batches"), ("gauge_frames", "frames"),
+                            ("gauge_judged", "judged")):
+            setattr(c, field, ffi.cast("int64_t *", gauges.ctypes.data + 8 * GAUGE[name]))
+        keep["counters"] = counters
+        keep["start_reason"] = _START_REASON
+        keep["reason_pass"] = _PASS_REASON
+        c.start_reason = _ptr("int16_t *", _START_REASON)
+        c.reason_pass = _ptr("uint8_t *", _PASS_REASON)
+        arr("reason", "int16_t *", batch, np.int16)
+        arr("alive", "uint8_t *", batch, np.uint8)
+        arr("ct_result", "uint8_t *", batch, np.uint8)
+        arr("aux", "uint8_t *", batch, np.uint8)
+        arr("fix_mask", "uint8_t *", batch, np.uint8)
+        self._judge_idx = arr("judge_idx", "uint32_t *", batch, np.uint32)
+        self._judge_src = arr("judge_src", "uint8_t *", (batch, 16), np.uint8)
+        self._judge_dst = arr("judge_dst", "uint8_t *", (batch, 16), np.uint8)
+        self._judge_proto = arr("judge_proto", "uint8_t *", batch, np.uint8)
+        self._judge_dport = arr("judge_dport", "uint16_t *", batch, np.uint16)
+        self._learn_idx = arr("learn_idx", "uint32_t *", batch, np.uint32)
+        self._tx_addrs = arr("tx_addrs", "uint64_t *", (nports, batch), np.uint64)
+        self._tx_lens = arr("tx_lens", "uint32_t *", (nports, batch), np.uint32)
+        self._tx_count = arr("tx_count", "uint32_t *", nports, np.uint32)
+        self._flood_idx = arr("flood_idx", "uint32_t *", batch, np.uint32)
+        self._drop_addrs = arr("drop_addrs", "uint64_t *", batch, np.uint64)
+        return c
+
+    def _sync_switch(self) -> None:
+        """Point the C pipeline at the switch's current bindings and MAC table
+        (both are replaced, never edited in place, when they change)."""
+        sw, c = self.switch, self._c
+        if sw.bound is not self._bound_ref:
+            bound = np.ascontiguousarray(sw.bound)
+            is_pod = np.ascontiguousarray(sw.is_pod, dtype=np.uint8)
+            self._bound_ref, self._bound_keep = sw.bound, (bound, is_pod)
+            c.bound = _ptr("uint8_t *", bound)
+            c.is_pod = _ptr("uint8_t *", is_pod)
+            c.max_ips = bound.shape[1]
+        m = sw.macs
+        refs = (m.macs, m.ports, m.seen)
+        if self._mac_refs is None or any(a is not b for a, b in zip(refs, self._mac_refs)):
+            if not (m.macs.flags.c_contiguous and m.ports.flags.c_contiguous
+                    and m.seen.flags.c_contiguous):
+                m.macs, m.ports, m.seen = (np.ascontiguousarray(a) for a in refs)
+                refs = (m.macs, m.ports, m.seen)
+            self._mac_refs = refs
+            c.mac_keys = _ptr("uint64_t *", m.macs)
+            c.mac_ports = _ptr("int16_t *", m.ports)
+            c.mac_seen = _ptr("int64_t *", m.seen)
+            c.mac_n = len(m.macs)
 
     # -- policy hand-over ------------------------------------------------------
 
@@ -126,6 +232,7 @@ class Pipeline:
         else:
             self.ct.clear()
         self.tables = tables
+        self._c.have_tables = int(tables is not None)
         return cut
 
     # -- one batch ---------------------------------------------------------------
@@ -134,138 +241,70 @@ class Pipeline:
                 in_port: np.ndarray, n: int, pool) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """Decide frames ``[0, n)``; returns ``[(port, addrs, lens), ...]`` to transmit.
 
-        Frames not returned were dropped and handed back to ``pool``; copies
-        for flooding come from ``pool``.  The caller owns the returned frames.
+        ``addrs`` is uint64, ``lens`` uint32, ``in_port`` int16 (the port index
+        each frame came in on).  Frames not returned were dropped and handed
+        back to ``pool``; copies for flooding come from ``pool``.  The caller
+        owns the returned frames; the returned arrays are valid until the next
+        call.
         """
         if n == 0:
             return []
+        args, c = self._args, self._c
+        a_buf = args["buf"]
+        if buf is not a_buf.obj:
+            a_buf.ptr = ffi.from_buffer("uint8_t[]", buf, require_writable=self.fix_checksums)
+            a_buf.obj, a_buf.size = buf, len(a_buf.ptr)
+        p_buf, buf_len = a_buf.ptr, a_buf.size
+        p_addrs = args["addrs"].get(addrs, "uint64_t[]", np.uint64, "addrs")
+        p_lens = args["lens"].get(lens, "uint32_t[]", np.uint32, "lens")
+        p_in = args["in_port"].get(in_port, "int16_t[]", np.int16, "in_port")
+        if not 0 < n <= min(self.batch, args["addrs"].size, args["lens"].size,
+                            args["in_port"].size):
+            raise ValueError(f"n={n} exceeds the batch capacity or the descriptor arrays")
+        self._sync_switch()
         now = self.clock()
-        addrs, lens, in_port = addrs[:n], lens[:n], in_port[:n]
-        # 1. parse
-        p = parse.parse_batch(buf, addrs, lens, n, out=self.parsed)
-        st = p.status[:n]
-        if st.any():
-            reason = _START_REASON[st]
-            alive = _PASS_REASON[reason]
-            ip = _IS_IP[st]
-        else:  # the common case: every frame is a well-formed IP packet
-            reason = self._all_allowed[:n].copy()
-            alive = self._all_true[:n].copy()
-            ip = self._all_true[:n].copy()
-        eth_src = p.eth_src[:n]
-        # 2. a multicast source MAC is never legitimate
-        group_src = eth_src & _MCAST
-        if group_src.any():
-            bad_mac = alive & group_src.astype(bool)
-            reason[bad_mac] = _R["bad_src_mac"]
-            alive &= ~bad_mac
-        # 3. anti-spoofing on pod ports (before the first tables, all IP is dropped)
-        if self.tables is None:
-            reason[alive & ip] = _R["no_tables"]
-            alive &= ~ip
-        spoofed = self.switch.spoofed(in_port, p.src)
-        if spoofed.any():
-            spoofed &= alive & ip
-            reason[spoofed] = _R["spoofed"]
-            alive &= ~spoofed
-        # 4. learn source MACs
-        conflict = self.switch.learn(in_port[alive], eth_src[alive], now)
-        if conflict.any():
-            idx = np.nonzero(alive)[0][conflict]
-            reason[idx] = _R["mac_conflict"]
-            alive[idx] = False
-        # 5. policy
-        ip &= alive
-        if ip.any():
-            self._police(buf, addrs, lens, n, st, ip, reason, alive, now)
-        # 6. forwarding
-        out = self.switch.forward(p.eth_dst[:n])
-        hairpin = out == in_port
-        if hairpin.any():
-            hairpin &= alive
-            reason[hairpin] = _R["hairpin"]
-            alive &= ~hairpin
-        # 7. checksums of what leaves
-        if self.fix_checksums:
-            fix = alive & (st == parse.OK_IP)
-            if fix.any():
-                parse.fix_l4_checksums(buf, addrs, lens, p, fix, only_partial=True)
-        # 8. unicast per port, flooding
-        sends = self._unicast(addrs, lens, out, alive & (out >= 0))
-        flood = alive & (out == FLOOD)
-        if flood.any():
-            sends += self._flood(addrs, lens, in_port, flood, reason, alive, pool)
-        # 9. drops back to the pool, every frame counted once
-        if not alive.all():
-            pool.free(np.ascontiguousarray(addrs[~alive]))
-        c = self.counters
-        c.verdict_cells += np.bincount(_FLAT[reason], minlength=2 * len(REASONS))
-        g = c.gauges
-        g[GAUGE["batches"]] += 1
-        g[GAUGE["frames"]] += n
+        # 1-5a in C: parse, sanity, anti-spoofing, MAC learning, conntrack
+        k = lib.mcnp_pipe_classify(c, p_buf, buf_len, p_addrs, p_lens, p_in, n, now)
+        if c.n_learn:
+            self._learn(in_port, c.n_learn, now)
+        if k:
+            # 5b. one revision judges every frame of the batch that needs it
+            j = self.judge(self.tables, self._judge_src[:k], self._judge_dst[:k],
+                           self._judge_proto[:k], self._judge_dport[:k])
+            allowed = np.ascontiguousarray(j.allowed, dtype=np.uint8)
+            eg = np.ascontiguousarray(j.egress, dtype=np.int32)
+            ing = np.ascontiguousarray(j.ingress, dtype=np.int32)
+            if min(len(allowed), len(eg), len(ing)) < k:
+                raise ValueError("judge returned fewer verdicts than frames")
+            lib.mcnp_pipe_finish(c, p_buf, buf_len, p_addrs, p_lens, p_in, n, now,
+                                 ffi.from_buffer("uint8_t[]", allowed),
+                                 ffi.from_buffer("int32_t[]", eg),
+                                 ffi.from_buffer("int32_t[]", ing),
+                                 self.tables.revision & 0xFFFFFFFF)
+        else:
+            lib.mcnp_pipe_finish(c, p_buf, buf_len, p_addrs, p_lens, p_in, n, now,
+                                 ffi.NULL, ffi.NULL, ffi.NULL, 0)
+        sends = [(q, self._tx_addrs[q, :cnt], self._tx_lens[q, :cnt])
+                 for q, cnt in enumerate(self._tx_count.tolist()) if cnt]
+        if c.n_flood:
+            sends += self._flood(addrs, lens, in_port, c.n_flood, pool)
+        if c.n_drop:
+            pool.free(self._drop_addrs[:c.n_drop])
         return sends
 
-    def _police(self, buf, addrs, lens, n, st, ip, reason, alive, now) -> None:
-        """Stage 5: conntrack, then judge what it does not know, with one revision."""
-        tables = self.tables
-        if tables is None:
-            reason[ip] = _R["no_tables"]
-            alive &= ~ip
-            return
-        p = self.parsed
-        tracked = ip & (st == parse.OK_IP)
-        aux = self.ct.aux(p, n, buf, addrs)
-        res, fresh = self.ct.lookup(p, n, tracked, aux, lens, now)
-        np.copyto(reason, _CT_REASON[res], where=tracked)
-        # New flows, untracked protocols and fragments are judged packet by packet.
-        judge_mask = _CT_JUDGE[res]
-        judge_mask |= st == parse.FRAGMENT
-        judge_mask &= ip
-        if not judge_mask.any():
-            return
-        idx = np.nonzero(judge_mask)[0]
-        j = self.judge(tables, p.src[idx], p.dst[idx], p.proto[idx], p.dport[idx])
-        ok = np.asarray(j.allowed, dtype=bool)
-        eg, ing = np.asarray(j.egress), np.asarray(j.ingress)
-        self.counters.gauges[GAUGE["judged"]] += len(idx)
-        denied = idx[~ok]
-        if len(denied):
-            reason[denied] = np.where(eg[~ok] == DENIED, _R["denied_egress"], _R["denied_ingress"])
-            alive[denied] = False
-        if ok.any():
-            self.counters.add_rule_hits(eg[ok])
-            self.counters.add_rule_hits(ing[ok])
-            commit = self._commit[:n]
-            commit[:] = False
-            commit[idx[ok]] = True
-            commit &= res == NEW
-            if commit.any():
-                self._rule_eg[:n][idx] = eg
-                self._rule_in[:n][idx] = ing
-                self.ct.commit(p, n, commit, aux, tables.revision, self._rule_eg[:n],
-                               self._rule_in[:n], lens, now)
+    def _learn(self, in_port: np.ndarray, count: int, now: int) -> None:
+        """Slow path: insert the MACs classify found new (or moved off the uplink)."""
+        idx = self._learn_idx[:count]
+        entries = dict(zip(self.parsed.eth_src[idx].tolist(), in_port[idx].tolist()))
+        self.switch.macs.update(entries, now)
+        self._sync_switch()
 
-    def _unicast(self, addrs, lens, out, sel) -> list:
-        if not sel.any():
-            return []
-        if sel.all() and (out == out[0]).all():
-            return [(int(out[0]), addrs.copy(), lens.copy())]
-        idx = np.nonzero(sel)[0]
-        ports = out[idx]
-        order = np.argsort(ports, kind="stable")
-        idx, ports = idx[order], ports[order]
-        cuts = np.flatnonzero(np.diff(ports)) + 1
-        return [(int(out[g[0]]), addrs[g], lens[g]) for g in np.split(idx, cuts)]
-
-    def _flood(self, addrs, lens, in_port, flood, reason, alive, pool) -> list:
+    def _flood(self, addrs, lens, in_port, count: int, pool) -> list:
         """Send each flooded frame to every port but its own: the original to the
-        first such port, copies to the others."""
+        first such port, copies to the others (the C side dropped floods when
+        there is no other port)."""
         nports = self.switch.n_ports
-        idx = np.nonzero(flood)[0]
-        if nports < 2:
-            reason[idx] = _R["no_destination"]
-            alive[idx] = False
-            return []
+        idx = self._flood_idx[:count].astype(np.intp)
         first = np.where(in_port[idx] == 0, 1, 0)
         sends = []
         for q in range(nports):

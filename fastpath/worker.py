@@ -64,7 +64,7 @@ class Dataplane:
                  netns: str | None = None, *, cpu: int | None = None, batch: int = 256,
                  frames: int = 8192, ct_capacity: int = 65536,
                  ct_timeouts: dict[str, float] | None = None, xdp_mode: str = "auto",
-                 max_rules: int = 65536):
+                 max_rules: int = 65536, **loop_options):
         self.ports = dict(ports)
         self.uplink = uplink
         self.netns = netns
@@ -79,7 +79,8 @@ class Dataplane:
         config = dict(prefix=self.prefix, ifnames=ifnames, uplink=uplink, netns=netns, cpu=cpu,
                       batch=batch, frames=frames, ct_capacity=ct_capacity,
                       ct_timeouts=ct_timeouts, xdp_mode=xdp_mode, max_rules=max_rules,
-                      log_level=logging.getLogger().getEffectiveLevel())
+                      log_level=logging.getLogger().getEffectiveLevel(),
+                      loop_options=loop_options)
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_worker_main, args=(config, child),
@@ -228,7 +229,7 @@ class _Worker:
         self.loop = Loop(config["ifnames"], config["uplink"], batch=config["batch"],
                          frames=config["frames"], counters=self.counters,
                          ct_capacity=config["ct_capacity"], ct_timeouts=config["ct_timeouts"],
-                         xdp_mode=config["xdp_mode"])
+                         xdp_mode=config["xdp_mode"], **config.get("loop_options", {}))
         self._next_slow = 0.0
         self._next_sweep = 0.0
 
