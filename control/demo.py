@@ -95,17 +95,25 @@ def side_by_side(pods: list[Pod], observed: dict, want: dict, port: int, protoco
 
 
 def policy_counters(state: dict) -> list[str]:
-    """Per-policy hit counters summed over every node's daemon."""
+    """Per-policy hit counters (``mcnp_policy_hits_total`` of each daemon's /metrics),
+    summed over every node."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     from .testbed import api_get
 
-    totals: dict[str, int] = {}
+    totals: dict[tuple[str, str], float] = {}
     for node in state.get("nodes", {}):
-        status, body = api_get(node, "/v1/stats")
-        if status != 200 or not isinstance(body, dict):
+        status, body = api_get(node, "/metrics")
+        if status != 200 or not isinstance(body, str):
             continue
-        for policy, hits in (body.get("policy_hits") or {}).items():
-            totals[policy] = totals.get(policy, 0) + int(hits)
-    return [f"  {hits:8d}  {policy}" for policy, hits in sorted(totals.items())]
+        for family in text_string_to_metric_families(body):
+            if family.name != "mcnp_policy_hits":
+                continue
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    key = (sample.labels.get("policy", "?"), sample.labels.get("direction", "?"))
+                    totals[key] = totals.get(key, 0) + sample.value
+    return [f"  {int(hits):8d}  {policy} ({direction})" for (policy, direction), hits in sorted(totals.items())]
 
 
 def wait_for_revision(state: dict, before: dict[str, int], timeout: float) -> bool:
@@ -173,7 +181,7 @@ def main(args) -> int:
         wrong += run_round(screen, "before the change", cset, state)
 
         lines = policy_counters(state)
-        screen.block("per-policy hits (all nodes, from /v1/stats):\n" + ("\n".join(lines) if lines else "  (none reported)") + "\n")
+        screen.block("connections admitted per policy (all nodes, from /metrics):\n" + ("\n".join(lines) if lines else "  (none reported)") + "\n")
 
         screen.step("live change: east/shop/api-from-frontends no longer admits namespace dev of west")
         before = revisions(state)
