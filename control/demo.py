@@ -141,17 +141,27 @@ def revisions(state: dict) -> dict[str, int]:
     return out
 
 
-def run_round(screen: Screen, title: str, cset: ClusterSet, state: dict) -> int:
+def run_round(screen: Screen, title: str, cset: ClusterSet, state: dict) -> tuple[int, dict]:
+    """Probe every service; returns the number of disagreements and what was observed,
+    keyed by (source, destination, service)."""
     pods = sorted((p for p in cset.pods() if p.can_take_part), key=lambda p: p.ref)
     screen.step(f"{title}: probing {len(pods) * (len(pods) - 1)} pairs on {', '.join(f'{pr}/{po}' for po, pr in SERVICES)}")
     wrong = 0
+    seen = {}
     for port, protocol in SERVICES:
         obs = observe(state, pods, port, protocol)
         table, bad = side_by_side(pods, obs, expected(cset, pods, port, protocol), port, protocol)
         screen.block(table + "\n")
         wrong += bad
+        seen.update({(s, d, f"{protocol}/{port}"): ok for (s, d), ok in obs.items()})
     screen.step(f"{title}: {'observed equals expected' if wrong == 0 else f'{wrong} disagreements'}")
-    return wrong
+    return wrong, seen
+
+
+def changes(before: dict, after: dict) -> list[str]:
+    word = {True: "allowed", False: "denied"}
+    return [f"  {s} -> {d} {svc}: {word[before[k]]} -> {word[after[k]]}"
+            for k in sorted(before) if k in after and before[k] != after[k] for s, d, svc in [k]]
 
 
 def main(args) -> int:
@@ -178,7 +188,8 @@ def main(args) -> int:
             screen.step("testbed failed to come up")
             return code or 1
         state = testbed.load_state()
-        wrong += run_round(screen, "before the change", cset, state)
+        bad, seen_before = run_round(screen, "before the change", cset, state)
+        wrong += bad
 
         lines = policy_counters(state)
         screen.block("connections admitted per policy (all nodes, from /metrics):\n" + ("\n".join(lines) if lines else "  (none reported)") + "\n")
@@ -192,7 +203,10 @@ def main(args) -> int:
             screen.step(f"the daemons did not pick up the change within {CHANGE_WAIT_S:.0f}s")
             wrong += 1
         cset, _ = load_clusterset(specs)
-        wrong += run_round(screen, "after the change", cset, state)
+        bad, seen_after = run_round(screen, "after the change", cset, state)
+        wrong += bad
+        diff = changes(seen_before, seen_after)
+        screen.block("what the change did in the dataplane:\n" + ("\n".join(diff) if diff else "  (nothing changed)") + "\n")
         screen.step("PASS: the dataplane enforced exactly what mcnp matrix expects" if wrong == 0 else f"FAIL: {wrong} disagreements")
         return 0 if wrong == 0 else 1
     except KeyboardInterrupt:
