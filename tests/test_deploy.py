@@ -59,7 +59,7 @@ READ_ONLY = {(group, resource, verb)
              for verb in ("get", "list", "watch")}
 
 #: Debian packages of ./dev that only the tests and the testbed use, not the image build.
-TEST_ONLY_PACKAGES = {"ethtool", "iproute2"}
+TEST_ONLY_PACKAGES = {"ethtool", "iproute2", "libcap2-bin"}  # capsh: the capability test
 
 
 # --------------------------------------------------------------------------- loading
