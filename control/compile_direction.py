@@ -42,6 +42,25 @@ def as_bytes(a: np.ndarray) -> np.ndarray:
     return a.view(np.uint8).reshape(a.shape[0], a.shape[1] * a.itemsize)
 
 
+_WEIGHTS = np.random.default_rng(308).integers(1, 2**62, size=4096, dtype=np.int64) | 1
+
+
+def unique_int_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`unique_rows` for an int32 matrix, by a 64-bit hash of each row (sorting
+    integers beats sorting byte strings), checked exactly: on a collision it falls
+    back to comparing the rows themselves."""
+    n, width = rows.shape
+    if n == 0 or width == 0 or width > len(_WEIGHTS):
+        return unique_rows(as_bytes(rows))
+    with np.errstate(over="ignore"):
+        h = rows.astype(np.int64) @ _WEIGHTS[:width]
+    _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    if not np.array_equal(rows[first][inverse], rows):
+        return unique_rows(as_bytes(rows))
+    return first, inverse
+
+
 def unique_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(first index of each distinct row, group of each row) for a 2-D uint8 array."""
     n = rows.shape[0]
@@ -218,6 +237,7 @@ class Direction:
         self.class_ctx = [None] + [int(ctx_of_slot[m + iso[f]]) for f in first]
         # Cells and port sets.
         self.portsets: dict[tuple, int] = {}
+        self._segment_cache: dict[tuple, list] = {}
         self.port_rows: list[np.ndarray] = []
         self._portset_row(c, None)  # 0: not enforced
         self._portset_row(c, ((), ()))  # 1: isolated, nothing admits
@@ -335,55 +355,69 @@ class Direction:
 
         Per atom, the behaviour is fixed by the first matching peer of each of the
         class's rules and by how the destination resolves the named ports of the rules
-        that matched; atoms alike in those share a port set."""
+        that matched; atoms alike in those share a port set. Only what can differ
+        between atoms is compared: rules without peers match every atom (constant),
+        and nothing after a rule without peers or ports can decide anything."""
         bits = self.atom_bits if atoms is None else self.atom_bits[atoms]
         n_atoms = len(bits)
         rules = self._rules_of(self.class_policies[cls])
-        extra = [(j, q, n) for j, g in enumerate(rules) for q, n in self.named_specs[g]]
-        nr = len(rules)
-        first = np.empty((n_atoms, nr + len(extra)), dtype=np.int32)
         for j, g in enumerate(rules):
-            first[:, j] = self._first_peer(g, bits) if atoms is not None else self._first_peer_cached(g)
+            if self.rule_columns[g] is None and not self.rules[g][2].ports:
+                rules = rules[: j + 1]
+                break
+        varying = [j for j, g in enumerate(rules) if self.rule_columns[g] is not None]
+        extra = [(j, q, n) for j, g in enumerate(rules) for q, n in self.named_specs[g]]
+        nv = len(varying)
+        first = np.empty((n_atoms, nv + len(extra)), dtype=np.int32)
+        for k, j in enumerate(varying):
+            g = rules[j]
+            first[:, k] = self._first_peer(g, bits) if atoms is not None else self._first_peer_cached(g)
         if extra:
             if self.egress:
                 actx = self.atom_ctx if atoms is None else self.atom_ctx[atoms]
                 values = self.ctx_values[actx]
             else:
                 values = np.broadcast_to(self.ctx_values[self.class_ctx[cls]], (n_atoms, len(self.named)))
+            column_of = {j: k for k, j in enumerate(varying)}
             for e, (j, _, n) in enumerate(extra):
-                first[:, nr + e] = np.where(first[:, j] != -1, values[:, n], -2)
-        # Atoms no rule of the class matches are denied outright (port set 1); only
-        # the others need telling apart.
-        matches = first[:, :nr] != -1
-        hit = np.flatnonzero(matches.any(axis=1))
-        first, matches = first[hit], matches[hit]
+                k = column_of.get(j)
+                first[:, nv + e] = values[:, n] if k is None else np.where(first[:, k] != -1, values[:, n], -2)
         # A matched rule without ports admits everything: forget the rules after it, so
         # atoms that differ only there share a port set.
-        open_rules = np.fromiter((not self.rules[g][2].ports for g in rules), dtype=bool, count=nr)
+        open_rules = np.fromiter((not self.rules[rules[j]][2].ports for j in varying), dtype=bool, count=nv)
         if open_rules.any():
-            stops = matches & open_rules
-            stop = np.where(stops.any(axis=1), stops.argmax(axis=1), nr)
-            first[:, :nr][np.arange(nr) > stop[:, None]] = -1
+            stops = (first[:, :nv] != -1) & open_rules
+            stop = np.where(stops.any(axis=1), stops.argmax(axis=1), nv)
+            first[:, :nv][np.arange(nv) > stop[:, None]] = -1
             if extra:
-                owner = np.fromiter((j for j, _, _ in extra), dtype=np.int64, count=len(extra))
-                first[:, nr:][owner > stop[:, None]] = -2
-        reps, inverse = unique_rows(as_bytes(first))
+                # Rule index of each row's stop (len(rules): none) against each extra's rule.
+                stop_rule = np.asarray(varying + [len(rules)])[stop]
+                first[:, nv:][np.asarray([j for j, _, _ in extra]) > stop_rule[:, None]] = -2
+        reps, inverse = unique_int_rows(first)
         ids = np.empty(len(reps), dtype=np.int32)
+        peerless = [self.rule_columns[g] is None for g in rules]
         for u, r in enumerate(reps):
             row = first[r].tolist()
             matched = []
-            for j in range(nr):
-                if row[j] != -1:
-                    g = rules[j]
-                    matched.append((g, None if row[j] == ALL_PEERS else row[j]))
-                    if not self.rules[g][2].ports:
-                        break  # admits every port: later rules cannot decide anything
-            last = matched[-1][0] if matched else -1
-            named = tuple((rules[j], q, v) for (j, q, _), v in zip(extra, row[nr:]) if v != -2 and rules[j] <= last)
+            k = 0
+            for j, g in enumerate(rules):
+                if peerless[j]:
+                    peer = None
+                else:
+                    peer = row[k]
+                    k += 1
+                    if peer == -1:
+                        continue
+                matched.append((g, peer))
+                if not self.rules[g][2].ports:
+                    break  # admits every port: later rules cannot decide anything
+            if not matched:
+                ids[u] = 1
+                continue
+            last = matched[-1][0]
+            named = tuple((rules[j], q, v) for (j, q, _), v in zip(extra, row[nv:]) if v != -2 and rules[j] <= last)
             ids[u] = self._portset_row(c, (tuple(matched), named))
-        out = np.ones(n_atoms, dtype=np.int32)
-        out[hit] = ids[inverse]
-        return out
+        return ids[inverse]
 
     def _first_peer(self, g: int, bits: np.ndarray) -> np.ndarray:
         """For each atom row of ``bits``, the first peer of rule ``g`` it matches (-1:
@@ -437,7 +471,11 @@ class Direction:
                 if not rule.ports:
                     row[row == DENIED] = c.rule_ids.get(policy, self.direction, ri, peer, None)
                     break
-                for a0, a1, rid in self._segments(c, g, peer, named):
+                seg_key = (g, peer, tuple(named.get((g, q), -1) for q, _ in self.named_specs[g]))
+                segments = self._segment_cache.get(seg_key)
+                if segments is None:
+                    segments = self._segment_cache[seg_key] = self._segments(c, g, peer, named)
+                for a0, a1, rid in segments:
                     seg = row[a0:a1]
                     seg[seg == DENIED] = rid
         psid = self.portsets[key] = len(self.port_rows)
