@@ -71,12 +71,14 @@ class Compiler:
         brings a named-port number no port atom can express."""
         self.cset = cset
         m = self.space.size
+        addresses_changed = False
         for ref in refs:
             pod = cset.pod(ref)
             alive = pod is not None and pod.can_take_part
             i = self.identity_of.get(ref)
             if not alive:
                 if i is not None:
+                    addresses_changed = True
                     self.identities[i] = None
                     self.id_keys[i] = ()
                     self.is_local[i] = False
@@ -95,11 +97,15 @@ class Compiler:
                 for d in self.directions.values():
                     d.grow(m + len(self.identities))
             self.identities[i] = pod
-            self.id_keys[i] = tuple(ip_key(ip) for ip in pod.ips)
-            self.is_local[i] = bool(self.local(pod))
+            keys, is_local = tuple(ip_key(ip) for ip in pod.ips), bool(self.local(pod))
+            if keys != self.id_keys[i] or is_local != self.is_local[i]:
+                addresses_changed = True  # a label change leaves the address table as it is
+            self.id_keys[i] = keys
+            self.is_local[i] = is_local
             for d in self.directions.values():
                 d.update_slot(self, m + i, pod, bool(self.is_local[i]))
-        self._address_table()
+        if addresses_changed:
+            self._address_table()
         self.incremental_changes += 1
         if self.incremental_changes >= self.compact_after:
             self._build()

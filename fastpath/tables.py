@@ -103,11 +103,23 @@ def build_ip_hash(keys: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.n
     out_keys = np.zeros((cap, 16), dtype=np.uint8)
     out_slot = np.full(cap, -1, dtype=np.int32)
     mask = cap - 1
-    for i, h in enumerate(ip_hash(keys, bits).tolist()):
-        while out_slot[h] >= 0:
-            h = (h + 1) & mask
-        out_slot[h] = slots[i]
-        out_keys[h] = keys[i]
+    pos = ip_hash(keys, bits) if n else np.zeros(0, dtype=np.int64)
+    pending = np.arange(n)
+    # Insert in rounds: every pending key tries its current bucket, one key wins each
+    # free bucket, the others move one bucket on. A key's probe path from its hash to
+    # its bucket is then all occupied, which is what a lookup needs.
+    while pending.size:
+        p = pos[pending]
+        free = out_slot[p] < 0
+        if free.any():
+            buckets, first = np.unique(p[free], return_index=True)
+            winners = pending[free][first]
+            out_slot[buckets] = slots[winners]
+            out_keys[buckets] = keys[winners]
+            won = np.zeros(n, dtype=bool)
+            won[winners] = True
+            pending = pending[~won[pending]]
+        pos[pending] = (pos[pending] + 1) & mask
     return out_keys, out_slot
 
 

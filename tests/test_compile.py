@@ -215,3 +215,27 @@ def test_a_label_change_is_incremental():
     assert compiler.full_compiles == 1 and compiler.incremental_changes == 1
     same_answers(compiler.tables(2), compile_tables(cset, everything, 2), random_packets(cset, 500, seed=3))
     same_answers(compiler.tables(2), compile_tables(cset, everything, 2), packets_touching(cset, [pod.ref], random.Random(1)))
+
+
+def test_address_hash_finds_every_key_and_only_those():
+    from fastpath.tables import build_ip_hash, ip_hash
+
+    rng = np.random.default_rng(1)
+    keys = ip_keys([ipaddress.ip_address("198.18.0.0") + int(i) for i in rng.choice(1 << 17, 3000, replace=False)])
+    keys = np.vstack([keys, ip_keys([ipaddress.ip_address("2001:db8::1"), ipaddress.ip_address("::")])])
+    slots = np.arange(len(keys), dtype=np.int32) + 7
+    hkeys, hslot = build_ip_hash(keys, slots)
+    cap = len(hslot)
+    assert cap & (cap - 1) == 0 and (hslot < 0).sum() >= cap // 2
+    bits = cap.bit_length() - 1
+
+    def lookup(key):
+        h = int(ip_hash(key.reshape(1, 16), bits)[0])
+        while hslot[h] >= 0:
+            if (hkeys[h] == key).all():
+                return int(hslot[h])
+            h = (h + 1) & (cap - 1)
+        return None
+
+    assert [lookup(k) for k in keys] == slots.tolist()
+    assert lookup(ip_keys(["198.19.255.255"])[0]) is None
