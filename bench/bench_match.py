@@ -23,7 +23,6 @@ import pytest
 from bench.conftest import report, world_for
 from control.reference import ReferenceEvaluator
 from fastpath import match
-from fastpath.tables import key_to_ip
 from tests.worlds import PACKET_PROTOS, random_packets
 
 POLICIES = (10, 1000, 10000)
@@ -58,7 +57,6 @@ def test_lookups(benchmark, policies, batch):
     benchmark.group = f"judge batch {batch}"
     result = benchmark(match.judge, tables, src, dst, proto, dport)
     assert result.allowed.shape == (batch,)
-    assert key_to_ip(src[0]) is not None
     rate = batch / benchmark.stats.stats.median  # the median resists a busy machine
     RATES[(policies, batch)] = rate
     base = reference_rate(policies)

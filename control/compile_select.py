@@ -15,7 +15,6 @@ DESIGN.md section 1; this module only changes how many objects are judged per ca
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
@@ -292,10 +291,3 @@ class AddressSpace:
 
 def all_ip_blocks(cset: ClusterSet) -> list[IPBlock]:
     return [peer.ip_block for p in cset.policies() for d in (INGRESS, EGRESS) for r in p.rules(d) for peer in r.peers if peer.ip_block is not None]
-
-
-def parse_ip(text) -> Optional[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None

@@ -127,7 +127,6 @@ def test_ipv6_blocks_do_not_contain_ipv4_addresses():
 def mutate(cset, rng, count: int) -> list[str]:
     """Random pod changes of the kinds the incremental path handles; returns refs."""
     import dataclasses
-    import random as _random
 
     from tests.worlds import LABELS
 
@@ -159,7 +158,6 @@ def mutate(cset, rng, count: int) -> list[str]:
             pod = dataclasses.replace(pod, ports=tuple(reversed(pod.ports)))
         state.pods[(pod.namespace, pod.name)] = pod
         refs.append(pod.ref)
-    assert isinstance(rng, _random.Random)
     return refs
 
 
@@ -183,8 +181,6 @@ def packets_touching(cset, refs, rng):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_incremental_pod_changes_match_a_full_compile(seed):
-    import random
-
     rng = random.Random(seed)
     cset = random_world(seed, clusters=3, pods_per_cluster=60, policies_per_cluster=15)
 
