@@ -289,7 +289,11 @@ class World:
         if not valid:
             return None
         ns, name = self.rng.choice(valid)
-        self.policies[cluster][(ns, name)] = self._pool_policy(cluster, ns, name)
+        old = self.policies[cluster][(ns, name)]
+        doc = old
+        while doc == old:  # the same spec again would be no change to wait for
+            doc = self._pool_policy(cluster, ns, name)
+        self.policies[cluster][(ns, name)] = doc
         self._write(cluster, "NetworkPolicy")
         return f"policy {cluster}/{ns}/{name} rewritten"
 
@@ -433,25 +437,26 @@ def memory_growth(samples: list[dict[str, int]]) -> dict:
     if len(samples) < 3:
         return {"samples": len(samples), "processes": {}, "total": None}
     third = len(samples) // 3
-    first, last = samples[:third], samples[-third:]
+    first, middle, last = samples[:third], samples[third:-third], samples[-third:]
 
     def mean(group, key=None):
         vals = [sum(s.values()) if key is None else s[key] for s in group if key is None or key in s]
         return statistics.fmean(vals) if vals else None
 
-    def entry(a, b):
-        return {"first_kb": round(a), "last_kb": round(b), "growth_kb": round(b - a),
-                "growth_pct": round(100.0 * (b - a) / a, 2) if a else None}
+    def entry(a, m, b):
+        # The middle third shows whether growth levels off (warm-up) or keeps on (a leak).
+        return {"first_kb": round(a), "middle_kb": round(m) if m is not None else None, "last_kb": round(b),
+                "growth_kb": round(b - a), "growth_pct": round(100.0 * (b - a) / a, 2) if a else None}
 
     procs = {}
     for key in sorted({k for s in samples for k in s}):
-        a, b = mean(first, key), mean(last, key)
+        a, m, b = mean(first, key), mean(middle, key), mean(last, key)
         if a is not None and b is not None:
-            procs[key] = entry(a, b)
+            procs[key] = entry(a, m, b)
     by_role: dict[str, list] = {}
     for key, e in procs.items():
         by_role.setdefault(key.rsplit(":", 1)[1], []).append(e["growth_kb"])
-    return {"samples": len(samples), "processes": procs, "total": entry(mean(first), mean(last)),
+    return {"samples": len(samples), "processes": procs, "total": entry(mean(first), mean(middle), mean(last)),
             "max_growth_kb_by_role": {r: max(v) for r, v in sorted(by_role.items())}}
 
 
@@ -609,8 +614,9 @@ def summary(result: dict) -> str:
     mem = result["memory"]
     if mem.get("total"):
         t = mem["total"]
-        lines.append(f"memory ({mem['samples']} samples, first vs last third): all processes {t['first_kb'] / 1024:.1f} -> "
-                     f"{t['last_kb'] / 1024:.1f} MiB ({t['growth_kb']:+d} kB); largest growth by role: "
+        lines.append(f"memory ({mem['samples']} samples, means of first, middle and last third): all processes "
+                     f"{t['first_kb'] / 1024:.1f} -> {t['middle_kb'] / 1024:.1f} -> {t['last_kb'] / 1024:.1f} MiB "
+                     f"({t['growth_kb']:+d} kB); largest growth by role: "
                      + ", ".join(f"{r} {g:+d} kB" for r, g in mem["max_growth_kb_by_role"].items()))
     for key in ("error", "interrupted"):
         if key in result:

@@ -35,6 +35,16 @@ def test_written_manifests_load_back_as_the_world(tmp_path):
         assert _strip(got.clusters[name].namespaces) == _strip(state.namespaces)
 
 
+def test_every_change_changes_what_the_daemons_read(tmp_path):
+    """A change that rewrote a file with the same contents would leave the daemons
+    nothing to act on, and the soak waiting for a revision that never comes."""
+    world = soak.World(soak.SoakConfig(clusters=2, policies_per_cluster=3, seed=5), str(tmp_path / "w"))
+    for _ in range(200):
+        before = {c: [world._docs(c, k) for k in soak.FILES] for c in world.dirs}
+        world.change()
+        assert any(before[c] != [world._docs(c, k) for k in soak.FILES] for c in world.dirs)
+
+
 def test_changes_touch_the_files_and_invalid_policies_fail_closed(tmp_path):
     world = soak.World(soak.SoakConfig(clusters=2, seed=3), str(tmp_path / "w"))
     before = {path: os.stat(path).st_ino for _, d in world.specs for path in (os.path.join(d, f) for f in soak.FILES.values())}
@@ -53,7 +63,7 @@ def test_changes_touch_the_files_and_invalid_policies_fail_closed(tmp_path):
 def test_memory_growth_compares_first_and_last_third():
     samples = [{"n:daemon": 100, "n:worker": 50}] * 3 + [{"n:daemon": 110, "n:worker": 50}] * 3 + [{"n:daemon": 130, "n:worker": 60}] * 3
     growth = soak.memory_growth(samples)
-    assert growth["processes"]["n:daemon"] == {"first_kb": 100, "last_kb": 130, "growth_kb": 30, "growth_pct": 30.0}
+    assert growth["processes"]["n:daemon"] == {"first_kb": 100, "middle_kb": 110, "last_kb": 130, "growth_kb": 30, "growth_pct": 30.0}
     assert growth["processes"]["n:worker"]["growth_kb"] == 10
     assert growth["total"]["growth_kb"] == 40
     assert growth["max_growth_kb_by_role"] == {"daemon": 30, "worker": 10}
