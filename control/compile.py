@@ -35,35 +35,69 @@ import numpy as np
 from fastpath.tables import PolicyTables, build_ip_hash, ip_key, proto_index_table
 
 from .compile_direction import Direction, PortSpace, RuleIds
-from .compile_select import EGRESS, INGRESS, AddressSpace, PodIndex, all_ip_blocks
-from .model import ClusterSet, Pod
+from .compile_select import EGRESS, INGRESS, AddressSpace, PodIndex, policy_ip_blocks, selector_peer_matches
+from .model import ClusterSet, Pod, Policy
 
 logger = logging.getLogger(__name__)
 
 Local = Callable[[Pod], bool]
 
 
-def compile_tables(cset: ClusterSet, local: Local, revision: int) -> PolicyTables:
+def compile_tables(cset: ClusterSet, local: Local, revision: int, clusters=None) -> PolicyTables:
     """Compile ``cset`` for the endpoints ``local`` accepts (this node's pods; every
-    pod for an offline whole-clusterset view)."""
-    return Compiler(cset, local).tables(revision)
+    pod for an offline whole-clusterset view), enforcing the policies of ``clusters``
+    (None: every cluster's)."""
+    return Compiler(cset, local, clusters=clusters).tables(revision)
 
 
 class Compiler:
-    """Compiles a cluster set and keeps what it needs to follow pod changes cheaply."""
+    """Compiles a cluster set and keeps what it needs to follow changes cheaply.
 
-    def __init__(self, cset: ClusterSet, local: Local, compact_after: int = 2000):
+    ``clusters`` names the clusters whose policies this node can enforce (the daemon:
+    its own cluster, rule M3); None means every cluster. Policies of other clusters
+    take no part at all — not in the tables, not in what a change costs — and pods of
+    other clusters are never local endpoints."""
+
+    def __init__(self, cset: ClusterSet, local: Local, compact_after: int = 2000, clusters=None):
         self.cset = cset
-        self.local = local
+        self._local = local
+        self.clusters = None if clusters is None else frozenset(clusters)
         self.compact_after = compact_after
         self.full_compiles = 0
         self.incremental_changes = 0
         self._build()
 
+    def enforces(self, policy: Policy) -> bool:
+        return self.clusters is None or policy.cluster in self.clusters
+
+    def local(self, pod: Pod) -> bool:
+        return (self.clusters is None or pod.cluster in self.clusters) and bool(self._local(pod))
+
     def rebuild(self, cset: ClusterSet) -> None:
-        """Full compile of ``cset`` (after policy, namespace, cluster or option changes)."""
+        """Full compile of ``cset`` (after namespace, cluster or option changes)."""
         self.cset = cset
         self._build()
+
+    def update(self, cset: ClusterSet, changes) -> str:
+        """Follow ``changes`` (a ``control.store.Changes``: pod references, namespace
+        keys, policy references, ``everything``) from the last compiled cluster set to
+        ``cset`` by the cheapest correct path. Returns the path taken: ``"none"``
+        (nothing this node enforces changed: the tables stand), ``"incremental"`` or
+        ``"full"``."""
+        if changes.everything or changes.namespaces:
+            self.rebuild(cset)
+            return "full"
+        policies = [ref for ref in changes.policies if self.clusters is None or ref.split("/", 1)[0] in self.clusters]
+        if not changes.pods and not policies:
+            self.cset = cset
+            return "none"
+        before = self.full_compiles
+        if changes.pods:
+            self.pods_changed(cset, changes.pods)
+        if policies and self.full_compiles == before:
+            self.policies_changed(cset, policies)
+        self.cset = cset
+        return "full" if self.full_compiles != before else "incremental"
 
     def pods_changed(self, cset: ClusterSet, refs) -> None:
         """The pods ``refs`` (``cluster/namespace/name``) were added, changed or removed
@@ -76,12 +110,15 @@ class Compiler:
             pod = cset.pod(ref)
             alive = pod is not None and pod.can_take_part
             i = self.identity_of.get(ref)
+            if i is not None:
+                self.dirty.add(i)
             if not alive:
                 if i is not None:
                     addresses_changed = True
                     self.identities[i] = None
                     self.id_keys[i] = ()
                     self.is_local[i] = False
+                    self.has_ip[i] = False
                     for d in self.directions.values():
                         d.update_slot(self, m + i, None, False)
                 continue
@@ -91,21 +128,111 @@ class Compiler:
                 return
             if i is None:
                 i = self.identity_of[ref] = len(self.identities)
+                self.dirty.add(i)
                 self.identities.append(pod)
                 self.id_keys.append(())
                 self.is_local = np.append(self.is_local, False)
+                self.has_ip = np.append(self.has_ip, False)
+                self.pod_interval = np.append(self.pod_interval, 0)
                 for d in self.directions.values():
                     d.grow(m + len(self.identities))
             self.identities[i] = pod
-            keys, is_local = tuple(ip_key(ip) for ip in pod.ips), bool(self.local(pod))
+            keys, is_local = tuple(ip_key(ip) for ip in pod.ips), self.local(pod)
             if keys != self.id_keys[i] or is_local != self.is_local[i]:
                 addresses_changed = True  # a label change leaves the address table as it is
             self.id_keys[i] = keys
             self.is_local[i] = is_local
+            interval = self.interval_of(pod)
+            self.has_ip[i], self.pod_interval[i] = interval >= 0, max(interval, 0)
             for d in self.directions.values():
                 d.update_slot(self, m + i, pod, bool(self.is_local[i]))
         if addresses_changed:
             self._address_table()
+        self._count_change()
+
+    def policies_changed(self, cset: ClusterSet, refs) -> None:
+        """The policies ``refs`` were added, changed or removed in ``cset``, and
+        nothing else changed. Only what they touch is recomputed: their peer columns
+        (which can split atoms) and the classes of the local endpoints of their
+        namespaces. Falls back to a full compile when one brings an ipBlock boundary
+        or a named port the tables cannot tell apart yet."""
+        self.cset = cset
+        changes = []
+        for ref in refs:
+            cluster, ns, name = ref.split("/", 2)
+            state = cset.clusters.get(cluster)
+            new = state.policies.get((ns, name)) if state is not None else None
+            old = self.policies.get(ref)
+            if (self.clusters is not None and cluster not in self.clusters) or new == old:
+                continue
+            changes.append((ref, old, new))
+        if not changes:
+            return
+        fresh = [new for _, _, new in changes if new is not None]
+        if not self._can_add(fresh):
+            logger.debug("A policy brings an ipBlock boundary or a named port not compiled yet: full compile")
+            self._build()
+            return
+        old_of_new = self.ports.add_rules([r for p in fresh for d in self.directions if d in p.types for r in p.rules(d)])
+        if old_of_new is not None:
+            for d in self.directions.values():
+                d.remap_port_atoms(old_of_new)
+        namespaces = set()
+        for ref, old, new in changes:
+            for d in self.directions.values():
+                d.remove_policy(ref)
+                if new is not None and d.direction in new.types:
+                    d.add_policy(self, new)
+            namespaces.add((old or new).cluster + "/" + (old or new).namespace)
+            if new is None:
+                self.policies.pop(ref, None)
+            else:
+                self.policies[ref] = new
+        self._reclassify(namespaces)
+        self._count_change()
+
+    def _can_add(self, policies: list[Policy]) -> bool:
+        """Can these policies be added without recutting the address space or adding
+        a named-port context?"""
+        for policy in policies:
+            for d in self.directions.values():
+                if d.direction in policy.types and not d.knows_named_ports(policy):
+                    return False
+            for block in policy_ip_blocks(policy):
+                if not self.space.has_boundaries_of(block):
+                    return False
+        return True
+
+    def _reclassify(self, namespaces: set[str]) -> None:
+        """Re-derive the class of every local endpoint in ``namespaces``."""
+        m = self.space.size
+        for i in np.flatnonzero(self.is_local).tolist():
+            pod = self.identities[i]
+            if pod is None or f"{pod.cluster}/{pod.namespace}" not in namespaces:
+                continue
+            labels = self.cset.effective_pod_labels(pod)
+            for d in self.directions.values():
+                d.class_of_slot[m + i] = d.class_of(self, pod, labels, int(d.ctx_of_slot[m + i]))
+
+    def column_values(self, policy: Policy, peer) -> np.ndarray:
+        """``bool[slots]``: which slots one peer column matches, now. The pod index is
+        the last full compile's: identities changed since then are asked one by one."""
+        m, n = self.space.size, len(self.identities)
+        out = np.zeros(m + n, dtype=bool)
+        if peer.ip_block is not None:
+            bm = self.space.block_mask(peer.ip_block)
+            out[:m] = bm
+            out[m:] = self.has_ip & bm[self.pod_interval]
+            return out
+        out[m: m + self.index.n] = self.index.selector_peer(policy, peer)
+        cset = self.cset
+        for i in self.dirty:
+            pod = self.identities[i]
+            out[m + i] = pod is not None and selector_peer_matches(
+                cset, policy, peer, pod, cset.effective_pod_labels(pod), cset.effective_namespace_labels(pod.cluster, pod.namespace))
+        return out
+
+    def _count_change(self) -> None:
         self.incremental_changes += 1
         if self.incremental_changes >= self.compact_after:
             self._build()
@@ -123,11 +250,14 @@ class Compiler:
         self.identities: list[Pod | None] = [p for p in cset.pods() if p.can_take_part]
         self.identity_of = {p.ref: i for i, p in enumerate(self.identities)}
         self.id_keys = [tuple(ip_key(ip) for ip in p.ips) for p in self.identities]
+        #: Identities changed since this build (the pod index does not know them).
+        self.dirty: set[int] = set()
+        self.policies = {p.ref: p for p in cset.policies() if self.enforces(p)}
         self.index = PodIndex(cset, self.identities)
-        self.space = AddressSpace(all_ip_blocks(cset))
+        self.space = AddressSpace([b for p in self.policies.values() for b in policy_ip_blocks(p)])
         keys, self.has_ip = self.index.primary_keys()
         self.pod_interval = np.where(self.has_ip, self.space.interval_of(keys), 0)
-        self.is_local = np.fromiter((bool(self.local(p)) for p in self.identities), dtype=bool, count=len(self.identities))
+        self.is_local = np.fromiter((self.local(p) for p in self.identities), dtype=bool, count=len(self.identities))
         self.rule_ids = RuleIds()
         self.directions = {d: Direction(d, self) for d in (EGRESS, INGRESS)}
         resolved = [

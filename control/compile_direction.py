@@ -80,15 +80,32 @@ class PortSpace:
 
     def __init__(self, rules: list[Rule], resolved: list[tuple[str, np.ndarray]]):
         cuts = {0, 1 << 16, 2 << 16, 3 << 16}
+        self._rule_cuts(cuts, rules)
+        self._named_cuts(cuts, resolved)
+        self._cuts = sorted(cuts)
+        self._cut_set = set(self._cuts)
+        self.bounds = np.asarray(self._cuts, dtype=np.int32)
+
+    @staticmethod
+    def _rule_cuts(cuts: set, rules: list[Rule]) -> None:
         for rule in rules:
             for spec in rule.ports:
                 if isinstance(spec.port, int):
                     base = PROTO_BY_NAME[spec.protocol] << 16
                     cuts.update((base | spec.port, base | ((spec.end_port or spec.port) + 1)))
-        self._named_cuts(cuts, resolved)
-        self._cuts = sorted(cuts)
-        self._cut_set = set(self._cuts)
-        self.bounds = np.asarray(self._cuts, dtype=np.int32)
+
+    def add_rules(self, rules: list[Rule]) -> np.ndarray | None:
+        """Cut at the numeric ports of ``rules`` too. Returns, when that made new
+        atoms, the old atom each new one lies in (None: nothing changed)."""
+        cuts = set(self._cuts)
+        self._rule_cuts(cuts, rules)
+        if len(cuts) == len(self._cuts):
+            return None
+        new = sorted(cuts)
+        old_of_new = np.searchsorted(self.bounds, np.asarray(new, dtype=np.int64), side="right") - 1
+        self._cuts, self._cut_set = new, set(new)
+        self.bounds = np.asarray(new, dtype=np.int32)
+        return old_of_new
 
     @staticmethod
     def _named_cuts(cuts: set, resolved: list[tuple[str, np.ndarray]]) -> None:
@@ -141,31 +158,42 @@ class Direction:
         self.direction = direction
         self.egress = direction == "Egress"
         c = compiler
-        self.policies: list[Policy] = policies_for(c.cset, direction)
+        # Policies are append-only: a removed one stays (no class names it any more), a
+        # changed one is removed and appended, so indices and rule numbers stay valid.
+        self.policies: list[Policy] = [p for p in policies_for(c.cset, direction) if c.enforces(p)]
+        #: Live policies: reference → index.
+        self.alive: dict[str, int] = {p.ref: k for k, p in enumerate(self.policies)}
         # Rules in the order they are tried, each with its peer columns.
         self.rules: list[tuple[Policy, int, Rule]] = [(p, ri, r) for p in self.policies for ri, r in enumerate(p.rules(direction))]
         self.rule_start = np.cumsum([0] + [len(p.rules(direction)) for p in self.policies]).tolist()
         self.columns: list[tuple[Policy, Peer]] = []
-        column_of: dict[tuple, int] = {}
-        self.rule_columns: list[list[int] | None] = []
-        for policy, _, rule in self.rules:
-            if not rule.peers:
-                self.rule_columns.append(None)
-                continue
-            cols = []
-            for peer in rule.peers:
-                key = self._column_key(c.index, policy, peer)
-                if key not in column_of:
-                    column_of[key] = len(self.columns)
-                    self.columns.append((policy, peer))
-                cols.append(column_of[key])
-            self.rule_columns.append(cols)
+        self.column_of: dict[tuple, int] = {}
+        self.rule_columns: list[list[int] | None] = [self._columns_of(c, policy, rule) for policy, _, rule in self.rules]
         self.named = sorted({(s.port, s.protocol) for _, _, r in self.rules for s in r.ports if isinstance(s.port, str)})
-        name_idx = {n: k for k, n in enumerate(self.named)}
+        self.name_idx = {n: k for k, n in enumerate(self.named)}
         #: Per rule, (port entry, named-port column) of its named ports.
-        self.named_specs = [
-            [(q, name_idx[(s.port, s.protocol)]) for q, s in enumerate(r.ports) if isinstance(s.port, str)] for _, _, r in self.rules
-        ]
+        self.named_specs = [self._named_specs_of(r) for _, _, r in self.rules]
+
+    def _columns_of(self, c, policy: Policy, rule: Rule) -> list[int] | None:
+        """The peer columns of one rule, adding the columns not seen yet."""
+        if not rule.peers:
+            return None
+        cols = []
+        for peer in rule.peers:
+            key = self._column_key(c.index, policy, peer)
+            if key not in self.column_of:
+                self.column_of[key] = len(self.columns)
+                self.columns.append((policy, peer))
+            cols.append(self.column_of[key])
+        return cols
+
+    def _named_specs_of(self, rule: Rule) -> list[tuple[int, int]]:
+        return [(q, self.name_idx[(s.port, s.protocol)]) for q, s in enumerate(rule.ports) if isinstance(s.port, str)]
+
+    @staticmethod
+    def order(policy: Policy) -> tuple:
+        """The order policies are tried in (see ``policies_for``)."""
+        return (policy.cluster, policy.namespace, policy.name)
 
     @staticmethod
     def _column_key(index: PodIndex, policy: Policy, peer: Peer) -> tuple:
@@ -235,6 +263,7 @@ class Direction:
         self.class_of_slot[m + iso] = inverse + 1
         self.class_policies = [None] + [np.flatnonzero(sel[iso[f]]) for f in first]
         self.class_ctx = [None] + [int(ctx_of_slot[m + iso[f]]) for f in first]
+        self.ctx_of_slot = ctx_of_slot.astype(np.int32)
         # Cells and port sets.
         self.portsets: dict[tuple, int] = {}
         self._segment_cache: dict[tuple, list] = {}
@@ -248,11 +277,16 @@ class Direction:
         self._first_cache = None  # per-build scratch: incremental changes add atoms
         # What incremental changes look up: atoms, classes and named-port contexts by key.
         self.atom_ids = {key[f].tobytes(): a for a, f in enumerate(atom_first)}
-        self.class_ids = {ckey[iso[f]].tobytes(): k + 1 for k, f in enumerate(first)}
+        self.class_ids = {self._class_key(self.class_policies[k + 1], self.class_ctx[k + 1]): k + 1 for k in range(len(first))}
         self.ctx_ids = {v.tobytes(): k for k, v in enumerate(self.ctx_values)}
         self.policies_at: dict[tuple[str, str], list[int]] = {}
         for k, policy in enumerate(self.policies):
             self.policies_at.setdefault((policy.cluster, policy.namespace), []).append(k)
+
+    def _class_key(self, policy_idx, ctx: int) -> bytes:
+        """Classes are keyed by their set of policies (and, for ingress, named ports)."""
+        key = np.sort(np.asarray(policy_idx, dtype=np.int32)).tobytes()
+        return key if self.egress else key + b"/" + np.int32(ctx).tobytes()
 
     # ------------------------------------------------------------------ incremental
 
@@ -275,28 +309,35 @@ class Direction:
                     ns_labels = cset.effective_namespace_labels(pod.cluster, pod.namespace)
                 bits[k] = selector_peer_matches(cset, policy, peer, pod, labels, ns_labels)
         packed = np.packbits(bits)
+        ctx = self._ctx_of(pod)
+        self.ctx_of_slot[slot] = ctx
+        key = packed.tobytes() + (np.int32(ctx).tobytes() if self.egress else b"")
+        atom = self.atom_ids.get(key)
+        if atom is None:
+            atom = self._new_atom(c, packed, ctx, key)
+        self.atom_of_slot[slot] = atom
+        self.class_of_slot[slot] = self.class_of(c, pod, labels, ctx) if local else 0
+
+    def _ctx_of(self, pod) -> int:
+        """The named-port context of a pod (how it resolves every named port)."""
         named = np.asarray([-1 if (v := pod.named_port(n, p)) is None else v for n, p in self.named], dtype=np.int32)
         ctx = self.ctx_ids.get(named.tobytes())
         if ctx is None:
             ctx = self.ctx_ids[named.tobytes()] = len(self.ctx_values)
             self.ctx_values = np.vstack([self.ctx_values, named[None]])
-        ctx_bytes = np.int32(ctx).tobytes()
-        key = packed.tobytes() + (ctx_bytes if self.egress else b"")
-        atom = self.atom_ids.get(key)
-        if atom is None:
-            atom = self._new_atom(c, packed, ctx, key)
-        self.atom_of_slot[slot] = atom
-        cls = 0
-        if local:
-            chosen = [k for k in self.policies_at.get((pod.cluster, pod.namespace), ()) if self.policies[k].pod_selector.matches(labels)]
-            if chosen:
-                row = np.zeros(len(self.policies), dtype=bool)
-                row[chosen] = True
-                ckey = np.packbits(row).tobytes() + (b"" if self.egress else ctx_bytes)
-                cls = self.class_ids.get(ckey)
-                if cls is None:
-                    cls = self._new_class(c, np.asarray(chosen), ctx, ckey)
-        self.class_of_slot[slot] = cls
+        return ctx
+
+    def class_of(self, c, pod, labels, ctx: int) -> int:
+        """The class of a local endpoint: the policies selecting it (0: none)."""
+        chosen = [k for k in self.policies_at.get((pod.cluster, pod.namespace), ()) if self.policies[k].pod_selector.matches(labels)]
+        if not chosen:
+            return 0
+        key = self._class_key(chosen, ctx)
+        cls = self.class_ids.get(key)
+        if cls is None:
+            chosen.sort(key=lambda k: self.order(self.policies[k]))
+            cls = self._new_class(c, np.asarray(chosen), ctx, key)
+        return cls
 
     def _new_atom(self, c, packed: np.ndarray, ctx: int, key: bytes) -> int:
         atom = len(self.atom_bits)
@@ -339,12 +380,85 @@ class Direction:
         self.class_ids[key] = cls
         return cls
 
+    # ------------------------------------------------------------------ policy changes
+
+    def remove_policy(self, ref: str) -> Policy | None:
+        """Forget a policy: no class made from now on names it. Its rules and columns
+        stay (unused) until the next full compile. Returns it, None if unknown."""
+        k = self.alive.pop(ref, None)
+        if k is None:
+            return None
+        policy = self.policies[k]
+        self.policies_at[(policy.cluster, policy.namespace)].remove(k)
+        return policy
+
+    def add_policy(self, c, policy: Policy) -> None:
+        """Append a policy, its rules and the peer columns not seen yet; the atoms the
+        new columns split are split (existing classes never name the new columns, so a
+        split atom keeps its cells). The caller re-derives the classes it touches.
+        Its named ports must be known already (:meth:`knows_named_ports`)."""
+        k = len(self.policies)
+        self.policies.append(policy)
+        self.alive[policy.ref] = k
+        self.policies_at.setdefault((policy.cluster, policy.namespace), []).append(k)
+        before = len(self.columns)
+        for ri, rule in enumerate(policy.rules(self.direction)):
+            self.rules.append((policy, ri, rule))
+            self.rule_columns.append(self._columns_of(c, policy, rule))
+            self.named_specs.append(self._named_specs_of(rule))
+        self.rule_start.append(len(self.rules))
+        if len(self.columns) > before:
+            self._split_atoms(c, [c.column_values(pol, peer) for pol, peer in self.columns[before:]], before)
+
+    def knows_named_ports(self, policy: Policy) -> bool:
+        return all((s.port, s.protocol) in self.name_idx
+                   for r in policy.rules(self.direction) for s in r.ports if isinstance(s.port, str))
+
+    def _split_atoms(self, c, values: list[np.ndarray], first_col: int) -> None:
+        """Add peer columns ``first_col..``, given each column's value per slot."""
+        ncol = len(self.columns)
+        width = (ncol + 7) // 8
+        if width > self.atom_bits.shape[1]:
+            pad = np.zeros((len(self.atom_bits), width - self.atom_bits.shape[1]), dtype=np.uint8)
+            self.atom_bits = np.hstack([self.atom_bits, pad])
+        new = np.stack(values, axis=1)
+        key = np.hstack([as_bytes(self.atom_of_slot.astype(np.int32).reshape(-1, 1)), np.packbits(new, axis=1)])
+        first, inverse = unique_rows(key)
+        target = np.empty(len(first), dtype=np.int32)
+        claimed: set[int] = set()
+        added: list[int] = []  # parent atom of each new atom
+        for u, s in enumerate(first.tolist()):
+            a = int(self.atom_of_slot[s])
+            if a in claimed:
+                target[u] = len(self.atom_bits) + len(added)
+                added.append(a)
+            else:
+                claimed.add(a)
+                target[u] = a
+        if added:
+            parents = np.asarray(added)
+            self.atom_bits = np.vstack([self.atom_bits, self.atom_bits[parents]])
+            self.atom_ctx = np.append(self.atom_ctx, self.atom_ctx[parents])
+            self.cells = np.hstack([self.cells, self.cells[:, parents]])
+        for u, s in enumerate(first.tolist()):
+            for col in (np.flatnonzero(new[s]) + first_col).tolist():
+                self.atom_bits[target[u], col // 8] |= np.uint8(1 << (7 - col % 8))
+        self.atom_of_slot = target[inverse]
+        tail = (lambda a: np.int32(self.atom_ctx[a]).tobytes()) if self.egress else (lambda a: b"")
+        self.atom_ids = {self.atom_bits[a].tobytes() + tail(a): a for a in range(len(self.atom_bits))}
+
+    def remap_port_atoms(self, old_of_new: np.ndarray) -> None:
+        """The port atoms were cut finer: new atom ``j`` lies in old atom ``old_of_new[j]``."""
+        self.port_rows = [row[old_of_new] for row in self.port_rows]
+        self._segment_cache.clear()
+
     def grow(self, slots: int) -> None:
         """Make room for identities added since the build."""
         extra = slots - len(self.class_of_slot)
         if extra > 0:
             self.class_of_slot = np.concatenate([self.class_of_slot, np.zeros(extra, np.int32)])
             self.atom_of_slot = np.concatenate([self.atom_of_slot, np.zeros(extra, self.atom_of_slot.dtype)])
+            self.ctx_of_slot = np.concatenate([self.ctx_of_slot, np.zeros(extra, np.int32)])
 
     def _rules_of(self, policy_idx: np.ndarray) -> list[int]:
         """Rule ids of the given policies, in the order they are tried."""

@@ -281,6 +281,10 @@ class AddressSpace:
         self._masks[block] = mask
         return mask
 
+    def has_boundaries_of(self, block: IPBlock) -> bool:
+        """Is ``block`` a union of intervals already (no new cut needed)?"""
+        return all(v in self.position for net in (block.cidr, *block.excepts) for v in _net_range(net))
+
     def interval_of(self, keys: np.ndarray) -> np.ndarray:
         """``int64[n]`` interval of each ``uint8[n, 16]`` key."""
         if len(keys) == 0:
@@ -289,5 +293,9 @@ class AddressSpace:
         return np.searchsorted(self._sorted, q, side="right") - 1
 
 
+def policy_ip_blocks(policy: Policy) -> list[IPBlock]:
+    return [peer.ip_block for d in (INGRESS, EGRESS) for r in policy.rules(d) for peer in r.peers if peer.ip_block is not None]
+
+
 def all_ip_blocks(cset: ClusterSet) -> list[IPBlock]:
-    return [peer.ip_block for p in cset.policies() for d in (INGRESS, EGRESS) for r in p.rules(d) for peer in r.peers if peer.ip_block is not None]
+    return [b for p in cset.policies() for b in policy_ip_blocks(p)]

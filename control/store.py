@@ -12,6 +12,12 @@ invalid policy is replaced by ``objects.fail_closed_policy``; invalid pods and
 namespaces keep their last valid version or, when new, take no part. Every rejected
 object stays listed in ``errors`` until it is fixed or deleted.
 
+Change tracking: between two snapshots the store records what changed (pods by
+reference, namespaces, policies, and whether anything wider did: a cluster revoked or
+back, see :class:`Changes`), so the compiler can follow with the cheapest correct
+recompile instead of a full one. Rule M8 conflicts are kept per address as pods come
+and go, not recomputed over every pod per snapshot.
+
 Rule M9: a remote cluster that cannot be reached keeps its last-known state in force
 (fail-static) until ``stale_after`` (when set) revokes it: its objects then vanish from
 snapshots, so its pods are unknown addresses that only ipBlock peers can match. The
@@ -50,6 +56,34 @@ class ObjectError:
             "cluster": self.cluster, "kind": self.kind, "object": self.key, "source": self.source,
             "field": self.field, "error": self.message, "in_force": self.in_force,
         }
+
+
+@dataclass
+class Changes:
+    """What changed in force between two :meth:`Store.take_changes` calls.
+
+    ``pods`` are pod references (``cluster/namespace/name``), ``namespaces``
+    ``(cluster, name)`` pairs, ``policies`` policy references. ``everything`` says that
+    something not listed per object changed (a cluster revoked by ``stale-after`` or
+    back, the first lists): only a full recompile is correct then."""
+
+    pods: set = field(default_factory=set)
+    namespaces: set = field(default_factory=set)
+    policies: set = field(default_factory=set)
+    everything: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.everything or self.pods or self.namespaces or self.policies)
+
+    def merge(self, other: "Changes") -> None:
+        self.pods |= other.pods
+        self.namespaces |= other.namespaces
+        self.policies |= other.policies
+        self.everything |= other.everything
+
+    def summary(self) -> dict:
+        return {"pods": len(self.pods), "namespaces": len(self.namespaces), "policies": len(self.policies),
+                "everything": self.everything}
 
 
 @dataclass
@@ -136,6 +170,7 @@ class ClusterSink:
         if table.get(tkey) == value:
             return False
         table[tkey] = value
+        self._record(kind, tkey)
         return True
 
     def _reject(self, kind: str, key: tuple, tkey: Any, obj: Mapping, source: str, err: InvalidObject) -> bool:
@@ -147,12 +182,14 @@ class ClusterSink:
             in_force = "last-valid"
             if table.get(tkey) is not self.valid_policies[tkey]:
                 table[tkey] = self.valid_policies[tkey]
+                self._record(kind, tkey)
                 changed = True
         elif kind == "NetworkPolicy":
             stand_in = objects.fail_closed_policy(obj, self.name, source, err)
             in_force = "fail-closed" if stand_in is not None else "none"
             if stand_in is not None and table.get(tkey) != stand_in:
                 table[tkey] = stand_in
+                self._record(kind, tkey)
                 changed = True
         else:
             in_force = "last-valid" if tkey in table else "none"
@@ -165,7 +202,23 @@ class ClusterSink:
         tkey = key[0] if kind == "Namespace" else key
         if kind == "NetworkPolicy":
             self.valid_policies.pop(tkey, None)
-        return self._table(kind).pop(tkey, None) is not None
+        if tkey not in self._table(kind):
+            return False
+        self._record(kind, tkey)
+        del self._table(kind)[tkey]
+        return True
+
+    def _record(self, kind: str, tkey: Any) -> None:
+        """Note a change in force (before it is made: a pod's old addresses are read)."""
+        changes = self.store.pending
+        if kind == "Pod":
+            ref = f"{self.name}/{tkey[0]}/{tkey[1]}"
+            changes.pods.add(ref)
+            self.store.addresses.forget(ref)
+        elif kind == "Namespace":
+            changes.namespaces.add((self.name, tkey))
+        else:
+            changes.policies.add(f"{self.name}/{tkey[0]}/{tkey[1]}")
 
     def _touch(self, changed: bool) -> None:
         self.status.events += 1
@@ -205,6 +258,7 @@ class ClusterSink:
             changed |= self._remove(kind, key)
         if kind not in self.status.listed:
             self.status.listed.add(kind)
+            self.store.pending.everything = True
             changed = True  # readiness changed: a snapshot must say so
         self._touch(changed)
 
@@ -242,6 +296,7 @@ class ClusterSink:
         was_stale = st.stale
         st.connected, st.disconnected_since, st.stale = True, None, False
         if was_stale:
+            self.store.pending.everything = True
             self.store.changed()
 
     def down(self, error: str) -> None:
@@ -278,6 +333,10 @@ class Store:
         self.on_change = on_change
         self.sinks: dict[str, ClusterSink] = {}
         self.version = 0  # bumped on every change in force
+        #: Changes since the last :meth:`take_changes`.
+        self.pending = Changes(everything=True)
+        #: Rule M8: which pods claim each address (kept as pods change).
+        self.addresses = _Addresses(self.sinks)
         self._batch_depth = 0
         self._batch_dirty = False
 
@@ -330,11 +389,17 @@ class Store:
             left = st.disconnected_since + self.stale_after - now
             if left <= 0:
                 st.stale = True
+                self.pending.everything = True
                 logger.warning("Cluster %s: unreachable for %.0fs, its state is revoked (stale-after)", sink.name, now - st.disconnected_since)
                 self.changed()
             else:
                 next_due = left if next_due is None else min(next_due, left)
         return next_due
+
+    def take_changes(self) -> Changes:
+        """The changes since the last call (the first call reports ``everything``)."""
+        changes, self.pending = self.pending, Changes()
+        return changes
 
     def snapshot(self, revision: int) -> Snapshot:
         cset = ClusterSet(options=self.options)
@@ -343,10 +408,55 @@ class Store:
                 cset.clusters[name] = ClusterState(name)
             else:
                 cset.clusters[name] = ClusterState(name, dict(sink.namespaces), dict(sink.pods), dict(sink.policies))
-        return Snapshot(revision, cset, ip_conflicts(cset), self.version)
+        return Snapshot(revision, cset, self.addresses.conflicts(cset), self.version)
 
     def errors(self) -> list[ObjectError]:
         return [e for sink in self.sinks.values() for e in sink.error_list()]
+
+
+class _Addresses:
+    """Address → the pods claiming it, followed pod by pod, so that a snapshot finds
+    the rule M8 conflicts without walking every pod: a pod that changes is forgotten
+    and learnt again, from the store, at the next snapshot."""
+
+    def __init__(self, sinks: dict[str, ClusterSink]):
+        self.sinks = sinks
+        self.owners: dict[Any, set[str]] = {}
+        self.claims: dict[str, tuple] = {}  # ref -> the addresses it claims
+        self.shared: set = set()  # addresses with more than one owner
+        self.unlearned: set[str] = set()
+
+    def forget(self, ref: str) -> None:
+        self.unlearned.add(ref)
+        for ip in self.claims.pop(ref, ()):
+            owners = self.owners.get(ip)
+            if owners is not None:
+                owners.discard(ref)
+                if len(owners) < 2:
+                    self.shared.discard(ip)
+                if not owners:
+                    del self.owners[ip]
+
+    def conflicts(self, cset: ClusterSet) -> dict[str, list[str]]:
+        """Rule M8 over the pods in force in ``cset`` (revoked clusters have none)."""
+        for ref in self.unlearned:
+            cluster, ns, name = ref.split("/", 2)
+            sink = self.sinks.get(cluster)
+            pod = sink.pods.get((ns, name)) if sink is not None else None
+            if pod is not None and pod.can_take_part and pod.ips:
+                self.claims[ref] = tuple(pod.ips)
+                for ip in pod.ips:
+                    owners = self.owners.setdefault(ip, set())
+                    owners.add(ref)
+                    if len(owners) > 1:
+                        self.shared.add(ip)
+        self.unlearned.clear()
+        out = {}
+        for ip in self.shared:
+            refs = sorted(r for r in self.owners[ip] if cset.pod(r) is not None)
+            if len({r.split("/", 1)[0] for r in refs}) > 1:
+                out[str(ip)] = refs
+        return out
 
 
 def ip_conflicts(cset: ClusterSet) -> dict[str, list[str]]:

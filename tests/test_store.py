@@ -192,3 +192,43 @@ def test_unnamed_object_is_reported_not_crashing():
     sink.upsert("Pod", {"kind": "Pod", "metadata": {}}, "somewhere.yaml")
     [err] = store.errors()
     assert err.source == "somewhere.yaml" and err.field == "metadata.name"
+
+
+def test_changes_name_what_changed_between_two_takes():
+    store = Store()
+    sink = listed(store, "c1", world() + [deny_all()])
+    assert store.take_changes().everything  # the first lists
+    assert not store.take_changes()
+    sink.upsert("Pod", make_pod("x", "a", "198.18.0.1", {"app": "zz"}), "w")
+    sink.upsert("NetworkPolicy", allow_from_b(), "w")
+    sink.delete("NetworkPolicy", deny_all())
+    sink.upsert("Namespace", make_namespace("x", team="blue"), "w")
+    sink.upsert("Pod", make_pod("x", "b", "198.18.0.2", {"app": "b"}), "test:b")  # as in force: no change
+    changes = store.take_changes()
+    assert not changes.everything
+    assert changes.pods == {"c1/x/a"} and changes.namespaces == {("c1", "x")}
+    assert changes.policies == {"c1/x/allow-b", "c1/x/deny"}
+    assert not store.take_changes()
+
+
+def test_a_revoked_cluster_is_a_change_of_everything():
+    clock = FakeClock()
+    store = Store(Options(), stale_after=1.0, clock=clock)
+    listed(store, "c1", world()).status.local = True
+    remote = listed(store, "c2", [make_namespace("x")])
+    store.take_changes()
+    remote.down("gone")
+    clock.now += 2
+    store.check_stale()
+    assert store.take_changes().everything
+
+
+def test_conflicts_follow_pod_changes():
+    store = Store()
+    listed(store, "c1", world())
+    remote = listed(store, "c2", [make_namespace("x"), make_pod("x", "z", "198.18.0.1")])
+    assert store.snapshot(1).conflicts == {"198.18.0.1": ["c1/x/a", "c2/x/z"]}
+    remote.upsert("Pod", make_pod("x", "z", "198.18.0.2"), "w")
+    assert store.snapshot(2).conflicts == {"198.18.0.2": ["c1/x/b", "c2/x/z"]}
+    remote.delete("Pod", make_pod("x", "z", "198.18.0.2"))
+    assert store.snapshot(3).conflicts == {}
