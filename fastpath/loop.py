@@ -33,6 +33,7 @@ plain numpy buffer (:class:`BufferFrames`: fuzzing, tests, replay).
 from __future__ import annotations
 
 import logging
+import os
 import select
 import time
 from typing import Callable
@@ -184,9 +185,9 @@ class Pipeline:
         self._judge_proto = arr("judge_proto", "uint8_t *", batch, np.uint8)
         self._judge_dport = arr("judge_dport", "uint16_t *", batch, np.uint16)
         self._learn_idx = arr("learn_idx", "uint32_t *", batch, np.uint32)
-        self._tx_addrs = arr("tx_addrs", "uint64_t *", (nports, batch), np.uint64)
-        self._tx_lens = arr("tx_lens", "uint32_t *", (nports, batch), np.uint32)
-        self._tx_count = arr("tx_count", "uint32_t *", nports, np.uint32)
+        self.tx_addrs = arr("tx_addrs", "uint64_t *", (nports, batch), np.uint64)
+        self.tx_lens = arr("tx_lens", "uint32_t *", (nports, batch), np.uint32)
+        self.tx_count = arr("tx_count", "uint32_t *", nports, np.uint32)
         self._flood_idx = arr("flood_idx", "uint32_t *", batch, np.uint32)
         self._drop_addrs = arr("drop_addrs", "uint64_t *", batch, np.uint64)
         return c
@@ -249,6 +250,15 @@ class Pipeline:
         """
         if n == 0:
             return []
+        floods = self.decide(buf, addrs, lens, in_port, n, pool)
+        return [(q, self.tx_addrs[q, :cnt], self.tx_lens[q, :cnt])
+                for q, cnt in enumerate(self.tx_count.tolist()) if cnt] + floods
+
+    def decide(self, buf: np.ndarray, addrs: np.ndarray, lens: np.ndarray,
+               in_port: np.ndarray, n: int, pool) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """:meth:`process` without assembling the unicast lists: afterwards port
+        ``q`` has ``tx_count[q]`` frames to send in ``tx_addrs[q]``/``tx_lens[q]``
+        (rows of arrays this object reuses).  Returns the flooded sends."""
         args, c = self._args, self._c
         a_buf = args["buf"]
         if buf is not a_buf.obj:
@@ -284,13 +294,10 @@ class Pipeline:
         else:
             lib.mcnp_pipe_finish(c, p_buf, buf_len, p_addrs, p_lens, p_in, n, now,
                                  ffi.NULL, ffi.NULL, ffi.NULL, 0)
-        sends = [(q, self._tx_addrs[q, :cnt], self._tx_lens[q, :cnt])
-                 for q, cnt in enumerate(self._tx_count.tolist()) if cnt]
-        if c.n_flood:
-            sends += self._flood(addrs, lens, in_port, c.n_flood, pool)
+        floods = self._flood(addrs, lens, in_port, c.n_flood, pool) if c.n_flood else []
         if c.n_drop:
             pool.free(self._drop_addrs[:c.n_drop])
-        return sends
+        return floods
 
     def _learn(self, in_port: np.ndarray, count: int, now: int) -> None:
         """Slow path: insert the MACs classify found new (or moved off the uplink)."""
@@ -364,6 +371,7 @@ class Loop:
         self._poll = select.poll()
         for port in self.ports:
             self._poll.register(port.fd, select.POLLIN)
+        self._rings = _Rings(self.ports, self._addrs, self._lens, self.pipeline)
         self.closed = False
 
     @property
@@ -372,19 +380,14 @@ class Loop:
 
     def step(self) -> int:
         """Receive one batch from all ports, decide it, transmit; returns frames received."""
-        n = 0
-        share = max(1, self.batch // len(self.ports))
-        for i, port in enumerate(self.ports):
-            got = port.rx_into(self._addrs, self._lens, offset=n,
-                               max=min(share if i < len(self.ports) - 1 else self.batch - n,
-                                       self.batch - n))
-            if got:
-                self._in_port[n:n + got] = i
-                n += got
+        n = self._rings.receive(self._in_port)
         if n == 0:
             return 0
-        for port_index, addrs, lens in self.pipeline.process(
-                self.umem.buf, self._addrs, self._lens, self._in_port, n, self.umem):
+        pipeline = self.pipeline
+        floods = pipeline.decide(self.umem.buf, self._addrs, self._lens, self._in_port, n,
+                                 self.umem)
+        self._rings.send(pipeline.tx_count.tolist())
+        for port_index, addrs, lens in floods:
             self.ports[port_index].tx(addrs, lens)
         return n
 
@@ -428,3 +431,54 @@ class Loop:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _Rings:
+    """The per-batch ring calls of :class:`Loop`, straight into ``fastpath._xsk``.
+
+    ``Port.rx_into``/``Port.tx`` check their arguments and build cffi
+    pointers on every call (~3 us each here); the loop passes the same arrays
+    every batch, so the pointers are made once and the C batch functions are
+    called directly.  Semantics are exactly those of ``rx_into``/``tx``.
+    """
+
+    def __init__(self, ports, addrs: np.ndarray, lens: np.ndarray, pipeline: Pipeline):
+        from fastpath._xsk import ffi as xffi, lib as xlib
+        self._lib = xlib
+        self._ports = ports
+        self._c = [port._c for port in ports]
+        self._addrs = xffi.from_buffer("uint64_t[]", addrs)
+        self._lens = xffi.from_buffer("uint32_t[]", lens)
+        self._batch = min(len(addrs), len(lens))
+        self._share = max(1, self._batch // len(ports))
+        self._tx = [(xffi.cast("uint64_t *", pipeline.tx_addrs[q].ctypes.data),
+                     xffi.cast("uint32_t *", pipeline.tx_lens[q].ctypes.data))
+                    for q in range(len(ports))]
+        self._keep = (addrs, lens, pipeline.tx_addrs, pipeline.tx_lens)
+
+    def receive(self, in_port: np.ndarray) -> int:
+        """Gather one batch from every port (a fair share each, the last port the
+        rest); writes each frame's port index into ``in_port``."""
+        n, last = 0, len(self._c) - 1
+        for i, port in enumerate(self._c):
+            room = self._batch - n
+            got = self._lib.mcnp_rx_batch(port, self._addrs + n, self._lens + n,
+                                          room if i == last else min(self._share, room))
+            if got > 0:
+                in_port[n:n + got] = i
+                n += got
+            elif got < 0:
+                self._fail(i, got, "receiving")
+        return n
+
+    def send(self, counts: list[int]) -> None:
+        """Transmit ``counts[q]`` frames of the pipeline's TX list for port q."""
+        for q, count in enumerate(counts):
+            if count:
+                rc = self._lib.mcnp_tx_batch(self._c[q], self._tx[q][0], self._tx[q][1], count)
+                if rc < 0:
+                    self._fail(q, rc, "transmitting")
+
+    def _fail(self, i: int, rc: int, what: str) -> None:
+        from fastpath.xsk import XskError
+        raise XskError(-rc, f"{what} on {self._ports[i].ifname}: {os.strerror(-rc)}")

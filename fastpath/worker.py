@@ -57,7 +57,8 @@ class Dataplane:
     the current one).  Keyword options: ``cpu`` pins the worker to one CPU;
     ``batch``, ``frames``, ``ct_capacity``, ``ct_timeouts`` (state name ->
     seconds), ``xdp_mode`` tune the loop; ``max_rules`` sizes per-rule hit
-    counters.
+    counters.  Further keywords (``spin_us``, ``poll_ms``) go to
+    :class:`fastpath.loop.Loop`.
     """
 
     def __init__(self, ports: dict[str, str], uplink: str | None = None,
