@@ -6,7 +6,15 @@ Changes are coalesced: a change wakes the recompile task, which waits
 at most one compile in flight, so a burst of events costs one or two compiles, never
 one each. The packet loop runs in a process of its own (``fastpath.worker``), so a
 compile never slows it; the event loop stays responsive because compiling happens off
-it.
+it (a long full compile holds the GIL in slices of ``sys.getswitchinterval()``, so
+the loop still answers within a few milliseconds).
+
+Compiles are incremental (:class:`IncrementalCompile`): the store says what changed
+since the last compile, and ``control.compile.Compiler.update`` follows it — pod
+changes pod by pod, policy changes policy by policy, a full compile only for
+namespace, cluster or option changes. Only the local cluster's policies are compiled
+(rule M3: remote policies are never enforced here), so a remote policy change leaves
+the tables as they are.
 
 Tables are published only once the local cluster has been listed: before that an empty
 policy set would leave every local pod unisolated, and the dataplane drops all IP
@@ -29,7 +37,7 @@ from .config import Settings, SettingsError
 from .metrics import Metrics
 from .model import Options, Pod
 from .sources import make_source
-from .store import Snapshot, Store
+from .store import Changes, Snapshot, Store
 
 logger = logging.getLogger(__name__)
 
@@ -47,16 +55,50 @@ class TablesInfo:
     error: Optional[str] = None
     compiles: int = 0
     history: list = field(default_factory=list)  # (revision, monotonic time in force)
+    #: How revisions were compiled: "full", "incremental", "none" (tables unchanged).
+    paths: dict = field(default_factory=dict)
+    last_path: Optional[str] = None
 
 
-def default_compiler() -> Optional[Callable]:
-    """``control.compile.compile_tables`` when the compiler is installed."""
+class IncrementalCompile:
+    """The daemon's compiler: a ``control.compile.Compiler`` kept between revisions
+    and told what changed. Used from the compile thread only."""
+
+    def __init__(self, local: Callable[[Pod], bool], clusters):
+        self.local = local
+        self.clusters = frozenset(clusters)
+        self.compiler = None
+        self.tables = None
+
+    def follow(self, cset, changes: Changes, revision: int) -> tuple[Any, str]:
+        """``(tables, path)``: the tables for ``cset`` and how they were made; with
+        path ``"none"`` they are the previous tables (nothing enforced here changed)."""
+        from .compile import Compiler
+
+        if self.compiler is None:
+            self.compiler = Compiler(cset, self.local, clusters=self.clusters)
+            path = "full"
+        else:
+            path = self.compiler.update(cset, changes)
+        if path != "none" or self.tables is None:
+            self.tables = self.compiler.tables(revision)
+        return self.tables, path
+
+    def reset(self) -> None:
+        """Forget everything: the next revision is compiled in full (after a failure
+        left the compiler's state in doubt)."""
+        self.compiler = None
+        self.tables = None
+
+
+def default_compiler(settings: Settings, local: Callable[[Pod], bool]) -> Optional[IncrementalCompile]:
+    """An :class:`IncrementalCompile` when the compiler is installed."""
     try:
-        from .compile import compile_tables
+        from . import compile as _  # noqa: F401
     except ImportError as e:
         logger.warning("The policy compiler is not available (%s): serving explain only", e)
         return None
-    return compile_tables
+    return IncrementalCompile(local, [settings.local_cluster])
 
 
 def default_dataplane(settings: Settings):
@@ -80,8 +122,12 @@ class Daemon:
         for spec in settings.clusters:
             sink = self.store.add_cluster(spec.name, spec.describe(), spec.name == settings.local_cluster)
             self.sources[spec.name] = make_source(spec, sink, settings)
-        # None: the installed compiler; False: none (explain-only, as benchmarks use).
-        self.compiler = default_compiler() if compiler is None else (compiler or None)
+        # None: the installed, incremental compiler; False: none (explain-only, as
+        # benchmarks use); a callable (cset, local, revision) -> tables: a full compile
+        # per revision (tests stand in for the compiler so).
+        self.compiler = default_compiler(settings, self.local) if compiler is None else (compiler or None)
+        #: Changes not compiled yet (kept while the local cluster is not listed).
+        self._changes = Changes(everything=True)
         self._dataplane_factory = dataplane_factory or default_dataplane
         self.dataplane = None
         self.snapshot: Optional[Snapshot] = None
@@ -178,6 +224,7 @@ class Daemon:
         follow when the compiler is done."""
         revision = self.tables.revision + 1
         snapshot = self.store.snapshot(revision)
+        self._changes.merge(self.store.take_changes())
         self.snapshot = snapshot
         self.tables.revision = revision
         if snapshot.conflicts:
@@ -186,11 +233,15 @@ class Daemon:
         if self.compiler is not None and local_ready:
             loop = asyncio.get_running_loop()
             started = time.perf_counter()
+            changes, self._changes = self._changes, Changes()
             try:
-                tables = await loop.run_in_executor(self._executor, self._compile_and_publish, snapshot)
+                tables, path = await loop.run_in_executor(self._executor, self._compile_and_publish, snapshot, changes)
             except Exception as e:  # noqa: BLE001 - a compiler bug must not stop enforcement
                 self.tables.error = f"{type(e).__name__}: {e}"
                 self.metrics.compile_failed()
+                self._changes.everything = True
+                if isinstance(self.compiler, IncrementalCompile):
+                    self.compiler.reset()
                 logger.exception("Compiling revision %d failed; revision %s stays in force", revision, self.tables.compiled_revision)
             else:
                 elapsed = time.perf_counter() - started
@@ -198,6 +249,8 @@ class Daemon:
                 self.tables.compile_seconds, self.tables.compiled_at = elapsed, time.time()
                 self.tables.error = None
                 self.tables.compiles += 1
+                self.tables.last_path = path
+                self.tables.paths[path] = self.tables.paths.get(path, 0) + 1
                 self.metrics.compiled(elapsed)
         if not self._gc_frozen and self.ready:
             # The initial lists are millions of long-lived objects; without this every
@@ -208,14 +261,18 @@ class Daemon:
         async with self.rebuilt:
             self.rebuilt.notify_all()
 
-    def _compile_and_publish(self, snapshot: Snapshot):
-        """In the compile thread: compile, then hand the tables to the packet loop (a
-        copy into shared memory; too long for the event loop at scale)."""
-        tables = self.compiler(snapshot.cset, self.local, snapshot.revision)
-        if self.dataplane is not None:
+    def _compile_and_publish(self, snapshot: Snapshot, changes: Changes):
+        """In the compile thread: compile (incrementally when the compiler can), then
+        hand the tables to the packet loop (a copy into shared memory; too long for the
+        event loop at scale). Tables that did not change are not handed over again."""
+        if isinstance(self.compiler, IncrementalCompile):
+            tables, path = self.compiler.follow(snapshot.cset, changes, snapshot.revision)
+        else:
+            tables, path = self.compiler(snapshot.cset, self.local, snapshot.revision), "full"
+        if self.dataplane is not None and (path != "none" or not self.tables.published):
             self.dataplane.publish(tables, self.bindings(snapshot))
             self.tables.published = True
-        return tables
+        return tables, path
 
     async def wait_revision(self, at_least: int, compiled: bool = False, timeout: float = 10.0) -> None:
         """Until revision ``at_least`` (compiled, if asked) is in force."""
