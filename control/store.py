@@ -140,6 +140,8 @@ class ClusterSink:
         self.errors: dict[tuple, ObjectError] = {}
         #: Manifest files that cannot be parsed (their last parsed contents stay in force).
         self.file_errors: dict[str, str] = {}
+        #: Per kind, the objects of the last complete list: id → (source, key).
+        self._listed: dict[str, dict[int, tuple[str, tuple]]] = {}
 
     # ------------------------------------------------------------------ objects
 
@@ -245,8 +247,20 @@ class ClusterSink:
         # re-reports those still there.
         for ekey in [e for e in self.errors if e[0] == kind and e[1] is None]:
             self.errors.pop(ekey)
+        known = self._listed.get(kind, {})
+        listed: dict[int, tuple[str, tuple]] = {}
+        raw = self.raw[kind]
         for source, obj in items:
+            # The very object of the last list, still in force: nothing to look at (a
+            # directory reload hands back every unchanged file's objects so).
+            hit = known.get(id(obj))
+            if hit is not None and hit[0] == source and hit[1] not in seen and raw.get(hit[1], (None, None))[1] is obj:
+                seen.add(hit[1])
+                listed[id(obj)] = hit
+                continue
             key = _key(kind, obj)
+            if key is not None and key not in seen:
+                listed[id(obj)] = (source, key)
             if key is not None and key in seen:
                 err = InvalidObject(source, objects.describe(obj), "metadata.name", f"duplicate of the object in {self.raw[kind][key][0]}")
                 self.errors[(kind, None, source)] = ObjectError(self.name, kind, "/".join(key), source, err.field, err.message, "none")
@@ -254,6 +268,7 @@ class ClusterSink:
             if key is not None:
                 seen.add(key)
             changed |= self._apply(kind, obj, source, key)
+        self._listed[kind] = listed
         for key in [k for k in self.raw[kind] if k not in seen]:
             changed |= self._remove(kind, key)
         if kind not in self.status.listed:
