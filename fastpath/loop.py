@@ -141,6 +141,7 @@ class Pipeline:
         self._args = {name: _Arg() for name in ("buf", "addrs", "lens", "in_port")}
         self._c = self._make_c(batch)
         self._mac_refs = self._bound_ref = None
+        self._last_n = 0
         self._sync_switch()
 
     def _make_c(self, batch: int):
@@ -294,10 +295,16 @@ class Pipeline:
         else:
             lib.mcnp_pipe_finish(c, p_buf, buf_len, p_addrs, p_lens, p_in, n, now,
                                  ffi.NULL, ffi.NULL, ffi.NULL, 0)
+        self._last_n = n
         floods = self._flood(addrs, lens, in_port, c.n_flood, pool) if c.n_flood else []
         if c.n_drop:
             pool.free(self._drop_addrs[:c.n_drop])
         return floods
+
+    @property
+    def reasons(self) -> np.ndarray:
+        """The last batch's reason (index into ``counters.REASONS``) per frame."""
+        return self._keep["reason"][:self._last_n]
 
     def _learn(self, in_port: np.ndarray, count: int, now: int) -> None:
         """Slow path: insert the MACs classify found new (or moved off the uplink)."""
@@ -457,13 +464,27 @@ class _Rings:
         self._keep = (addrs, lens, pipeline.tx_addrs, pipeline.tx_lens)
 
     def receive(self, in_port: np.ndarray) -> int:
-        """Gather one batch from every port (a fair share each, the last port the
-        rest); writes each frame's port index into ``in_port``."""
-        n, last = 0, len(self._c) - 1
+        """Gather one batch from every port and write each frame's port index
+        into ``in_port``.  Each port first gets a fair share of the batch; room
+        the others left is then offered again to the ports that filled theirs,
+        so one busy port still gets whole batches."""
+        n, share = 0, self._share
+        full = []
         for i, port in enumerate(self._c):
-            room = self._batch - n
-            got = self._lib.mcnp_rx_batch(port, self._addrs + n, self._lens + n,
-                                          room if i == last else min(self._share, room))
+            want = min(share, self._batch - n)
+            got = self._lib.mcnp_rx_batch(port, self._addrs + n, self._lens + n, want)
+            if got > 0:
+                in_port[n:n + got] = i
+                n += got
+                if got == want:
+                    full.append(i)
+            elif got < 0:
+                self._fail(i, got, "receiving")
+        for i in full:
+            if n >= self._batch:
+                break
+            got = self._lib.mcnp_rx_batch(self._c[i], self._addrs + n, self._lens + n,
+                                          self._batch - n)
             if got > 0:
                 in_port[n:n + got] = i
                 n += got
