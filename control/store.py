@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from operator import itemgetter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional
 
@@ -140,6 +141,8 @@ class ClusterSink:
         self.errors: dict[tuple, ObjectError] = {}
         #: Manifest files that cannot be parsed (their last parsed contents stay in force).
         self.file_errors: dict[str, str] = {}
+        #: The documents of the last directory reload: id of object → (source, object).
+        self._last_docs: Optional[dict[int, tuple[str, Any]]] = None
         #: Per kind, the objects of the last complete list: id → (source, key).
         self._listed: dict[str, dict[int, tuple[str, tuple]]] = {}
 
@@ -280,6 +283,9 @@ class ClusterSink:
     def replace_all(self, docs: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
         """A complete set of every kind (a manifest directory reload). Other kinds are
         ignored; a ClusterProperty is checked against the configured name (rule M1)."""
+        docs = docs if isinstance(docs, list) else list(docs)
+        if self._reload_by_difference(docs):
+            return
         by_kind: dict[str, list] = {k: [] for k in KINDS}
         declared = None
         for source, obj in docs:
@@ -295,6 +301,44 @@ class ClusterSink:
         with self.store.batch():  # one change notification, one recompile per reload
             for kind in KINDS:
                 self.replace_kind(kind, by_kind[kind])
+
+    def _reload_by_difference(self, docs: list) -> bool:
+        """A directory reload where few objects changed: apply just those (a reload
+        hands back every unchanged file's very same objects, so identity tells them
+        apart without looking at each). Returns False, having done nothing, when the
+        full path is needed: the first reload, a ClusterProperty or unknown object
+        among the differences, a name two objects claim, or pending duplicate errors."""
+        current = dict(zip(map(id, map(itemgetter(1), docs)), docs))
+        previous, self._last_docs = self._last_docs, current
+        if previous is None or len(current) != len(docs) or not all(k in self.status.listed for k in KINDS):
+            return False
+        added = [current[i] for i in current.keys() - previous.keys()]
+        gone = [previous[i] for i in previous.keys() - current.keys()]
+        if len(added) + len(gone) > 64 or any(e[1] is None for e in self.errors):
+            return False
+        plan = []
+        for source, obj in added + gone:
+            kind = obj.get("kind") if _is_mapping(obj) else None
+            key = _key(kind, obj) if kind in KINDS else None
+            if key is None:
+                return False
+            plan.append((kind, key, source, obj))
+        added_keys = {(kind, key) for kind, key, _, _ in plan[: len(added)]}
+        if len(added_keys) != len(added):
+            return False
+        for kind, key, source, obj in plan[: len(added)]:
+            prev = self.raw[kind].get(key)
+            if prev is not None and id(prev[1]) in current:
+                return False  # another object still listed has that name: a duplicate
+        changed = False
+        with self.store.batch():
+            for kind, key, source, obj in plan[len(added):]:
+                if (kind, key) not in added_keys:
+                    changed |= self._remove(kind, key)
+            for kind, key, source, obj in plan[: len(added)]:
+                changed |= self._apply(kind, obj, source, key)
+            self._touch(changed)
+        return True
 
     def set_declared_name(self, value: Optional[str]) -> None:
         """Rule M1: a ClusterProperty naming another cluster is an error we report."""

@@ -232,3 +232,26 @@ def test_conflicts_follow_pod_changes():
     assert store.snapshot(2).conflicts == {"198.18.0.2": ["c1/x/b", "c2/x/z"]}
     remote.delete("Pod", make_pod("x", "z", "198.18.0.2"))
     assert store.snapshot(3).conflicts == {}
+
+
+def test_a_reload_with_few_differences_ends_as_a_full_reload_would():
+    """Reloads hand back unchanged objects as the very same dicts; only the others are
+    looked at — with the same outcome as reloading everything."""
+    base = [(f"f:{o['metadata']['name']}", o) for o in world() + [deny_all(), allow_from_b()]]
+    steps = [
+        base,
+        base[:1] + [("f:a", make_pod("x", "a", "198.18.0.1", {"app": "zz"}))] + base[2:],  # a changed
+        base[:1] + base[2:-1],  # a and allow-b gone
+        base[:1] + base[2:-1] + [("f:new", make_policy("x", "new", {}, ingress=[]))],  # added
+        base[:1] + base[2:-1] + [("f:new", make_policy("x", "new", {}, ingress=[])), ("f:dup", base[2][1])],  # a duplicate
+        base[:1] + base[2:-1] + [("f:new", broken(make_policy("x", "new", {}, ingress=[])))],  # new one broken
+    ]
+    store, fresh = Store(), Store()
+    sink, full = store.add_cluster("c1"), fresh.add_cluster("c1")
+    full._reload_by_difference = lambda docs: False  # always the full path
+    for docs in steps:
+        sink.replace_all(docs)
+        full.replace_all(list(docs))
+        a, b = store.snapshot(1).cset.clusters["c1"], fresh.snapshot(1).cset.clusters["c1"]
+        assert (a.pods, a.policies, a.namespaces) == (b.pods, b.policies, b.namespaces)
+        assert sorted(e.to_json()["object"] for e in store.errors()) == sorted(e.to_json()["object"] for e in fresh.errors())
