@@ -41,6 +41,11 @@ from .store import Changes, Snapshot, Store
 
 logger = logging.getLogger(__name__)
 
+#: At start, the first compile waits this long after the local cluster is listed for
+#: the remote clusters' first lists, so that a cold start costs one full compile, not
+#: one per cluster (the dataplane admits nothing until its first tables either way).
+FIRST_COMPILE_GRACE = 2.0
+
 
 @dataclass
 class TablesInfo:
@@ -126,6 +131,8 @@ class Daemon:
         # benchmarks use); a callable (cset, local, revision) -> tables: a full compile
         # per revision (tests stand in for the compiler so).
         self.compiler = default_compiler(settings, self.local) if compiler is None else (compiler or None)
+        self._local_ready_at: Optional[float] = None
+        self._grace_timer: Optional[asyncio.TimerHandle] = None
         #: Changes not compiled yet (kept while the local cluster is not listed).
         self._changes = Changes(everything=True)
         self._dataplane_factory = dataplane_factory or default_dataplane
@@ -230,6 +237,17 @@ class Daemon:
         if snapshot.conflicts:
             self.metrics.conflicts(snapshot.conflicts)
         local_ready = self.settings.local_cluster not in self.store.not_ready
+        if local_ready and self._local_ready_at is None:
+            self._local_ready_at = time.monotonic()
+        if local_ready and self.tables.compiled_revision is None and self.store.not_ready:
+            wait = self._local_ready_at + FIRST_COMPILE_GRACE - time.monotonic()
+            if wait > 0:  # remote clusters still listing: compile once they are
+                if self._grace_timer is None:
+                    self._grace_timer = asyncio.get_running_loop().call_later(wait, self._wake)
+                local_ready = False
+        if local_ready and self._grace_timer is not None:
+            self._grace_timer.cancel()
+            self._grace_timer = None
         if self.compiler is not None and local_ready:
             loop = asyncio.get_running_loop()
             started = time.perf_counter()
