@@ -1,7 +1,7 @@
 """Shared set-up for the benchmarks under bench/.
 
-* Files named ``bench_*.py`` are collected as test modules (``./dev bench`` runs
-  ``pytest bench``), without renaming them ``test_*``.
+* Files named ``bench_*.py`` are collected as test modules (``python_files`` in
+  pyproject.toml; ``./dev bench`` runs ``pytest bench``).
 * ``world_for(policies)`` builds, once per run, the benchmark world: 10,002 pods in 3
   clusters (``tests.worlds.random_world``, 30 nodes per cluster) with the given number
   of policies, and compiles it for one node of cluster-1 — the node's ~110 pods are
@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import time
 
-import pytest
 
 from tests.worlds import Shape, random_world
 
@@ -22,12 +21,6 @@ PODS_PER_CLUSTER = 3334
 CLUSTERS = 3
 NODES_PER_CLUSTER = 30
 LOCAL_NODE = ("cluster-1", "cluster-1-node-0")
-
-
-def pytest_collect_file(file_path, parent):
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
-        return pytest.Module.from_parent(parent, path=file_path)
-    return None
 
 
 def local_node(pod) -> bool:

@@ -8,7 +8,6 @@ import contextlib
 import logging
 import os
 
-import pytest
 import yaml
 
 from control.config import ClusterSource, Settings
