@@ -9,6 +9,10 @@ node of cluster-1 (bench/conftest.py).
 * label change — ``Compiler.pods_changed`` for one pod whose labels changed, plus
   ``Compiler.tables`` (new tables in hand), alternating local and remote pods.
   Baseline: a full compile of the same world. Target ≤ 50 ms.
+* policy change — ``Compiler.update`` for one local policy added, rewritten or removed
+  (random rules, as the world's), plus ``Compiler.tables``, compiling only
+  cluster-1's policies as the daemon does; the share that fell back to a full compile
+  (a new ipBlock boundary or named port) is printed. Baseline: a full compile.
 * memory — ``PolicyTables.nbytes``. Target ≤ 256 MiB.
 
 Run: ``.venv/bin/python -m pytest bench/bench_compile.py --benchmark-only -s``.
@@ -83,3 +87,53 @@ def test_table_memory(benchmark, policies):
     benchmark.extra_info.update(bytes=tables.nbytes, **tables.meta)
     report("table memory", policies=policies, mib=tables.nbytes / 2**20, pack_ms=benchmark.stats.stats.mean * 1e3,
            rules=len(tables.rules))
+
+
+class _PolicyChange:
+    """What ``control.store.Changes`` carries for one policy."""
+
+    def __init__(self, ref: str):
+        self.pods, self.namespaces, self.policies, self.everything = set(), set(), {ref}, False
+
+
+def test_policy_change(benchmark):
+    from tests.worlds import Shape, _Gen
+
+    cset = world(1000)
+    state = cset.clusters["cluster-1"]
+    saved = dict(state.policies)
+    compiler = Compiler(cset, local_node, clusters={"cluster-1"})
+    rng = random.Random(11)
+    gen = _Gen(12, Shape(clusters=3), cset.options)
+    revision = itertools.count(2)
+    paths = []
+
+    def change():
+        what = rng.choice(("add", "rewrite", "remove"))
+        if what == "add":
+            pol = dataclasses.replace(gen.policy("cluster-1", 0), name=f"bench-{rng.randrange(10**9)}")
+            state.policies[(pol.namespace, pol.name)] = pol
+        else:
+            key = rng.choice(sorted(state.policies))
+            pol = state.policies[key]
+            if what == "remove":
+                del state.policies[key]
+            else:
+                state.policies[key] = dataclasses.replace(gen.policy("cluster-1", 0), namespace=key[0], name=key[1])
+        return (pol.ref,), {}
+
+    def apply(ref):
+        paths.append(compiler.update(cset, _PolicyChange(ref)))
+        return compiler.tables(next(revision))
+
+    try:
+        benchmark.pedantic(apply, setup=change, rounds=40, iterations=1)
+    finally:
+        state.policies.clear()
+        state.policies.update(saved)  # the world is shared with other benchmarks
+    full = world_for(1000)[2]
+    secs = benchmark.stats.stats
+    benchmark.extra_info.update(seconds=secs.mean, median_seconds=secs.median, full_compile_seconds=full,
+                                paths={p: paths.count(p) for p in set(paths)})
+    report("policy change", median_ms=secs.median * 1e3, mean_ms=secs.mean * 1e3, max_ms=secs.max * 1e3,
+           full_compile_ms=full * 1e3, incremental=paths.count("incremental"), full=paths.count("full"))
