@@ -1,9 +1,10 @@
 """Connection tracking (rule S6): replies of an allowed connection are allowed.
 
-A thin layer over the C table in ``csrc/conntrack.c`` (``fastpath._ct``).  Per
-batch the packet loop calls :meth:`ConnTrack.lookup` once, judges the frames
-it reports as ``NEW`` (and ``UNTRACKED``), then calls :meth:`ConnTrack.commit`
-once for the allowed new ones.  Both are one FFI crossing each.
+A thin layer over the C table in ``csrc/conntrack.c`` (``fastpath._ct``).  The
+packet loop's C pipeline (``csrc/pipeline.c``) looks up and commits flows
+frame by frame inside its two calls per batch; :meth:`ConnTrack.lookup` and
+:meth:`ConnTrack.commit` do the same for a whole parsed batch from Python
+(one FFI crossing each), for tests and tools.
 
 When the policy tables change revision, :meth:`ConnTrack.recheck` re-judges
 the original direction of every tracked flow against the new tables in one

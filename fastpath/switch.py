@@ -1,22 +1,29 @@
 """The node's L2 switch (DESIGN §4): ports, anti-spoofing, a learned MAC table.
 
 Ports are numbered 0..P-1 in the order given; each is a *pod port* bound to
-its pod's IP addresses, or the *uplink*.  Per batch the switch answers three
-questions with a handful of numpy operations each:
+its pod's IP addresses, or the *uplink*.  Three questions are asked of every
+frame:
 
-* :meth:`Switch.spoofed` — which IP frames from pod ports carry a source
-  address that is not their pod's (dropped and counted: no workload can
-  borrow another's identity);
-* :meth:`Switch.learn` — remember which port each source MAC lives behind;
-* :meth:`Switch.forward` — the output port of each frame, or ``FLOOD`` for
-  broadcast, multicast and unknown unicast (the loop copies those to every
-  other port).
+* which IP frames from pod ports carry a source address that is not their
+  pod's (dropped and counted: no workload can borrow another's identity);
+* which port each source MAC lives behind (learning);
+* the output port of each frame, or ``FLOOD`` for broadcast, multicast and
+  unknown unicast (the loop copies those to every other port).
 
-The MAC table is kept as sorted numpy arrays, so a batch is looked up with one
-``searchsorted``; it changes only when a MAC is new or moves, which is rare,
-and then the slow path rebuilds it.  A MAC learned on a pod port does not move
-to another port until it ages out: a pod cannot pull a neighbour's traffic to
-itself by sending frames with the neighbour's MAC.
+The packet loop answers them in C (``csrc/pipeline.c``) straight from this
+object's arrays: ``bound``, ``is_pod`` and the MAC table's sorted ``macs``,
+``ports`` and ``seen``.  Those arrays are replaced, never resized in place,
+when they change (:meth:`Switch.bind`, :meth:`MacTable.update`,
+:meth:`MacTable.expire`), which is how the pipeline notices.  The numpy
+methods :meth:`Switch.spoofed`, :meth:`Switch.learn` and
+:meth:`Switch.forward` give the same answers for a batch; tests and the
+reference pipeline use them.
+
+The MAC table is kept as sorted arrays, so a lookup is a binary search; it
+changes only when a MAC is new or moves, which is rare, and then the slow
+path rebuilds it.  A MAC learned on a pod port does not move to another port
+until it ages out: a pod cannot pull a neighbour's traffic to itself by
+sending frames with the neighbour's MAC.
 """
 
 from __future__ import annotations
