@@ -204,9 +204,11 @@ class Pipeline:
             c.bound = _ptr("uint8_t *", bound)
             c.is_pod = _ptr("uint8_t *", is_pod)
             c.max_ips = bound.shape[1]
-        m = sw.macs
-        refs = (m.macs, m.ports, m.seen)
-        if self._mac_refs is None or any(a is not b for a, b in zip(refs, self._mac_refs)):
+        m, refs = sw.macs, self._mac_refs
+        if refs is None or m.macs is not refs[0] or m.ports is not refs[1] or m.seen is not refs[2]:
+            refs = (m.macs, m.ports, m.seen)
+            if (m.macs.dtype, m.ports.dtype, m.seen.dtype) != (np.uint64, np.int16, np.int64):
+                raise TypeError("MAC table arrays must be uint64 MACs, int16 ports, int64 times")
             if not (m.macs.flags.c_contiguous and m.ports.flags.c_contiguous
                     and m.seen.flags.c_contiguous):
                 m.macs, m.ports, m.seen = (np.ascontiguousarray(a) for a in refs)
