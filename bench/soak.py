@@ -646,8 +646,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg = SoakConfig(minutes=args.minutes, rounds=args.rounds, clusters=args.clusters, pods_per_cluster=args.pods_per_cluster,
                      nodes_per_cluster=args.nodes_per_cluster, policies_per_cluster=args.policies_per_cluster,
                      probes_per_round=args.probes_per_round, seed=args.seed)
-    # SIGTERM unwinds like Ctrl-C, so the testbed is always torn down.
+    # SIGTERM unwinds like Ctrl-C, so the testbed is always torn down. SIGINT is set
+    # explicitly: a shell starts background jobs with it ignored, and Python keeps that.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = args.out or os.path.join(RESULTS_DIR, f"soak-{stamp}.json")
     result = soak(cfg, log=lambda m: print(m, flush=True))
