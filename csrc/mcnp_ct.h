@@ -190,7 +190,8 @@ uint32_t mcnp_pipe_classify(struct mcnp_pipe *p, uint8_t *buf, uint64_t buf_len,
                             const int16_t *in_port, uint32_t n, uint64_t now_ns);
 
 /* Stages 5b-9: apply the judgement of the gathered frames (allowed,
- * egress, ingress: n_judge rows each; NULL when n_judge is 0), record the
+ * egress, ingress: n_judge rows each; NULL drops the gathered frames as
+ * no_tables, failing closed), record the
  * admitted new flows, count rule hits, look up output ports (after the
  * caller's MAC learning), drop hairpins, fix L4 checksums, and sort every
  * frame into tx lists, flood_idx or drop_addrs.  Counts every frame once. */

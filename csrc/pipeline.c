@@ -172,9 +172,16 @@ void mcnp_pipe_finish(struct mcnp_pipe *p, uint8_t *buf, uint64_t buf_len,
 
     if (n > p->capacity)
         n = p->capacity;
-    /* 5b. verdicts of the judged frames; admitted new flows are recorded */
-    for (k = 0; k < p->n_judge && allowed; k++) {
+    /* 5b. verdicts of the judged frames; admitted new flows are recorded.
+     * Without verdicts (a caller that did not judge) they are dropped: the
+     * loop fails closed. */
+    for (k = 0; k < p->n_judge; k++) {
         i = p->judge_idx[k];
+        if (!allowed || !egress || !ingress) {
+            p->reason[i] = MCNP_R_NO_TABLES;
+            p->alive[i] = 0;
+            continue;
+        }
         if (!allowed[k]) {
             p->reason[i] = egress[k] == -1 ? MCNP_R_DENIED_EGRESS : MCNP_R_DENIED_INGRESS;
             p->alive[i] = 0;

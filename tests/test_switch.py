@@ -187,3 +187,33 @@ def test_one_revision_per_batch_and_new_revision_between_batches(pipe):
     out, _ = send(pipe, [("a", udp("a", "b", 3)), ("a", udp("a", "b", 4, 54))])
     assert [f[34:36] for f in out[1]] == [b"\x00\x04"]
     assert pipe.counters.gauges[2] == 2  # revision gauge
+
+
+def test_a_frame_from_an_unknown_port_index_is_dropped_not_indexed(pipe):
+    pipe.set_tables(FakeTables(1, [(IP["a"], IP["b"], 17, 53)]))
+    fb = FrameBuffer([udp("a", "b")], spare=4)
+    pool = BufferFrames(fb.buf, fb.free)
+    sends = pipe.process(fb.buf, fb.addrs, fb.lens, np.array([7], np.int16), 1, pool)
+    assert sends == [] and pool.freed == [int(fb.addrs[0])]
+    assert pipe.counters.verdicts[DROP, REASON["bad_descriptor"]] == 1
+
+
+def test_pipeline_follows_the_mac_table_when_it_is_replaced(pipe):
+    pipe.set_tables(FakeTables(1, [(IP["a"], IP["b"], 17, 53)]))
+    send(pipe, [("b", arp_request(MAC["b"], IP["b"], IP["a"]))])
+    out, _ = send(pipe, [("a", udp("a", "b"))])
+    assert list(out) == [1]                       # b learned: unicast
+    pipe.switch.macs.expire(now=Clock.t + 10**15)  # everything ages out
+    assert len(pipe.switch.macs) == 0
+    out, _ = send(pipe, [("a", udp("a", "b", 1001))])
+    assert sorted(out) == [1, 2, 3]               # unknown again: flooded
+
+
+def test_flooding_with_no_other_port_is_a_counted_drop():
+    sw = Switch(["only"], uplink=0)
+    pipe = Pipeline(sw, judge=fake_judge, clock=Clock())
+    fb = FrameBuffer([arp_request(MAC["r"], IP["r"], IP["a"])], spare=4)
+    pool = BufferFrames(fb.buf, fb.free)
+    assert pipe.process(fb.buf, fb.addrs, fb.lens, np.zeros(1, np.int16), 1, pool) == []
+    assert pipe.counters.verdicts[DROP, REASON["no_destination"]] == 1
+    assert pool.freed == [int(fb.addrs[0])]
