@@ -48,11 +48,19 @@ def describe(obj: Mapping[str, Any]) -> str:
 
 
 class _Ctx:
-    """Where we are, so every error names file, object and field."""
+    """Where we are, so every error names file, object and field. The object's
+    description is made only when an error needs it (most objects are valid, and a
+    daemon's first lists parse tens of thousands of them)."""
+
+    __slots__ = ("source", "_obj")
 
     def __init__(self, source: str, obj: Mapping[str, Any]):
         self.source = source
-        self.obj = describe(obj)
+        self._obj = obj
+
+    @property
+    def obj(self) -> str:
+        return describe(self._obj)
 
     def fail(self, path: str, message: str) -> InvalidObject:
         return InvalidObject(self.source, self.obj, path, message)
@@ -62,6 +70,8 @@ class _Ctx:
 
 
 def _mapping(ctx: _Ctx, value: Any, path: str, required: bool = False) -> Mapping[str, Any]:
+    if type(value) is dict:  # parsed JSON and YAML; the ABC check below is slow
+        return value
     if value is None:
         if required:
             raise ctx.fail(path, "is required")
@@ -79,7 +89,22 @@ def _list(ctx: _Ctx, value: Any, path: str) -> list:
     return value
 
 
+#: Label keys and values already found valid (labels repeat across objects); bounded,
+#: emptied when full.
+_VALID_KEYS: set = set()
+_VALID_VALUES: set = set()
+_VALID_MAX = 1 << 16
+
+
+def _remember(cache: set, item: str) -> None:
+    if len(cache) >= _VALID_MAX:
+        cache.clear()
+    cache.add(item)
+
+
 def _label_key(ctx: _Ctx, key: Any, path: str) -> str:
+    if type(key) is str and key in _VALID_KEYS:
+        return key
     if not isinstance(key, str) or not key:
         raise ctx.fail(path, f"invalid label key {key!r}")
     prefix, _, name = key.rpartition("/")
@@ -87,19 +112,26 @@ def _label_key(ctx: _Ctx, key: Any, path: str) -> str:
         raise ctx.fail(path, f"invalid label key {key!r}: bad prefix")
     if len(name) > 63 or not _LABEL_NAME.match(name):
         raise ctx.fail(path, f"invalid label key {key!r}")
+    if type(key) is str:
+        _remember(_VALID_KEYS, key)
     return key
 
 
 def _label_value(ctx: _Ctx, value: Any, path: str) -> str:
+    if type(value) is str and value in _VALID_VALUES:
+        return value
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ctx.fail(path, f"invalid label value {value!r}")
     value = str(value)
     if len(value) > 63 or not _LABEL_VALUE.match(value):
         raise ctx.fail(path, f"invalid label value {value!r}")
+    _remember(_VALID_VALUES, value)
     return value
 
 
 def labels_of(ctx: _Ctx, value: Any, path: str) -> dict[str, str]:
+    if type(value) is dict and value.keys() <= _VALID_KEYS and all(type(v) is str and v in _VALID_VALUES for v in value.values()):
+        return dict(value)  # every label seen valid before: nothing to check or name
     return {_label_key(ctx, k, f"{path}.{k}"): _label_value(ctx, v, f"{path}.{k}") for k, v in _mapping(ctx, value, path).items()}
 
 
@@ -285,7 +317,7 @@ def pod(obj: Mapping[str, Any], cluster: str, source: str) -> Pod:
         ip = _mapping(ctx, entry, f"status.podIPs[{i}]").get("ip")
         if ip:
             raw.append(ip)
-    for text in raw:
+    for text in dict.fromkeys(raw) if all(type(t) is str for t in raw) else raw:  # podIP is podIPs[0]: parse it once
         try:
             ip = ipaddress.ip_address(text)
         except (ValueError, TypeError):

@@ -255,3 +255,32 @@ def test_a_reload_with_few_differences_ends_as_a_full_reload_would():
         a, b = store.snapshot(1).cset.clusters["c1"], fresh.snapshot(1).cset.clusters["c1"]
         assert (a.pods, a.policies, a.namespaces) == (b.pods, b.policies, b.namespaces)
         assert sorted(e.to_json()["object"] for e in store.errors()) == sorted(e.to_json()["object"] for e in fresh.errors())
+
+
+def test_labels_seen_valid_before_do_not_let_an_invalid_one_through():
+    """The parser remembers valid label keys and values (the first lists repeat them
+    thousands of times); an invalid label is rejected the same way before and after."""
+    from control import objects
+    from control.model import InvalidObject
+
+    good = make_pod("x", "a", "198.18.0.1", {"app": "a", "tier": "web"})
+    assert objects.pod(good, "c1", "t").labels == {"app": "a", "tier": "web"}
+    assert objects.pod(good, "c1", "t").labels == {"app": "a", "tier": "web"}  # from what was remembered
+    for labels, field in (({"app": "a b"}, "metadata.labels.app"), ({"app": "a", "-bad": "a"}, "metadata.labels.-bad")):
+        try:
+            objects.pod(make_pod("x", "b", "198.18.0.2", labels), "c1", "t")
+        except InvalidObject as err:
+            assert err.field == field and "Pod x/b" in str(err)
+        else:
+            raise AssertionError(f"{labels} accepted")
+    numeric = make_pod("x", "c", "198.18.0.3", {"app": 5})
+    assert objects.pod(numeric, "c1", "t").labels == {"app": "5"}
+    # podIP repeated in podIPs is one address; a bad one is named as before.
+    assert objects.pod(good, "c1", "t").ips == (ipaddress.ip_address("198.18.0.1"),)
+    bad_ip = make_pod("x", "d", "198.18.0.999", {})
+    try:
+        objects.pod(bad_ip, "c1", "t")
+    except InvalidObject as err:
+        assert err.field == "status.podIP" and "198.18.0.999" in err.message
+    else:
+        raise AssertionError("bad IP accepted")
