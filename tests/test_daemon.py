@@ -372,3 +372,29 @@ def test_the_daemon_compiles_incrementally_and_as_a_full_compile_would(tmp_path)
             assert daemon.tables.paths == {"full": fulls + 1, "incremental": 2, "none": 1}
 
     asyncio.run(main())
+
+
+def test_the_collector_is_held_off_during_the_start_and_back_after_at_most_the_limit():
+    import gc
+    import time as _time
+
+    from control.daemon import StartGc
+
+    assert gc.isenabled()
+    hold = StartGc(limit=0.2)
+    try:
+        hold.hold()
+        assert not gc.isenabled() and hold.held
+        frozen = gc.get_freeze_count()
+        junk = [[] for _ in range(1000)]  # made while held: frozen on release
+        deadline = _time.monotonic() + 5
+        while hold.held and _time.monotonic() < deadline:  # the limit releases it by itself
+            _time.sleep(0.02)
+        assert not hold.held and gc.isenabled()
+        assert gc.get_freeze_count() >= frozen + len(junk)
+        hold.release()  # a second release changes nothing
+        assert gc.isenabled()
+    finally:
+        hold.release()
+        gc.unfreeze()
+        gc.enable()
