@@ -284,12 +284,50 @@ class Compiler:
                 owners.setdefault(key, i)
         unique = sorted(k for k in owners if k not in conflicted)
         self.conflicts = len(conflicted)
+        # A conflicted address that one of this node's pods claims: as a peer it stays
+        # unknown (only ipBlock), but the local pod behind it must still be judged for
+        # its own isolation — otherwise another cluster could lift a local pod's
+        # policies by reporting its IP. ``tables()`` gives each such address a slot of
+        # its own (see ``_hybrid_slots``).
+        claimants: dict[bytes, list[int]] = {}
+        for i, keys in enumerate(self.id_keys):
+            if self.is_local[i]:
+                for key in keys:
+                    if key in conflicted:
+                        claimants.setdefault(key, []).append(i)
+        self.hybrid = sorted(claimants.items())
         keys = np.frombuffer(b"".join(unique), dtype=np.uint8).reshape(-1, 16) if unique else np.zeros((0, 16), np.uint8)
         self.ip_keys = keys.copy()
         self.ip_slot = np.fromiter((m + owners[k] for k in unique), dtype=np.int32, count=len(unique))
         self.ip_hash_keys, self.ip_hash_slot = build_ip_hash(self.ip_keys, self.ip_slot)
-        local = sorted(k for k in unique if self.is_local[owners[k]])
+        local = sorted([k for k in unique if self.is_local[owners[k]]] + [k for k, _ in self.hybrid])
         self.local_ips = np.frombuffer(b"".join(local), dtype=np.uint8).reshape(-1, 16).copy() if local else np.zeros((0, 16), np.uint8)
+
+    def _hybrid_slots(self, arrays: dict[str, np.ndarray]) -> None:
+        """Append one slot per conflicted address a local pod claims (rule M8 without
+        failing open): as the subject it takes the local claimant's class — the first
+        isolated one if several local pods claim it — and as the peer the atom of the
+        ipBlock interval the address falls in, exactly what an unknown address gets."""
+        if not self.hybrid:
+            return
+        m = self.space.size
+        bounds = self.space.bound_keys.view("S16").ravel()
+        first = len(arrays["eg_class"])
+        extra_keys, extra_slots = [], []
+        for j, (key, owners) in enumerate(self.hybrid):
+            interval = int(np.searchsorted(bounds, np.frombuffer(key, dtype="S16"), side="right")[0]) - 1
+            for d in ("eg", "in"):
+                classes = [int(arrays[f"{d}_class"][m + i]) for i in owners]
+                chosen = next((c for c in classes if c != 0), classes[0])
+                arrays[f"{d}_class"] = np.append(arrays[f"{d}_class"], np.int32(chosen))
+                arrays[f"{d}_atom"] = np.append(arrays[f"{d}_atom"], arrays[f"{d}_atom"][interval])
+            extra_keys.append(key)
+            extra_slots.append(first + j)
+        keys = np.concatenate([self.ip_keys, np.frombuffer(b"".join(extra_keys), dtype=np.uint8).reshape(-1, 16)])
+        slots = np.concatenate([self.ip_slot, np.asarray(extra_slots, dtype=np.int32)])
+        order = np.argsort(keys.view("S16").ravel(), kind="stable")
+        arrays["ip_keys"], arrays["ip_slot"] = keys[order], slots[order]
+        arrays["ip_hash_keys"], arrays["ip_hash_slot"] = build_ip_hash(arrays["ip_keys"], arrays["ip_slot"])
 
     # ------------------------------------------------------------------ output
 
@@ -307,6 +345,7 @@ class Compiler:
             **ing.arrays("in"),
             "local_ips": self.local_ips,
         }
+        self._hybrid_slots(arrays)
         arrays = {k: np.array(v, copy=True) for k, v in arrays.items()}
         meta = {
             "identities": len(self.identities),
