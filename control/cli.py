@@ -227,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--default-peer-scope", choices=("local", "clusterset"), default=None)
     r.add_argument("--no-multicluster", action="store_true", default=None)
     r.add_argument("--stale-after", metavar="DURATION", help="revoke a remote cluster's state after it has been unreachable this long (e.g. 5m)")
+    r.add_argument("--netns", metavar="NAME", help="network namespace (under /var/run/netns) of the pod ports and uplink; the packet loop enters it")
     r.set_defaults(func=cmd_run)
 
     t = sub.add_parser("testbed", help="test hosts in network namespaces")
