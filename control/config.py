@@ -73,7 +73,7 @@ def parse_duration(text: Any) -> float:
 class ClusterSource:
     """Where one cluster's objects come from.
 
-    ``kind`` is ``dir`` (a manifest directory, polled for changes), ``kubeconfig``
+    ``kind`` is ``dir`` (a manifest directory, watched for changes), ``kubeconfig``
     (``path`` and an optional ``context``) or ``in-cluster`` (the service account of the
     pod the daemon runs in)."""
 
@@ -133,10 +133,16 @@ class Settings:
     #: Network namespace the dataplane enters before attaching its ports.
     netns: Optional[str] = None
     # ---- tuning (config file only)
-    #: How often a manifest directory is checked for changes, seconds. A check is one
-    #: scandir and a stat per file (contents are read only when those change), so a
-    #: short period is cheap and keeps a local change in force within ~100 ms.
+    #: How often a manifest directory is checked for changes where inotify cannot
+    #: follow it, seconds. A check is one scandir and a stat per file (contents are
+    #: read only when those change), so a short period is cheap.
     dir_poll_interval: float = 0.05
+    #: Whether manifest directories are followed with inotify (Linux), checked on each
+    #: change instead of every ``dir_poll_interval``.
+    dir_watch: bool = True
+    #: With inotify, how often a directory is checked anyway, seconds (a safety net for
+    #: changes inotify cannot see, e.g. on network filesystems).
+    dir_rescan_interval: float = 1.0
     #: Changes arriving within this many seconds are folded into one recompile.
     coalesce_delay: float = 0.005
     #: Server-side timeout of one watch request, seconds (the watch is then resumed).
@@ -262,7 +268,7 @@ class Settings:
             out.append(f"--default-peer-scope: {self.default_peer_scope!r} is not local or clusterset")
         if self.stale_after is not None and self.stale_after <= 0:
             out.append("--stale-after: must be positive")
-        for name in ("dir_poll_interval", "backoff_initial", "backoff_max"):
+        for name in ("dir_poll_interval", "dir_rescan_interval", "backoff_initial", "backoff_max"):
             if getattr(self, name) <= 0:
                 out.append(f"{name.replace('_', '-')}: must be positive")
         if self.coalesce_delay < 0:
@@ -317,13 +323,13 @@ def _convert(key: str, value: Any) -> Any:
         return out
     if key == "stale_after":
         return None if value in (None, "", "never") else parse_duration(value)
-    if key in ("dir_poll_interval", "coalesce_delay", "backoff_initial", "backoff_max"):
+    if key in ("dir_poll_interval", "dir_rescan_interval", "coalesce_delay", "backoff_initial", "backoff_max"):
         return parse_duration(value)
     if key in ("watch_timeout", "list_page_size"):
         if isinstance(value, bool) or not isinstance(value, int):
             return int(parse_duration(value))
         return value
-    if key == "multicluster":
+    if key in ("multicluster", "dir_watch"):
         if not isinstance(value, bool):
             raise TypeError("must be true or false")
         return value

@@ -1,11 +1,12 @@
 """Cluster sources: where the store's objects come from.
 
-* :class:`DirSource` — ``dir:PATH``, a manifest directory polled for changes (stat
-  signatures every few hundred milliseconds, content hash of changed files; no inotify,
-  so it works on any filesystem and inside any namespace). Files are parsed off the
-  event loop; unchanged files keep their very same parsed dicts, so the store skips
-  them. A file that cannot be parsed keeps its last parsed contents (rule S9) and is
-  reported.
+* :class:`DirSource` — ``dir:PATH``, a manifest directory checked for changes (stat
+  signatures, content hash of changed files) when inotify says something happened in
+  it, and every ``dir_rescan_interval`` anyway; where inotify is unavailable (not
+  Linux, no instances left, a filesystem without it) every ``dir_poll_interval``.
+  Files are parsed off the event loop; unchanged files keep their very same parsed
+  dicts, so the store skips them. A file that cannot be parsed keeps its last parsed
+  contents (rule S9) and is reported.
 * :class:`KubeSource` — ``kubeconfig:PATH[#CONTEXT]`` or ``in-cluster``: per kind, list
   then watch from the list's resourceVersion with bookmarks, relist on 410 Gone,
   exponential backoff with jitter on errors. Responses are read as raw JSON
@@ -16,11 +17,15 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import errno
 import hashlib
 import json
 import logging
 import os
 import random
+import struct
+import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -45,18 +50,97 @@ class _File:
     error: Optional[str] = None
 
 
-class DirSource:
-    """A manifest directory, polled. :meth:`poll` is synchronous and may run in a thread;
-    :meth:`run` polls forever and feeds the sink on the event loop."""
+# inotify(7): what wakes a directory check. A file written in place wakes on close, a
+# file renamed over another (how editors and kubectl-like tools write) on the move.
+IN_ATTRIB, IN_CLOSE_WRITE, IN_MOVED_FROM, IN_MOVED_TO = 0x4, 0x8, 0x40, 0x80
+IN_CREATE, IN_DELETE, IN_DELETE_SELF, IN_MOVE_SELF, IN_IGNORED = 0x100, 0x200, 0x400, 0x800, 0x8000
+_WATCH_MASK = IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF
+_IN_NONBLOCK, _IN_CLOEXEC = os.O_NONBLOCK, getattr(os, "O_CLOEXEC", 0o2000000)
+_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then len bytes of name)
+_libc = None
 
-    def __init__(self, spec: ClusterSource, sink: ClusterSink, interval: float = 0.25):
+
+class DirWatch:
+    """inotify on one directory (Linux, through ctypes): a file descriptor that turns
+    readable when something in the directory changes. :meth:`open` returns None where
+    inotify is unavailable; the caller then polls."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        #: False once the directory itself went away (deleted, moved, unmounted).
+        self.alive = True
+
+    @classmethod
+    def open(cls, path: str) -> Optional["DirWatch"]:
+        global _libc
+        if not sys.platform.startswith("linux"):
+            return None
+        try:
+            if _libc is None:
+                _libc = ctypes.CDLL(None, use_errno=True)
+            fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        except (OSError, AttributeError) as e:
+            logger.debug("inotify unavailable: %s", e)
+            return None
+        if fd < 0:
+            logger.debug("inotify_init1: %s", os.strerror(ctypes.get_errno()))
+            return None
+        if _libc.inotify_add_watch(fd, os.fsencode(path), _WATCH_MASK) < 0:
+            logger.debug("inotify_add_watch %s: %s", path, os.strerror(ctypes.get_errno()))
+            os.close(fd)
+            return None
+        return cls(fd)
+
+    def drain(self) -> int:
+        """Read every pending event; returns how many there were."""
+        count = 0
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return count
+            except OSError as e:
+                if e.errno == errno.EINTR:
+                    continue
+                self.alive = False
+                return count
+            if not data:
+                return count
+            pos = 0
+            while pos + _EVENT.size <= len(data):
+                _, mask, _, length = _EVENT.unpack_from(data, pos)
+                pos += _EVENT.size + length
+                count += 1
+                if mask & (IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED):
+                    self.alive = False
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class DirSource:
+    """A manifest directory. :meth:`poll` is synchronous and may run in a thread;
+    :meth:`run` checks the directory whenever inotify reports a change (at most
+    ``rescan`` seconds apart; every ``interval`` seconds without inotify) and feeds
+    the sink on the event loop."""
+
+    def __init__(self, spec: ClusterSource, sink: ClusterSink, interval: float = 0.25,
+                 rescan: Optional[float] = 1.0, watch: bool = True):
         self.spec = spec
         self.path = spec.path or ""
         self.sink = sink
         self.interval = interval
+        self.rescan = rescan if rescan is not None else interval
+        self.watch = watch
         self._files: dict[str, _File] = {}
         self._listing: Optional[tuple] = None
         self.reloads = 0
+        #: Directory checks by cause: inotify event, timer.
+        self.wakeups = {"inotify": 0, "timer": 0}
+        self._watch: Optional[DirWatch] = None
+        self._woken: Optional[asyncio.Event] = None
 
     def _signatures(self) -> dict[str, tuple]:
         out = {}
@@ -125,10 +209,49 @@ class DirSource:
         if docs is not None:
             self.sink.replace_all(docs)
 
+    @property
+    def watched(self) -> bool:
+        """Whether inotify is following the directory now."""
+        return self._watch is not None and self._watch.alive
+
+    def _ensure_watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Follow the directory with inotify when possible (again after it was
+        replaced): set up before a check, so nothing between the two is missed."""
+        if not self.watch or self.watched:
+            return
+        self._drop_watch(loop)
+        self._watch = DirWatch.open(self.path)
+        if self._watch is not None:
+            loop.add_reader(self._watch.fd, self._on_event)
+
+    def _drop_watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._watch is not None:
+            loop.remove_reader(self._watch.fd)
+            self._watch.close()
+            self._watch = None
+
+    def _on_event(self) -> None:
+        if self._watch is not None and self._watch.drain() and self._woken is not None:
+            self._woken.set()
+
     async def run(self) -> None:
-        while True:
-            await self.step()
-            await asyncio.sleep(self.interval)
+        loop = asyncio.get_running_loop()
+        self._woken = asyncio.Event()
+        try:
+            while True:
+                self._ensure_watch(loop)
+                self._woken.clear()
+                await self.step()
+                if self._woken.is_set():
+                    self.wakeups["inotify"] += 1
+                    continue  # changed again while it was read
+                try:
+                    await asyncio.wait_for(self._woken.wait(), self.rescan if self.watched else self.interval)
+                    self.wakeups["inotify"] += 1
+                except asyncio.TimeoutError:
+                    self.wakeups["timer"] += 1
+        finally:
+            self._drop_watch(loop)
 
 
 # --------------------------------------------------------------------------- Kubernetes
@@ -331,5 +454,5 @@ def _first_line(e: BaseException) -> str:
 
 def make_source(spec: ClusterSource, sink: ClusterSink, settings: Settings):
     if spec.kind == "dir":
-        return DirSource(spec, sink, settings.dir_poll_interval)
+        return DirSource(spec, sink, settings.dir_poll_interval, settings.dir_rescan_interval, settings.dir_watch)
     return KubeSource(spec, sink, settings)

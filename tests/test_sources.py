@@ -77,6 +77,67 @@ def test_missing_directory_is_an_outage_not_a_crash(tmp_path):
     asyncio.run(main())
 
 
+def test_inotify_wakes_a_check_long_before_the_timer(tmp_path):
+    """With inotify each change is read at once; the timers are set far off, so a
+    check they made would show in ``wakeups``."""
+    d = tmp_path / "m"
+    d.mkdir()
+    store = Store()
+    sink = store.add_cluster("c1")
+    source = DirSource(ClusterSource("c1", "dir", str(d)), sink, interval=30, rescan=30)
+
+    def names():
+        return sorted(name for _, name in sink.pods)
+
+    async def main():
+        task = asyncio.create_task(source.run())
+        try:
+            await until(lambda: sink.status.ready)
+            assert source.watched
+            write_yaml(str(d / "a.yaml"), yaml.safe_dump(make_pod("x", "a", "198.18.0.1")))  # renamed in
+            await until(lambda: names() == ["a"])
+            with open(d / "b.yaml", "w") as f:  # written in place
+                f.write(yaml.safe_dump(make_pod("x", "b", "198.18.0.2")))
+            await until(lambda: names() == ["a", "b"])
+            os.remove(d / "a.yaml")
+            await until(lambda: names() == ["b"])
+            # The directory replaced by another: followed again, still without the timer.
+            os.rename(d, tmp_path / "old")
+            d.mkdir()
+            write_yaml(str(d / "c.yaml"), yaml.safe_dump(make_pod("x", "c", "198.18.0.3")))
+            source.rescan = 0.2  # the old watch saw its directory go; the next check re-arms
+            await until(lambda: names() == ["c"] and source.watched)
+            source.rescan = 30
+            write_yaml(str(d / "e.yaml"), yaml.safe_dump(make_pod("x", "e", "198.18.0.5")))
+            await until(lambda: names() == ["c", "e"], timeout=2.0)
+            assert source.wakeups["inotify"] >= 4
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert not source.watched  # the descriptor is closed with the task
+
+    asyncio.run(main())
+
+
+def test_without_inotify_the_directory_is_polled(tmp_path):
+    store = Store()
+    sink = store.add_cluster("c1")
+    source = DirSource(ClusterSource("c1", "dir", str(tmp_path)), sink, interval=0.02, rescan=30, watch=False)
+
+    async def main():
+        task = asyncio.create_task(source.run())
+        try:
+            await until(lambda: sink.status.ready)
+            write_yaml(str(tmp_path / "a.yaml"), yaml.safe_dump(make_pod("x", "a", "198.18.0.1")))
+            await until(lambda: ("x", "a") in sink.pods)
+            assert not source.watched and source.wakeups["inotify"] == 0 and source.wakeups["timer"] >= 1
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+
+
 def test_backoff_grows_with_jitter_and_resets():
     import random
 
