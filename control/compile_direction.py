@@ -513,6 +513,7 @@ class Direction:
         for u, r in enumerate(reps):
             row = first[r].tolist()
             matched = []
+            last = -1  # position in ``rules`` (the order tried) of the last matched rule
             k = 0
             for j, g in enumerate(rules):
                 if peerless[j]:
@@ -523,13 +524,15 @@ class Direction:
                     if peer == -1:
                         continue
                 matched.append((g, peer))
+                last = j
                 if not self.rules[g][2].ports:
                     break  # admits every port: later rules cannot decide anything
             if not matched:
                 ids[u] = 1
                 continue
-            last = matched[-1][0]
-            named = tuple((rules[j], q, v) for (j, q, _), v in zip(extra, row[nv:]) if v != -2 and rules[j] <= last)
+            # Compared by position, not by rule id: a policy changed incrementally is
+            # appended, so its rule ids need not follow the order the class tries them in.
+            named = tuple((rules[j], q, v) for (j, q, _), v in zip(extra, row[nv:]) if v != -2 and j <= last)
             ids[u] = self._portset_row(c, (tuple(matched), named))
         return ids[inverse]
 

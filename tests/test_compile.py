@@ -358,3 +358,34 @@ def test_policies_of_clusters_not_enforced_do_not_reach_the_tables():
     assert tables.rules and {r["policy"].split("/")[0] for r in tables.rules} == {"cluster-1"}
     # Judged alike with or without them: only cluster-1's pods are local.
     same_answers(tables, compile_tables(cset, _local, 1), random_packets(cset, 800, seed=4))
+
+
+def test_a_changed_policy_keeps_its_named_ports_when_tried_before_older_rules():
+    """A policy changed incrementally is appended, so its rules get ids above those of
+    policies tried after it (by name). A class trying the changed policy's named-port
+    rule first must still resolve that named port on the destination."""
+    import dataclasses
+
+    from control import objects
+
+    def policy_a(selector):
+        return make_policy("x", "a", selector, egress=[{"ports": [{"protocol": "SCTP", "port": "metrics"}]}], types=["Egress"])
+
+    cset = make_clusterset({"c1": [
+        make_namespace("x"),
+        make_pod("x", "client", "198.18.1.1", {"app": "c"}),
+        make_pod("x", "server", "198.18.1.2", {"app": "s"}, [("metrics", 9090, "SCTP")]),
+        policy_a({}),
+        make_policy("x", "b", {}, egress=[{"ports": [{"protocol": "SCTP", "port": 80}]}], types=["Egress"]),
+    ]})
+    compiler = Compiler(cset, everything)
+    assert judge_one(compiler.tables(1), "198.18.1.1", "198.18.1.2", proto=132, port=9090)[0] is True
+    # The same meaning under another selector: "a" is removed and appended.
+    changed = objects.network_policy(policy_a({"matchExpressions": [{"key": "app", "operator": "Exists"}]}), "c1", "test")
+    cset.clusters["c1"].policies[("x", "a")] = changed
+    assert compiler.update(cset, _Changes(policies={"c1/x/a"})) == "incremental"
+    got, want = compiler.tables(2), compile_tables(cset, everything, 2)
+    allowed, egress, _ = judge_one(got, "198.18.1.1", "198.18.1.2", proto=132, port=9090)
+    assert allowed and got.rules[egress] == {"policy": "c1/x/a", "direction": "Egress", "rule": 0, "peer": None, "port": 0}
+    assert judge_one(got, "198.18.1.1", "198.18.1.2", proto=132, port=80)[0] is True
+    same_answers(got, want, packets_touching(cset, ["c1/x/client", "c1/x/server"], random.Random(2)))
