@@ -201,6 +201,46 @@ void mcnp_pipe_finish(struct mcnp_pipe *p, uint8_t *buf, uint64_t buf_len,
                       const uint8_t *allowed, const int32_t *egress,
                       const int32_t *ingress, uint32_t revision);
 
+
+/* ---- the whole batch in one call (pipeline.c) ---------------------------- */
+
+/* The ring functions of fastpath._xsk (csrc/xsk_helpers.c), reached through
+ * pointers because they live in another extension module. */
+struct mcnp_port;
+struct mcnp_umem;
+typedef int (*mcnp_rx_fn)(struct mcnp_port *port, uint64_t *addrs, uint32_t *lens, uint32_t max);
+typedef int (*mcnp_tx_fn)(struct mcnp_port *port, const uint64_t *addrs, const uint32_t *lens,
+                          uint32_t n);
+typedef void (*mcnp_free_fn)(struct mcnp_umem *umem, const uint64_t *addrs, uint32_t n);
+
+struct mcnp_rings {
+    uint32_t n_ports;         /* == the pipeline's n_ports */
+    struct mcnp_port **ports;
+    struct mcnp_umem *umem;
+    mcnp_rx_fn rx;
+    mcnp_tx_fn tx;
+    mcnp_free_fn free;
+    uint64_t *addrs;          /* [batch] */
+    uint32_t *lens;           /* [batch] */
+    int16_t *in_port;         /* [batch] */
+    uint32_t batch;
+    int32_t error;            /* last negative errno of a ring call, 0 if none */
+    int32_t error_port;
+};
+
+/* Gather a batch from every port: a fair share each, then the room left to
+ * the ports that filled theirs.  Returns the frames received. */
+uint32_t mcnp_pipe_receive(struct mcnp_pipe *p, struct mcnp_rings *r);
+/* Transmit the TX lists left by mcnp_pipe_finish, one ring call per port. */
+void mcnp_pipe_send(struct mcnp_pipe *p, struct mcnp_rings *r);
+/* receive + classify and, when no frame needs the caller (nothing to judge,
+ * no MAC to insert), finish + send + free the drops.  Returns the frames
+ * received, negated when the caller must complete the batch itself (judge,
+ * learn, mcnp_pipe_finish, mcnp_pipe_send, free drop_addrs).  Floods are
+ * always left to the caller (n_flood). */
+int32_t mcnp_pipe_step(struct mcnp_pipe *p, struct mcnp_rings *r, uint8_t *buf,
+                       uint64_t buf_len, uint64_t now_ns);
+
 /* CDEF END */
 
 #endif /* MCNP_CT_H */

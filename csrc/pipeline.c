@@ -244,3 +244,81 @@ void mcnp_pipe_finish(struct mcnp_pipe *p, uint8_t *buf, uint64_t buf_len,
     *p->gauge_batches += 1;
     *p->gauge_frames += n;
 }
+
+/* ---- the whole batch in one call ------------------------------------------ */
+
+static void ring_error(struct mcnp_rings *r, int rc, uint32_t port)
+{
+    r->error = rc;
+    r->error_port = (int32_t)port;
+}
+
+uint32_t mcnp_pipe_receive(struct mcnp_pipe *p, struct mcnp_rings *r)
+{
+    uint32_t n = 0, i, nfull = 0, share = r->batch / (r->n_ports ? r->n_ports : 1);
+    uint32_t full[64];
+    int got;
+
+    if (share == 0)
+        share = 1;
+    for (i = 0; i < r->n_ports; i++) {
+        uint32_t want = share < r->batch - n ? share : r->batch - n, j;
+        got = r->rx(r->ports[i], r->addrs + n, r->lens + n, want);
+        if (got < 0) {
+            ring_error(r, got, i);
+            continue;
+        }
+        for (j = 0; j < (uint32_t)got; j++)
+            r->in_port[n + j] = (int16_t)i;
+        n += (uint32_t)got;
+        if ((uint32_t)got == want && want > 0 && nfull < 64)
+            full[nfull++] = i;
+    }
+    for (i = 0; i < nfull && n < r->batch; i++) {
+        uint32_t j;
+        got = r->rx(r->ports[full[i]], r->addrs + n, r->lens + n, r->batch - n);
+        if (got < 0) {
+            ring_error(r, got, full[i]);
+            continue;
+        }
+        for (j = 0; j < (uint32_t)got; j++)
+            r->in_port[n + j] = (int16_t)full[i];
+        n += (uint32_t)got;
+    }
+    return n;
+}
+
+void mcnp_pipe_send(struct mcnp_pipe *p, struct mcnp_rings *r)
+{
+    uint32_t q;
+
+    for (q = 0; q < p->n_ports && q < r->n_ports; q++) {
+        int rc;
+        if (!p->tx_count[q])
+            continue;
+        rc = r->tx(r->ports[q], p->tx_addrs + (size_t)q * p->capacity,
+                   p->tx_lens + (size_t)q * p->capacity, p->tx_count[q]);
+        if (rc < 0)
+            ring_error(r, rc, q);
+    }
+}
+
+int32_t mcnp_pipe_step(struct mcnp_pipe *p, struct mcnp_rings *r, uint8_t *buf,
+                       uint64_t buf_len, uint64_t now_ns)
+{
+    uint32_t n = mcnp_pipe_receive(p, r);
+
+    if (n == 0)
+        return 0;
+    mcnp_pipe_classify(p, buf, buf_len, r->addrs, r->lens, r->in_port, n, now_ns);
+    if (p->n_judge || p->n_learn)
+        return -(int32_t)n;
+    mcnp_pipe_finish(p, buf, buf_len, r->addrs, r->lens, r->in_port, n, now_ns,
+                     NULL, NULL, NULL, 0);
+    mcnp_pipe_send(p, r);
+    if (p->n_drop) {
+        r->free(r->umem, p->drop_addrs, p->n_drop);
+        p->n_drop = 0;
+    }
+    return (int32_t)n;
+}

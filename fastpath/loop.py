@@ -263,11 +263,7 @@ class Pipeline:
         ``q`` has ``tx_count[q]`` frames to send in ``tx_addrs[q]``/``tx_lens[q]``
         (rows of arrays this object reuses).  Returns the flooded sends."""
         args, c = self._args, self._c
-        a_buf = args["buf"]
-        if buf is not a_buf.obj:
-            a_buf.ptr = ffi.from_buffer("uint8_t[]", buf, require_writable=self.fix_checksums)
-            a_buf.obj, a_buf.size = buf, len(a_buf.ptr)
-        p_buf, buf_len = a_buf.ptr, a_buf.size
+        p_buf, buf_len = self._buffer(buf)
         p_addrs = args["addrs"].get(addrs, "uint64_t[]", np.uint64, "addrs")
         p_lens = args["lens"].get(lens, "uint32_t[]", np.uint32, "lens")
         p_in = args["in_port"].get(in_port, "int16_t[]", np.int16, "in_port")
@@ -277,9 +273,32 @@ class Pipeline:
         self._sync_switch()
         now = self.clock()
         # 1-5a in C: parse, sanity, anti-spoofing, MAC learning, conntrack
-        k = lib.mcnp_pipe_classify(c, p_buf, buf_len, p_addrs, p_lens, p_in, n, now)
+        lib.mcnp_pipe_classify(c, p_buf, buf_len, p_addrs, p_lens, p_in, n, now)
+        floods = self.complete(buf, addrs, lens, in_port, n, now, pool)
+        if c.n_drop:
+            pool.free(self._drop_addrs[:c.n_drop])
+        return floods
+
+    def _buffer(self, buf) -> tuple:
+        """cffi pointer and length of the frame buffer, remade only when it changes."""
+        a_buf = self._args["buf"]
+        if buf is not a_buf.obj:
+            a_buf.ptr = ffi.from_buffer("uint8_t[]", buf, require_writable=self.fix_checksums)
+            a_buf.obj, a_buf.size = buf, len(a_buf.ptr)
+        return a_buf.ptr, a_buf.size
+
+    def complete(self, buf, addrs, lens, in_port, n: int, now: int, pool) -> list:
+        """After ``mcnp_pipe_classify``: insert new MACs, judge, run
+        ``mcnp_pipe_finish`` (5b-9) and make the flooding copies; returns the
+        flooded sends.  Drops are left in ``drop_addrs`` for the caller."""
+        c, args = self._c, self._args
+        p_buf, buf_len = self._buffer(buf)
+        p_addrs = args["addrs"].get(addrs, "uint64_t[]", np.uint64, "addrs")
+        p_lens = args["lens"].get(lens, "uint32_t[]", np.uint32, "lens")
+        p_in = args["in_port"].get(in_port, "int16_t[]", np.int16, "in_port")
         if c.n_learn:
             self._learn(in_port, c.n_learn, now)
+        k = c.n_judge
         if k:
             # 5b. one revision judges every frame of the batch that needs it
             j = self.judge(self.tables, self._judge_src[:k], self._judge_dst[:k],
@@ -298,10 +317,12 @@ class Pipeline:
             lib.mcnp_pipe_finish(c, p_buf, buf_len, p_addrs, p_lens, p_in, n, now,
                                  ffi.NULL, ffi.NULL, ffi.NULL, 0)
         self._last_n = n
-        floods = self._flood(addrs, lens, in_port, c.n_flood, pool) if c.n_flood else []
-        if c.n_drop:
-            pool.free(self._drop_addrs[:c.n_drop])
-        return floods
+        return self.floods(addrs, lens, in_port, pool)
+
+    def floods(self, addrs, lens, in_port, pool) -> list:
+        """The flooded sends of the last finished batch (copies made from ``pool``)."""
+        count = self._c.n_flood
+        return self._flood(addrs, lens, in_port, count, pool) if count else []
 
     @property
     def reasons(self) -> np.ndarray:
@@ -380,7 +401,8 @@ class Loop:
         self._poll = select.poll()
         for port in self.ports:
             self._poll.register(port.fd, select.POLLIN)
-        self._rings = _Rings(self.ports, self._addrs, self._lens, self.pipeline)
+        self._rings = _Rings(self.ports, self.umem, self._addrs, self._lens, self._in_port)
+        self._buf, self._buf_len = self.pipeline._buffer(self.umem.buf)
         self.closed = False
 
     @property
@@ -388,14 +410,28 @@ class Loop:
         return self.pipeline.counters
 
     def step(self) -> int:
-        """Receive one batch from all ports, decide it, transmit; returns frames received."""
-        n = self._rings.receive(self._in_port)
-        if n == 0:
-            return 0
-        pipeline = self.pipeline
-        floods = pipeline.decide(self.umem.buf, self._addrs, self._lens, self._in_port, n,
-                                 self.umem)
-        self._rings.send(pipeline.tx_count.tolist())
+        """Receive one batch from all ports, decide it, transmit; returns frames received.
+
+        One C call does the whole batch unless a frame needs Python (a verdict
+        from the matcher, a new MAC); floods are always copied here."""
+        pipeline, rings, umem = self.pipeline, self._rings, self.umem
+        pipeline._sync_switch()
+        now = pipeline.clock()
+        n = lib.mcnp_pipe_step(pipeline._c, rings.c, self._buf, self._buf_len, now)
+        if n < 0:
+            n = -n
+            floods = pipeline.complete(umem.buf, self._addrs, self._lens, self._in_port, n, now,
+                                       umem)
+            lib.mcnp_pipe_send(pipeline._c, rings.c)
+            if pipeline._c.n_drop:
+                umem.free(pipeline._drop_addrs[:pipeline._c.n_drop])
+        elif n:
+            pipeline._last_n = n
+            floods = pipeline.floods(self._addrs, self._lens, self._in_port, umem)
+        else:
+            floods = ()
+        if rings.c.error:
+            rings.fail()
         for port_index, addrs, lens in floods:
             self.ports[port_index].tx(addrs, lens)
         return n
@@ -443,65 +479,40 @@ class Loop:
 
 
 class _Rings:
-    """The per-batch ring calls of :class:`Loop`, straight into ``fastpath._xsk``.
+    """The AF_XDP side of one batch for ``mcnp_pipe_step``: the ports, the UMEM
+    and the ring functions of ``fastpath._xsk`` as C pointers, made once.
 
-    ``Port.rx_into``/``Port.tx`` check their arguments and build cffi
-    pointers on every call (~3 us each here); the loop passes the same arrays
-    every batch, so the pointers are made once and the C batch functions are
-    called directly.  Semantics are exactly those of ``rx_into``/``tx``.
+    ``Port.rx_into``/``Port.tx``/``Umem.free`` wrap the same C functions and
+    check their arguments on every call (~3 us each here); the loop's arrays
+    never change, so the C pipeline calls them directly, with the semantics of
+    those methods.
     """
 
-    def __init__(self, ports, addrs: np.ndarray, lens: np.ndarray, pipeline: Pipeline):
+    def __init__(self, ports, umem, addrs: np.ndarray, lens: np.ndarray, in_port: np.ndarray):
         from fastpath._xsk import ffi as xffi, lib as xlib
-        self._lib = xlib
+
+        def address(cdata) -> int:
+            return int(xffi.cast("uintptr_t", cdata))
+
         self._ports = ports
-        self._c = [port._c for port in ports]
-        self._addrs = xffi.from_buffer("uint64_t[]", addrs)
-        self._lens = xffi.from_buffer("uint32_t[]", lens)
-        self._batch = min(len(addrs), len(lens))
-        self._share = max(1, self._batch // len(ports))
-        self._tx = [(xffi.cast("uint64_t *", pipeline.tx_addrs[q].ctypes.data),
-                     xffi.cast("uint32_t *", pipeline.tx_lens[q].ctypes.data))
-                    for q in range(len(ports))]
-        self._keep = (addrs, lens, pipeline.tx_addrs, pipeline.tx_lens)
+        c = self.c = ffi.new("struct mcnp_rings *")
+        self._port_array = ffi.new("struct mcnp_port *[]",
+                                   [ffi.cast("struct mcnp_port *", address(p._c)) for p in ports])
+        c.n_ports = len(ports)
+        c.ports = self._port_array
+        c.umem = ffi.cast("struct mcnp_umem *", address(umem._c))
+        c.rx = ffi.cast("mcnp_rx_fn", address(xffi.addressof(xlib, "mcnp_rx_batch")))
+        c.tx = ffi.cast("mcnp_tx_fn", address(xffi.addressof(xlib, "mcnp_tx_batch")))
+        c.free = ffi.cast("mcnp_free_fn", address(xffi.addressof(xlib, "mcnp_pool_free")))
+        c.addrs = _ptr("uint64_t *", addrs)
+        c.lens = _ptr("uint32_t *", lens)
+        c.in_port = _ptr("int16_t *", in_port)
+        c.batch = min(len(addrs), len(lens), len(in_port))
+        self._keep = (addrs, lens, in_port, ports, umem)
 
-    def receive(self, in_port: np.ndarray) -> int:
-        """Gather one batch from every port and write each frame's port index
-        into ``in_port``.  Each port first gets a fair share of the batch; room
-        the others left is then offered again to the ports that filled theirs,
-        so one busy port still gets whole batches."""
-        n, share = 0, self._share
-        full = []
-        for i, port in enumerate(self._c):
-            want = min(share, self._batch - n)
-            got = self._lib.mcnp_rx_batch(port, self._addrs + n, self._lens + n, want)
-            if got > 0:
-                in_port[n:n + got] = i
-                n += got
-                if got == want:
-                    full.append(i)
-            elif got < 0:
-                self._fail(i, got, "receiving")
-        for i in full:
-            if n >= self._batch:
-                break
-            got = self._lib.mcnp_rx_batch(self._c[i], self._addrs + n, self._lens + n,
-                                          self._batch - n)
-            if got > 0:
-                in_port[n:n + got] = i
-                n += got
-            elif got < 0:
-                self._fail(i, got, "receiving")
-        return n
-
-    def send(self, counts: list[int]) -> None:
-        """Transmit ``counts[q]`` frames of the pipeline's TX list for port q."""
-        for q, count in enumerate(counts):
-            if count:
-                rc = self._lib.mcnp_tx_batch(self._c[q], self._tx[q][0], self._tx[q][1], count)
-                if rc < 0:
-                    self._fail(q, rc, "transmitting")
-
-    def _fail(self, i: int, rc: int, what: str) -> None:
+    def fail(self) -> None:
+        """Raise the error a ring call reported (and clear it)."""
         from fastpath.xsk import XskError
-        raise XskError(-rc, f"{what} on {self._ports[i].ifname}: {os.strerror(-rc)}")
+        rc, port = -self.c.error, self.c.error_port
+        self.c.error = 0
+        raise XskError(rc, f"ring operation on {self._ports[port].ifname}: {os.strerror(rc)}")
