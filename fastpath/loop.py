@@ -18,11 +18,14 @@ Stages, per batch (as in ``csrc/pipeline.c``, which does the per-frame work):
 9. dropped frames go back to the pool; every frame is counted exactly once
    in ``counters.verdicts``.
 
-A batch crosses into C twice: ``mcnp_pipe_classify`` (stages 1-5a) and
-``mcnp_pipe_finish`` (5b-9).  Between them Python does only what belongs in
-Python: the matcher (``judge``, numpy, once per batch and only when a frame
-needs a verdict) and inserting newly seen MACs into the switch's table.
-Flooding copies stay in Python too; they are rare (ARP, unknown unicast).
+The per-frame work is C (``csrc/pipeline.c``): ``mcnp_pipe_classify``
+(stages 1-5a) and ``mcnp_pipe_finish`` (5b-9).  Between them Python does only
+what belongs in Python: the matcher (``judge``, numpy, once per batch and only
+when a frame needs a verdict) and inserting newly seen MACs into the switch's
+table.  Flooding copies stay in Python too; they are rare (ARP, unknown
+unicast).  Over AF_XDP, :meth:`Loop.step` is one C call (``mcnp_pipe_step``:
+receive, classify, finish, transmit, free the drops) for every batch that
+needs neither.
 
 :class:`Pipeline` holds the decisions and works on any byte buffer with a
 frame pool (``copy``/``free``), so it runs unchanged over a UMEM or over a
