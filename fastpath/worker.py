@@ -9,8 +9,10 @@ single socket, and talks to it through shared memory (tables, counters; see
 :mod:`fastpath.shm`) and a pipe (flows, port statistics, errors).
 
 Fail closed: until the first :meth:`Dataplane.publish`, the loop drops every
-IP frame.  If the worker dies, the XDP programs it attached stay in place
-without a socket and drop the ports' traffic until it is replaced.
+IP frame.  The XDP programs are attached through BPF links owned by the
+worker: if it dies, the kernel detaches them and the ports' frames go to the
+node's own stack, which (in the node model of DESIGN.md section 4) neither
+bridges nor routes between pod ports — pods are cut off, not unfiltered.
 """
 
 from __future__ import annotations
