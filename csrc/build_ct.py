@@ -8,32 +8,23 @@ the pipeline parses each batch itself instead of crossing the FFI again.
 """
 
 import os
+import sys
 
 from cffi import FFI
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-HEADER = os.path.join(HERE, "mcnp_ct.h")
-SOURCES = [os.path.join(HERE, name) for name in ("conntrack.c", "pipeline.c", "parse.c")]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cffi_build import CFLAGS, HERE, cdef_between_markers, source  # noqa: E402
 
-
-def cdef_from_source(path: str) -> str:
-    """Return the declarations between the ``CDEF BEGIN``/``CDEF END`` markers."""
-    with open(path) as f:
-        text = f.read()
-    start = text.index("/* CDEF BEGIN */") + len("/* CDEF BEGIN */")
-    return text[start:text.index("/* CDEF END */")]
-
-
-DECLARATIONS = cdef_from_source(HEADER)
+DECLARATIONS = cdef_between_markers(os.path.join(HERE, "mcnp_ct.h"))
 
 ffibuilder = FFI()
 ffibuilder.cdef(DECLARATIONS)
 ffibuilder.set_source(
     "fastpath._ct",
     '#include "mcnp_xsk.h"\n#include "mcnp_ct.h"\n',
-    sources=[os.path.relpath(s) for s in SOURCES],
+    sources=[source(name) for name in ("conntrack.c", "pipeline.c", "parse.c")],
     include_dirs=[HERE],
-    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],
+    extra_compile_args=CFLAGS,
 )
 
 if __name__ == "__main__":

@@ -5,28 +5,20 @@ source is ``match.c`` itself, so the declarations exist exactly once.
 """
 
 import os
+import sys
 
 from cffi import FFI
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCE = os.path.join(HERE, "match.c")
-
-
-def cdef_from_source(path: str) -> str:
-    """Return the declarations between the ``CDEF BEGIN``/``CDEF END`` markers."""
-    with open(path) as f:
-        text = f.read()
-    start = text.index("/* CDEF BEGIN */") + len("/* CDEF BEGIN */")
-    return text[start:text.index("/* CDEF END */")]
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cffi_build import CFLAGS, HERE, cdef_between_markers  # noqa: E402
 
 ffibuilder = FFI()
-ffibuilder.cdef(cdef_from_source(SOURCE))
+ffibuilder.cdef(cdef_between_markers(os.path.join(HERE, "match.c")))
 ffibuilder.set_source(
     "fastpath._match",
     '#include "match.c"',
     include_dirs=[HERE],
-    extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
+    extra_compile_args=CFLAGS,
 )
 
 if __name__ == "__main__":

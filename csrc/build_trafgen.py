@@ -4,31 +4,23 @@ The cdef is the block of ``trafgen.c`` between its CDEF markers.
 """
 
 import os
+import sys
 
 from cffi import FFI
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCE = os.path.join(HERE, "trafgen.c")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cffi_build import CFLAGS, HERE, cdef_between_markers, source  # noqa: E402
 
-
-def cdef_from_source(path: str) -> str:
-    """Return the declarations between the ``CDEF BEGIN``/``CDEF END`` markers."""
-    with open(path) as f:
-        text = f.read()
-    start = text.index("/* CDEF BEGIN */") + len("/* CDEF BEGIN */")
-    return text[start:text.index("/* CDEF END */")]
-
-
-DECLARATIONS = cdef_from_source(SOURCE)
+DECLARATIONS = cdef_between_markers(os.path.join(HERE, "trafgen.c"))
 
 ffibuilder = FFI()
 ffibuilder.cdef(DECLARATIONS)
 ffibuilder.set_source(
     "fastpath._trafgen",
     "#include <stdint.h>\n" + DECLARATIONS,
-    sources=[os.path.relpath(SOURCE)],
+    sources=[source("trafgen.c")],
     libraries=["bpf"],
-    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],
+    extra_compile_args=CFLAGS,
 )
 
 if __name__ == "__main__":

@@ -7,31 +7,22 @@ CDEF markers, so the binding is declared exactly once.
 """
 
 import os
+import sys
 
 from cffi import FFI
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-HEADER = os.path.join(HERE, "mcnp_xsk.h")
-SOURCES = ["xsk_helpers.c", "parse.c"]
-
-
-def cdef_from_header(path: str) -> str:
-    """Return the declarations between the ``CDEF BEGIN``/``CDEF END`` markers."""
-    with open(path) as f:
-        text = f.read()
-    start = text.index("/* CDEF BEGIN */") + len("/* CDEF BEGIN */")
-    return text[start:text.index("/* CDEF END */")]
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cffi_build import CFLAGS, HERE, cdef_between_markers, source  # noqa: E402
 
 ffibuilder = FFI()
-ffibuilder.cdef(cdef_from_header(HEADER))
+ffibuilder.cdef(cdef_between_markers(os.path.join(HERE, "mcnp_xsk.h")))
 ffibuilder.set_source(
     "fastpath._xsk",
     '#include "mcnp_xsk.h"',
-    sources=[os.path.relpath(os.path.join(HERE, s)) for s in SOURCES],
+    sources=[source(name) for name in ("xsk_helpers.c", "parse.c")],
     include_dirs=[HERE],
     libraries=["xdp", "bpf"],
-    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],
+    extra_compile_args=CFLAGS,
 )
 
 if __name__ == "__main__":
