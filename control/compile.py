@@ -18,11 +18,16 @@ Incremental recompiles (:class:`Compiler`):
   the pod's peer matches are re-evaluated (one pod against every peer column), its
   atom and class looked up or created (a new atom costs one cell per class, a new class
   one cell per atom), the address table rebuilt (a sort of the pod IPs);
-* not incremental — a policy or namespace added, changed or removed, a cluster added or
-  removed, a change of ``Options`` or of which pods are local: a full compile (the same
-  code path as the first one). Atoms and classes left unused by incremental changes
-  are garbage until the next full compile; after ``compact_after`` incremental changes
-  the compiler does a full compile by itself.
+* incremental — a policy added, changed or removed: policies are append-only inside a
+  direction (a changed one is removed and appended, so its rule ids need not follow
+  the order rules are tried in), its new peer columns split atoms, and the classes of
+  the local endpoints of its namespace are re-derived; an ipBlock boundary not cut yet
+  or a named port no rule used before falls back to a full compile;
+* not incremental — a namespace added, changed or removed, a cluster added or removed,
+  a change of ``Options``: a full compile (the same code path as the first one). Atoms
+  and classes left unused by incremental changes are garbage until the next full
+  compile; after ``compact_after`` incremental changes the compiler does a full
+  compile by itself.
 """
 
 from __future__ import annotations
