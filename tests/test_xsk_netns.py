@@ -79,6 +79,8 @@ class Forwarder(threading.Thread):
 def two_hosts():
     """Yield (node, host_a, host_b) namespaces wired as in the module docstring."""
     with nu.netns("node") as node, nu.netns("a") as a, nu.netns("b") as b:
+        for ns in (node, a, b):  # no IPv6 autoconfiguration chatter in the counted traffic
+            nu.run_in(ns, ["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])
         nu.veth_pair("pa", node, "eth0", a)
         nu.veth_pair("pb", node, "eth0", b)
         nu.add_address(a, "eth0", f"{A_IP}/15")
