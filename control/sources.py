@@ -34,7 +34,7 @@ import aiohttp
 from . import manifests
 from .config import ClusterSource, Settings
 from .model import InvalidObject
-from .store import KINDS, ClusterSink
+from .store import KINDS, ClusterSink, DocDiff
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +137,7 @@ class DirSource:
         self._files: dict[str, _File] = {}
         self._listing: Optional[tuple] = None
         self.reloads = 0
+        self.diff: Optional[DocDiff] = None
         #: Directory checks by cause: inotify event, timer.
         self.wakeups = {"inotify": 0, "timer": 0}
         self._watch: Optional[DirWatch] = None
@@ -161,8 +162,10 @@ class DirSource:
             return None
         self._listing = listing
         changed = set(self._files) - set(sigs)
+        gone: list = []  # documents no longer there (kept alive until the sink saw them)
         for path in list(changed):
-            del self._files[path]
+            gone.extend(self._files.pop(path).docs)
+        added: list = []
         for path, sig in sigs.items():
             old = self._files.get(path)
             if old is not None and old.signature == sig:
@@ -182,6 +185,8 @@ class DirSource:
             try:
                 docs = [(d.source, d.obj) for d in manifests.read_file(path)]
                 self._files[path] = _File(sig, digest, docs)
+                added.extend(docs)
+                gone.extend(old.docs if old else ())
             except InvalidObject as err:
                 # Rule S9 at file level: what the file said last stays in force.
                 logger.warning("Cluster %s: %s", self.sink.name, err)
@@ -189,6 +194,8 @@ class DirSource:
         if not changed and self.reloads:
             return None
         self.reloads += 1
+        #: What this reload changed, for :meth:`ClusterSink.replace_all`.
+        self.diff = DocDiff(self.reloads - 1 if self.reloads > 1 else None, self.reloads, added, gone)
         return [doc for path in sorted(self._files) for doc in self._files[path].docs]
 
     @property
@@ -207,7 +214,8 @@ class DirSource:
         self.sink.up()
         self.sink.file_errors = self.file_errors
         if docs is not None:
-            self.sink.replace_all(docs)
+            self.sink.replace_all(docs, self.diff)
+            self.diff = None  # let the gone documents go
 
     @property
     def watched(self) -> bool:

@@ -88,6 +88,19 @@ class Changes:
 
 
 @dataclass
+class DocDiff:
+    """What a source's reload changed since its previous one: the documents that are
+    new (``added``) and those no longer there (``gone``), as ``(source, object)``;
+    ``since``/``until`` number the two reloads, so a sink can tell that the
+    difference follows on what it saw last."""
+
+    since: Optional[int]
+    until: int
+    added: list
+    gone: list
+
+
+@dataclass
 class ClusterStatus:
     """Sync state of one cluster, for ``/v1/clusters``, ``/readyz`` and metrics."""
 
@@ -143,6 +156,8 @@ class ClusterSink:
         self.file_errors: dict[str, str] = {}
         #: The documents of the last directory reload: id of object → (source, object).
         self._last_docs: Optional[dict[int, tuple[str, Any]]] = None
+        #: ``DocDiff.until`` of the last reload (None: it came without a difference).
+        self._diff_token: Optional[int] = None
         #: Per kind, the objects of the last complete list: id → (source, key).
         self._listed: dict[str, dict[int, tuple[str, tuple]]] = {}
 
@@ -280,11 +295,31 @@ class ClusterSink:
             changed = True  # readiness changed: a snapshot must say so
         self._touch(changed)
 
-    def replace_all(self, docs: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
+    def replace_all(self, docs: Iterable[tuple[str, Mapping[str, Any]]], diff: Optional["DocDiff"] = None) -> None:
         """A complete set of every kind (a manifest directory reload). Other kinds are
-        ignored; a ClusterProperty is checked against the configured name (rule M1)."""
+        ignored; a ClusterProperty is checked against the configured name (rule M1).
+
+        ``diff``, when the source knows it, says which documents differ from those of
+        its previous reload, so that a reload of a few changed files costs in
+        proportion to them, not to the whole directory. It is used only when it
+        follows on the reload this sink saw last (its ``since`` is that reload's
+        ``until``); otherwise the difference is found by identity."""
         docs = docs if isinstance(docs, list) else list(docs)
-        if self._reload_by_difference(docs):
+        previous = self._last_docs
+        if diff is not None and diff.since is not None and diff.since == self._diff_token and previous is not None:
+            # The source's difference applied to the map of the last reload. The
+            # objects it names are alive (the source holds the gone ones until this
+            # call returns), so no id among them was reused.
+            current = previous
+            gone = [current.pop(id(obj)) for _, obj in diff.gone if id(obj) in current]
+            added = [doc for doc in diff.added if id(doc[1]) not in current]
+            current.update((id(doc[1]), doc) for doc in added)
+        else:
+            current = dict(zip(map(id, map(itemgetter(1), docs)), docs))
+            added = gone = None
+        self._diff_token = diff.until if diff is not None else None
+        self._last_docs = current
+        if previous is not None and self._reload_by_difference(docs, current, previous, added, gone):
             return
         by_kind: dict[str, list] = {k: [] for k in KINDS}
         declared = None
@@ -302,18 +337,21 @@ class ClusterSink:
             for kind in KINDS:
                 self.replace_kind(kind, by_kind[kind])
 
-    def _reload_by_difference(self, docs: list) -> bool:
+    def _reload_by_difference(self, docs: list, current: dict, previous: dict,
+                              added: Optional[list], gone: Optional[list]) -> bool:
         """A directory reload where few objects changed: apply just those (a reload
         hands back every unchanged file's very same objects, so identity tells them
-        apart without looking at each). Returns False, having done nothing, when the
-        full path is needed: the first reload, a ClusterProperty or unknown object
-        among the differences, a name two objects claim, or pending duplicate errors."""
-        current = dict(zip(map(id, map(itemgetter(1), docs)), docs))
-        previous, self._last_docs = self._last_docs, current
-        if previous is None or len(current) != len(docs) or not all(k in self.status.listed for k in KINDS):
+        apart without looking at each). ``current`` maps the id of each object of
+        ``docs`` to its document, ``previous`` the same for the last reload (it may be
+        ``current`` itself, updated in place); ``added`` and ``gone``, when known, are
+        the difference. Returns False, having done nothing, when the full path is
+        needed: a ClusterProperty or unknown object among the differences, a name two
+        objects claim, or pending duplicate errors."""
+        if len(current) != len(docs) or not all(k in self.status.listed for k in KINDS):
             return False
-        added = [current[i] for i in current.keys() - previous.keys()]
-        gone = [previous[i] for i in previous.keys() - current.keys()]
+        if added is None or gone is None:
+            added = [current[i] for i in current.keys() - previous.keys()]
+            gone = [previous[i] for i in previous.keys() - current.keys()]
         if len(added) + len(gone) > 64 or any(e[1] is None for e in self.errors):
             return False
         plan = []
