@@ -2,7 +2,8 @@
 
 One asyncio loop (uvloop) runs every source, the recompile task and the REST server.
 Changes are coalesced: a change wakes the recompile task, which waits
-``coalesce_delay`` for more, takes one snapshot and compiles it in a worker thread —
+``coalesce_delay`` for more (not after a directory reload: that is a whole batch
+already), takes one snapshot and compiles it in a worker thread —
 at most one compile in flight, so a burst of events costs one or two compiles, never
 one each. The packet loop runs in a process of its own (``fastpath.worker``), so a
 compile never slows it; the event loop stays responsive because compiling happens off
@@ -222,11 +223,17 @@ class Daemon:
             due = self.store.check_stale()
             await asyncio.sleep(min(due, period) if due is not None else period)
 
+    def coalesce_delay(self) -> float:
+        """How long a recompile waits for more changes: ``coalesce_delay``, except after
+        a whole batch (a directory reload), which holds everything its source read."""
+        return 0.0 if self.store.last_change_whole else self.settings.coalesce_delay
+
     async def _recompile_loop(self) -> None:
         while True:
             await self._dirty.wait()
-            if self.settings.coalesce_delay:
-                await asyncio.sleep(self.settings.coalesce_delay)
+            delay = self.coalesce_delay()
+            if delay:
+                await asyncio.sleep(delay)
             self._dirty.clear()
             try:
                 await self.rebuild()

@@ -436,6 +436,9 @@ class Store:
         self.addresses = _Addresses(self.sinks)
         self._batch_depth = 0
         self._batch_dirty = False
+        #: Whether the last change notification came from a whole batch (a directory
+        #: reload: everything the source read is in), which needs no coalescing wait.
+        self.last_change_whole = False
 
     def add_cluster(self, name: str, source: str = "", local: bool = False) -> ClusterSink:
         sink = ClusterSink(self, name, source, local)
@@ -446,8 +449,10 @@ class Store:
         self.version += 1
         if self._batch_depth:
             self._batch_dirty = True
-        elif self.on_change is not None:
-            self.on_change()
+        else:
+            self.last_change_whole = False
+            if self.on_change is not None:
+                self.on_change()
 
     def batch(self):
         """Context manager folding the change notifications inside it into one."""
@@ -461,6 +466,7 @@ class Store:
                 store._batch_depth -= 1
                 if not store._batch_depth and store._batch_dirty:
                     store._batch_dirty = False
+                    store.last_change_whole = True
                     if store.on_change is not None:
                         store.on_change()
 

@@ -398,3 +398,19 @@ def test_the_collector_is_held_off_during_the_start_and_back_after_at_most_the_l
         hold.release()
         gc.unfreeze()
         gc.enable()
+
+
+def test_a_whole_batch_is_compiled_without_the_coalescing_wait(tmp_path):
+    """A directory reload arrives as one batch (everything its source read): nothing
+    more is worth waiting for. Single watch events still wait ``coalesce_delay``."""
+    specs = write_world(str(tmp_path))
+    settings = dir_settings(specs)
+    settings.coalesce_delay = 0.25
+    daemon = daemon_mod.Daemon(settings, compiler=False, serve_api=False)
+    sink = daemon.store.sinks["c1"]
+    sink.replace_all([("f", make_namespace("x")), ("f", make_pod("x", "a", "198.18.1.1"))])
+    assert daemon.coalesce_delay() == 0.0
+    sink.upsert("Pod", make_pod("x", "b", "198.18.1.2"), "watch")
+    assert daemon.coalesce_delay() == 0.25
+    sink.replace_all([("f", make_namespace("x"))])
+    assert daemon.coalesce_delay() == 0.0
