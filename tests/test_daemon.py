@@ -414,3 +414,13 @@ def test_a_whole_batch_is_compiled_without_the_coalescing_wait(tmp_path):
     assert daemon.coalesce_delay() == 0.25
     sink.replace_all([("f", make_namespace("x"))])
     assert daemon.coalesce_delay() == 0.0
+
+
+def test_directory_watch_settings():
+    s = Settings.from_mapping({"dir-watch": False, "dir-rescan-interval": "2s"})
+    assert s.dir_watch is False and s.dir_rescan_interval == 2.0
+    problems: list = []
+    Settings.from_mapping({"dir-watch": "no", "dir-rescan-interval": "soon"}, problems)
+    assert len(problems) == 2 and any("dir-watch" in p for p in problems) and any("dir-rescan-interval" in p for p in problems)
+    bad = Settings(node_name="n", local_cluster="c1", clusters=[ClusterSource("c1", "dir", "/x")], dir_rescan_interval=0)
+    assert "dir-rescan-interval: must be positive" in bad.problems()
