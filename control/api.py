@@ -54,6 +54,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     d = _daemon(request)
+    if d.dataplane_failure is not None:
+        return web.json_response({"ready": False, "dataplane": d.dataplane_failure}, status=503)
     waiting = d.store.not_ready
     if waiting:
         return web.json_response({"ready": False, "not_listed": waiting}, status=503)

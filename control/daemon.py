@@ -152,6 +152,9 @@ class Daemon:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcnp-compile")
         self._api_runner = None
         self._start_gc = StartGc()
+        #: Why the packet loop stopped, if it did; ``failed`` is set then.
+        self.dataplane_failure: Optional[str] = None
+        self.failed = asyncio.Event()
         #: Set after each rebuild; benchmarks and tests wait on it.
         self.rebuilt = asyncio.Condition()
 
@@ -170,10 +173,26 @@ class Daemon:
         for name, source in self.sources.items():
             self._tasks.append(asyncio.create_task(source.run(), name=f"source-{name}"))
         self._tasks.append(asyncio.create_task(self._recompile_loop(), name="recompile"))
+        if self.dataplane is not None:
+            self._tasks.append(asyncio.create_task(self._supervise_dataplane(), name="dataplane"))
         if self.settings.stale_after is not None:
             self._tasks.append(asyncio.create_task(self._stale_loop(), name="stale"))
         logger.info("Node %s of cluster %s: watching %d cluster(s), API on %s", self.settings.node_name,
                     self.settings.local_cluster, len(self.sources), self.settings.api_listen)
+
+    async def _supervise_dataplane(self, interval: float = 0.5) -> None:
+        """A packet loop that died enforces nothing: its XDP programs are detached with
+        it, so the pods are cut off. Report it (``/readyz`` 503, the log) and stop the
+        daemon with a failure so that its supervisor (the DaemonSet) restarts it —
+        rather than a daemon that looks healthy around a dead dataplane."""
+        while True:
+            await asyncio.sleep(interval)
+            reason = self.dataplane.failure() if self.dataplane is not None else None
+            if reason is not None:
+                self.dataplane_failure = reason
+                logger.error("Node %s: %s; stopping so the daemon is restarted", self.settings.node_name, reason)
+                self.failed.set()
+                return
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -377,15 +396,19 @@ async def _serve(settings: Settings) -> int:
         logger.error("mcnp run: cannot start: %s", e)
         await daemon.stop()
         return 1
-    await stop.wait()
+    stopped, failed = asyncio.create_task(stop.wait()), asyncio.create_task(daemon.failed.wait())
+    await asyncio.wait((stopped, failed), return_when=asyncio.FIRST_COMPLETED)
+    for task in (stopped, failed):
+        task.cancel()
     logger.info("Shutting down")
     await daemon.stop()
-    return 0
+    return 1 if daemon.failed.is_set() else 0
 
 
 def run(settings: Settings) -> int:
     """Blocking entry point of ``mcnp run``: 0 after a clean shutdown on SIGTERM/SIGINT,
-    1 when the daemon cannot start, 2 for an invalid configuration."""
+    1 when the daemon cannot start or its packet loop died, 2 for an invalid
+    configuration."""
     try:
         settings.validate()
     except SettingsError as e:

@@ -106,6 +106,13 @@ class Dataplane:
         return self._error is None and self._proc.is_alive() and \
             bool(self._pub.ctl[shm.CTL_READY])
 
+    def failure(self) -> str | None:
+        """Why the worker is gone (None while it runs): its last error, or its exit."""
+        self._drain_errors()
+        if self._proc.is_alive():
+            return None
+        return self._error or f"dataplane worker exited (exit code {self._proc.exitcode})"
+
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Block until :meth:`ready`; raise DataplaneError if the worker failed."""
         deadline = time.monotonic() + timeout

@@ -158,6 +158,32 @@ class FakeDataplane:
     def close(self):
         self.closed = True
 
+    def failure(self):
+        return getattr(self, "dead", None)
+
+
+def test_a_dead_packet_loop_makes_the_daemon_unready_and_fail(tmp_path):
+    specs = write_world(str(tmp_path))
+    planes = []
+
+    def factory(settings):
+        planes.append(FakeDataplane(settings))
+        return planes[-1]
+
+    settings = dir_settings(specs, attach={"veth-p1": "c1/x/p1"}, uplink="up0")
+
+    async def main():
+        async with running(settings, compiler=RecordingCompiler(), dataplane_factory=factory) as (daemon, client):
+            await daemon.wait_revision(daemon.tables.revision, compiled=True)
+            status, body = await client.get("/readyz")
+            assert status == 200 and not daemon.failed.is_set()
+            planes[0].dead = "dataplane worker exited (exit code -9)"
+            await asyncio.wait_for(daemon.failed.wait(), 5)
+            status, body = await client.get("/readyz")
+            assert status == 503 and body == {"ready": False, "dataplane": "dataplane worker exited (exit code -9)"}
+
+    asyncio.run(main())
+
 
 def test_compile_runs_off_the_event_loop_and_publishes_to_the_dataplane(tmp_path):
     specs = write_world(str(tmp_path))
