@@ -1,7 +1,8 @@
 """Turn pytest-benchmark results into docs/benchmarks.md with tables and SVG charts.
 
-    ./dev bench                       # writes bench/results/latest.json
-    .venv/bin/python -m bench.report  # writes docs/benchmarks.md and docs/img/bench-*.svg
+    ./dev bench                       # writes bench/results/latest.json (raw, not committed)
+    .venv/bin/python -m bench.report  # writes bench/results/summary.json, docs/benchmarks.md
+                                      # and docs/img/bench-*.svg
 
 Every figure in the report comes from the JSON file; nothing is typed in by hand. The
 charts are plain SVG written here (no plotting library to install on a node image).
@@ -148,13 +149,34 @@ def forward_section(benches: list[dict], charts: dict) -> list[str]:
     out = ["## Forwarding (64-byte UDP through one node)", ""]
     for b in benches:
         info = b["extra_info"]
-        rates = {k: v for k, v in info.items() if isinstance(v, (int, float)) and k.endswith("_mpps")}
-        if rates:
-            names = list(rates)
-            charts["bench-forward.svg"] = bar_chart("Packet rate (Mpps)", [n.removesuffix("_mpps") for n in names],
-                                                    {"Mpps": [rates[n] for n in names]}, "Mpps")
+        ratios = info.get("median_ratios") or {}
+        if ratios:
+            out += [table([{"measure": k, "value": v} for k, v in sorted(ratios.items())], ["measure", "value"]), ""]
+        rounds = info.get("rounds") or []
+        if not rounds:
+            continue
+        udp = rounds[-1].get("udp", {})
+        names, rates = [], []
+        for name, runs in udp.items():
+            runs = runs if isinstance(runs, list) else [runs]
+            names.append(name)
+            rates.append(sum(r["mpps"] for r in runs) / len(runs))
+        if names:
+            charts["bench-forward.svg"] = bar_chart("64-byte UDP through one node (last round)", names, {"Mpps": rates}, "Mpps")
             out += ["![packet rate](img/bench-forward.svg)", ""]
-        out += ["```", json.dumps(info, indent=1, sort_keys=True), "```", ""]
+        rows = []
+        for i, r in enumerate(rounds):
+            row = {"round": i + 1, "load average": r.get("load_average", "")}
+            for name, runs in r.get("udp", {}).items():
+                runs = runs if isinstance(runs, list) else [runs]
+                row[f"{name} Mpps"] = sum(x["mpps"] for x in runs) / len(runs)
+            for name, v in (r.get("rtt_ms") or {}).items():
+                row[f"RTT {name} ms"] = sum(v) / len(v) if isinstance(v, list) else v
+            for name, v in (r.get("tcp_gbps") or {}).items():
+                row[f"TCP {name} Gbit/s"] = sum(v) / len(v) if isinstance(v, list) else v
+            rows.append(row)
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        out += [table(rows, columns), ""]
     return out
 
 
@@ -204,7 +226,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     with open(args.results) as f:
         data = json.load(f)
-    text, charts = render(data, args.results)
+    # Raw per-round timings make the file tens of MB: keep the statistics and extra
+    # information, which is all the report reads, in a summary small enough to commit.
+    for bench in data["benchmarks"]:
+        bench["stats"].pop("data", None)
+    summary = os.path.join(os.path.dirname(os.path.abspath(args.results)), "summary.json")
+    with open(summary, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    text, charts = render(data, summary)
     os.makedirs(IMG, exist_ok=True)
     for name, svg in charts.items():
         with open(os.path.join(IMG, name), "w") as f:
