@@ -140,11 +140,17 @@ def render_explain(src: str, dst: str, port: int, protocol: str, verdict) -> str
 
 def cmd_explain(args) -> int:
     cset = _load(args)
-    try:
-        src = resolve_endpoint(cset, args.from_)
-        dst = resolve_endpoint(cset, args.to)
-    except LookupError as e:
-        raise UsageError(str(e)) from None
+    dirs = dict(parse_cluster_arg(c) for c in args.cluster)
+
+    def endpoint(flag: str, text: str):
+        try:
+            return resolve_endpoint(cset, text)
+        except LookupError as e:
+            cluster = text.split("/")[0]
+            where = f" (read from {dirs[cluster]})" if "/" in text and dirs.get(cluster) else ""
+            raise UsageError(f"{flag}: {e}{where}") from None
+
+    src, dst = endpoint("--from", args.from_), endpoint("--to", args.to)
     verdict = ReferenceEvaluator(cset).evaluate(src, dst, args.port, args.protocol)
     if args.json:
         print(json.dumps(verdict.to_json()))

@@ -207,9 +207,14 @@ def resolve_endpoint(cset: ClusterSet, text: str) -> Endpoint:
     one pod claims resolves to that pod; one claimed by pods of two clusters is a
     conflict (rule M8) and stays a bare IP."""
     if "/" in text:
+        parts = text.split("/")
+        if len(parts) != 3:
+            raise LookupError(f"{text!r} is not a pod reference (cluster/namespace/pod)")
+        if parts[0] not in cset.clusters:
+            raise LookupError(f"no cluster {parts[0]!r} is loaded (clusters: {', '.join(sorted(cset.clusters))})")
         pod = cset.pod(text)
         if pod is None:
-            raise LookupError(f"no pod {text!r} (expected cluster/namespace/pod of a loaded cluster)")
+            raise LookupError(f"no pod {text!r}: cluster {parts[0]!r} has no pod {parts[2]!r} in namespace {parts[1]!r}")
         return pod
     try:
         ip = ipaddress.ip_address(text)

@@ -111,7 +111,9 @@ def test_cluster_name_from_cluster_property(capsys, cluster_dir):
 
 def test_unknown_pod_reference(capsys, cluster_dir):
     code, _, err = run(capsys, "explain", "--cluster", f"c1={cluster_dir}", "--from", "c1/x/nope", "--to", "c1/x/a", "--port", "80", "--protocol", "TCP")
-    assert code == 2 and "c1/x/nope" in err
+    assert code == 2 and "c1/x/nope" in err and "--from" in err and str(cluster_dir) in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, "explain", "--cluster", f"c1={cluster_dir}", "--from", "c1/x/a", "--to", "c9/x/a", "--port", "80", "--protocol", "TCP")
+    assert code == 2 and "--to" in err and "no cluster 'c9'" in err
 
 
 def test_unknown_kinds_are_ignored_with_a_note(capsys, cluster_dir):
