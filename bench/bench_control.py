@@ -42,6 +42,7 @@ import yaml
 
 from control.config import ClusterSource, Settings
 from control.daemon import Daemon
+from control.render import cluster_docs, pod_doc
 from tests.fake_apiserver import FakeApiServer
 from tests.worlds import LABELS, Shape, random_world
 
@@ -53,69 +54,6 @@ _Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 # --------------------------------------------------------------------------- model → manifests
-
-
-def _selector(sel) -> dict:
-    exprs = []
-    for r in sel.requirements:
-        e = {"key": r.key, "operator": r.op}
-        if r.op in ("In", "NotIn"):
-            e["values"] = sorted(r.values)
-        exprs.append(e)
-    return {"matchExpressions": exprs} if exprs else {}
-
-
-def _peer(peer) -> dict:
-    if peer.ip_block is not None:
-        out = {"cidr": str(peer.ip_block.cidr)}
-        if peer.ip_block.excepts:
-            out["except"] = [str(e) for e in peer.ip_block.excepts]
-        return {"ipBlock": out}
-    out = {}
-    if peer.pod_selector is not None:
-        out["podSelector"] = _selector(peer.pod_selector)
-    if peer.namespace_selector is not None:
-        out["namespaceSelector"] = _selector(peer.namespace_selector)
-    return out
-
-
-def _rule(rule, peers_field: str) -> dict:
-    out = {}
-    if rule.peers:
-        out[peers_field] = [_peer(p) for p in rule.peers]
-    if rule.ports:
-        out["ports"] = [{k: v for k, v in (("protocol", p.protocol), ("port", p.port), ("endPort", p.end_port)) if v is not None}
-                        for p in rule.ports]
-    return out
-
-
-def policy_manifest(p) -> dict:
-    spec = {"podSelector": _selector(p.pod_selector), "policyTypes": sorted(p.types),
-            "ingress": [_rule(r, "from") for r in p.ingress], "egress": [_rule(r, "to") for r in p.egress]}
-    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"name": p.name, "namespace": p.namespace}, "spec": spec}
-
-
-def pod_manifest(p) -> dict:
-    ports = [{"containerPort": c.port, "protocol": c.protocol, **({"name": c.name} if c.name else {})} for c in p.ports]
-    status = {"phase": p.phase}
-    if p.ips:
-        status["podIP"] = str(p.ips[0])
-        status["podIPs"] = [{"ip": str(ip)} for ip in p.ips]
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": p.name, "namespace": p.namespace, "labels": dict(p.labels)},
-            "spec": {"nodeName": p.node, "hostNetwork": p.host_network, "containers": [{"name": "c", "ports": ports}]},
-            "status": status}
-
-
-def namespace_manifest(ns) -> dict:
-    labels = {k: v for k, v in ns.labels.items() if k != "kubernetes.io/metadata.name"}
-    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns.name, "labels": labels}}
-
-
-def cluster_objects(state) -> list[dict]:
-    return ([namespace_manifest(n) for n in state.namespaces.values()]
-            + [pod_manifest(p) for p in state.pods.values()]
-            + [policy_manifest(p) for p in state.policies.values() if not p.rejected])
 
 
 def write_dir(path: str, objs: list[dict]) -> None:
@@ -137,16 +75,16 @@ class World:
         cset = random_world(7, CLUSTERS, pods, policies, shape=Shape(nodes_per_cluster=30))
         names = list(cset.clusters)
         self.local_dir = os.path.join(root, names[0])
-        write_dir(self.local_dir, cluster_objects(cset.clusters[names[0]]))
+        write_dir(self.local_dir, cluster_docs(cset.clusters[names[0]]))
         # One local pod in a file of its own, relabelled by the local pod benchmark.
         template = next(p for p in cset.clusters[names[0]].pods.values() if p.node == f"{names[0]}-node-0" and p.can_take_part)
-        self.local_pod = pod_manifest(template)
+        self.local_pod = pod_doc(template)
         self.local_pod["metadata"]["name"] = "bench-pod"
         self.local_pod["status"].update(podIP="198.19.200.1", podIPs=[{"ip": "198.19.200.1"}])
         self._write_local_pod(template.labels)
-        write_dir(os.path.join(root, names[2]), cluster_objects(cset.clusters[names[2]]))
+        write_dir(os.path.join(root, names[2]), cluster_docs(cset.clusters[names[2]]))
         self.server = FakeApiServer()
-        for obj in cluster_objects(cset.clusters[names[1]]):
+        for obj in cluster_docs(cset.clusters[names[1]]):
             self.server.apply(obj)
         self.remote_pods = [p for p in cset.clusters[names[1]].pods.values() if p.ips]
         self.names = names
@@ -236,7 +174,7 @@ class World:
     async def remote_event(self, i: int) -> float:
         pod = random.choice(self.remote_pods)
         labels = dict(pod.labels, bench=str(i))
-        obj = pod_manifest(pod)
+        obj = pod_doc(pod)
         obj["metadata"]["labels"] = labels
         started = time.perf_counter()
         self.server.apply(obj)

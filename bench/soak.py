@@ -49,9 +49,10 @@ import yaml
 
 from control import testbed
 from control.manifests import load_clusterset
-from control.model import MC_KEY, ClusterSet, Namespace, Pod, Policy, Selector
+from control.model import MC_KEY, ClusterSet, Selector
 from control.probe import probe_many
 from control.reference import ReferenceEvaluator
+from control.render import namespace_doc, pod_doc, policy_doc, selector_doc
 from control.testbed_net import session_members
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -88,79 +89,12 @@ class SoakConfig:
 # these turn the values back into the objects `kubectl get -o yaml` would print.
 
 
-def selector_doc(sel: Selector) -> dict:
-    exprs = []
-    for r in sel.requirements:
-        e = {"key": r.key, "operator": r.op}
-        if r.op in ("In", "NotIn"):
-            e["values"] = sorted(r.values)
-        exprs.append(e)
-    return {"matchExpressions": exprs} if exprs else {}
-
-
-def peer_doc(peer) -> dict:
-    out = {}
-    if peer.pod_selector is not None:
-        out["podSelector"] = selector_doc(peer.pod_selector)
-    if peer.namespace_selector is not None:
-        out["namespaceSelector"] = selector_doc(peer.namespace_selector)
-    if peer.ip_block is not None:
-        out["ipBlock"] = {"cidr": str(peer.ip_block.cidr)}
-        if peer.ip_block.excepts:
-            out["ipBlock"]["except"] = [str(e) for e in peer.ip_block.excepts]
-    return out
-
-
-def rule_doc(rule, peers_key: str) -> dict:
-    out = {}
-    if rule.peers:
-        out[peers_key] = [peer_doc(p) for p in rule.peers]
-    if rule.ports:
-        out["ports"] = []
-        for spec in rule.ports:
-            port = {"protocol": spec.protocol}
-            if spec.port is not None:
-                port["port"] = spec.port
-            if spec.end_port is not None:
-                port["endPort"] = spec.end_port
-            out["ports"].append(port)
-    return out
-
-
-def policy_doc(p: Policy) -> dict:
-    spec = {"podSelector": selector_doc(p.pod_selector), "policyTypes": sorted(p.types)}
-    if "Ingress" in p.types:
-        spec["ingress"] = [rule_doc(r, "from") for r in p.ingress]
-    if "Egress" in p.types:
-        spec["egress"] = [rule_doc(r, "to") for r in p.egress]
-    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"name": p.name, "namespace": p.namespace}, "spec": spec}
-
-
 def invalid_policy_doc(namespace: str, name: str, pod_selector: Selector) -> dict:
     """A policy the API server would reject: an ingress peer with no field set (rule S8)."""
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"name": name, "namespace": namespace},
             "spec": {"podSelector": selector_doc(pod_selector), "policyTypes": ["Ingress"],
                      "ingress": [{"from": [{}]}]}}
-
-
-def pod_doc(p: Pod) -> dict:
-    ports = []
-    for cp in p.ports:
-        port = {"containerPort": cp.port, "protocol": cp.protocol}
-        if cp.name:
-            port["name"] = cp.name
-        ports.append(port)
-    ip = str(p.ip)
-    return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": p.name, "namespace": p.namespace, "labels": dict(p.labels)},
-            "spec": {"nodeName": p.node, "containers": [{"name": "main", "ports": ports}]},
-            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}
-
-
-def namespace_doc(ns: Namespace) -> dict:
-    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns.name, "labels": dict(ns.labels)}}
 
 
 def write_docs(path: str, docs: list[dict]) -> None:
