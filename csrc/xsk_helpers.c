@@ -37,7 +37,10 @@
 
 #define BIND_RETRIES 100        /* x BIND_RETRY_NS: up to 2 s of EBUSY */
 #define BIND_RETRY_NS 20000000L
-#define COPY_TX_PER_KICK 32
+#define COPY_TX_PER_KICK 32     /* the kernel's default copy-mode TX budget */
+#ifndef XDP_MAX_TX_SKB_BUDGET
+#define XDP_MAX_TX_SKB_BUDGET 9 /* Linux >= 6.17; older kernels refuse it */
+#endif
 
 struct mcnp_umem {
     struct xsk_umem *umem;
@@ -73,6 +76,7 @@ struct mcnp_port {
     uint32_t queue_id;
     int xdp_mode;
     uint32_t fill_target;
+    uint32_t tx_per_kick;       /* frames one sendto() may send in copy mode */
     struct mcnp_port_stats st;
 };
 
@@ -323,6 +327,20 @@ static void detach_program(struct mcnp_port *p)
     p->xdp_mode = 0;
 }
 
+/* Copy-mode TX sends at most 32 frames per sendto() by default, so a batch of
+ * 256 frames for one port took 8 kicks, each a system call with its own
+ * socket lock and mutex.  Where the kernel lets us (XDP_MAX_TX_SKB_BUDGET),
+ * one kick may send the whole TX ring; elsewhere we keep kicking per 32. */
+static void raise_tx_budget(struct mcnp_port *p)
+{
+    int budget = (int)p->u->ring_size;
+
+    p->tx_per_kick = COPY_TX_PER_KICK;
+    if (setsockopt(xsk_socket__fd(p->xsk), SOL_XDP, XDP_MAX_TX_SKB_BUDGET, &budget,
+                   sizeof(budget)) == 0)
+        p->tx_per_kick = (uint32_t)budget;
+}
+
 static int create_socket(struct mcnp_port *p, const char *ifname)
 {
     struct xsk_socket_config cfg = {
@@ -343,9 +361,12 @@ static int create_socket(struct mcnp_port *p, const char *ifname)
         p->xsk = NULL;
         nanosleep(&pause, NULL);
     }
-    if (err)
+    if (err) {
         p->xsk = NULL;
-    return err;
+        return err;
+    }
+    raise_tx_budget(p);
+    return 0;
 }
 
 static void refill(struct mcnp_port *p)
@@ -524,7 +545,7 @@ int mcnp_rx_batch(struct mcnp_port *p, uint64_t *addrs, uint32_t *lens, uint32_t
 static int kick(struct mcnp_port *p)
 {
     int fd = xsk_socket__fd(p->xsk);
-    uint32_t tries, max_tries = p->st.tx_outstanding / COPY_TX_PER_KICK + 8;
+    uint32_t tries, max_tries = p->st.tx_outstanding / p->tx_per_kick + 8;
 
     for (tries = 0; p->st.tx_outstanding > 0 && tries < max_tries; tries++) {
         p->st.kicks++;
