@@ -24,6 +24,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import types
 from pathlib import Path
 
@@ -356,9 +357,11 @@ def test_containerfile_builds_on_debian_12_with_the_packages_dev_installs():
 
 def test_containerfile_copies_every_package_the_project_declares():
     text = (DEPLOY / "Containerfile").read_text()
-    pyproject = (ROOT / "pyproject.toml").read_text()
-    packages = re.search(r'packages = \[(.*?)\]', pyproject).group(1)
-    for pkg in re.findall(r'"([^"]+)"', packages) + ["csrc"]:
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        include = tomllib.load(f)["tool"]["setuptools"]["packages"]["find"]["include"]
+    top_level = sorted({name.split(".")[0] for name in include})
+    assert top_level == ["control", "fastpath"]
+    for pkg in top_level + ["csrc"]:
         assert f"COPY {pkg}/ {pkg}/" in text, f"the image build does not copy {pkg}/"
 
 
