@@ -111,7 +111,7 @@ def topology():
 
 def udp_rate(gen, sink, worker_pid=None) -> dict:
     """Flood one 64-byte UDP flow for SECONDS; returns the received rate and CPU use."""
-    from fastpath.trafgen import Counter, frame
+    from fastpath.trafgen import Counter, frame, generate_in_process
     sink_mac = nu.ip("-br", "link", "show", "s0", ns=sink).stdout.split()[2]
     gen_mac = nu.ip("-br", "link", "show", "g0", ns=gen).stdout.split()[2]
     f = frame(GEN_IP, SINK_IP, 17, 4000, 9, src_mac=gen_mac, dst_mac=sink_mac)
@@ -139,60 +139,6 @@ def udp_rate(gen, sink, worker_pid=None) -> dict:
     if worker_pid and w1 > w0:
         out["worker_mpps_per_cpu_s"] = round((c1 - c0) / (w1 - w0) / 1e6, 3)
     return out
-
-
-FIRST_CHUNK = 100_000   # frames in the first BPF_PROG_RUN call, which measures the rate
-CHUNK_S = 1.0           # later calls each last about this long
-
-
-def _generate(ifname, frame_bytes, netns, count, seconds, cpu, conn) -> None:
-    """The generator process: few, long BPF_PROG_RUN calls.
-
-    Every BPF_PROG_RUN of an XDP program adds the program to the kernel's XDP
-    dispatcher and removes it afterwards, and each change waits for an RCU
-    grace period.  While the mcnp worker keeps its CPU busy in the kernel, a
-    grace period takes ~15-35 ms (measured with /proc/<pid>/stack of the
-    generator: ``synchronize_rcu`` in ``bpf_dispatcher_change_prog``), so
-    ``fastpath.trafgen``'s 200,000-frame calls (~90 ms each at 2.2 Mpps)
-    left the generator asleep for a quarter of every mcnp run, and the
-    forwarding rate measured that pause, not the node.  Here the first call
-    measures the offered rate and the later ones last ~CHUNK_S each; the
-    bridge runs use the same generator.
-    """
-    from fastpath.trafgen import Generator
-    try:
-        os.sched_setaffinity(0, {cpu})
-        t0 = os.times()
-        with Generator(ifname, frame_bytes, netns) as gen:
-            sent, start = 0, time.monotonic()
-            chunk = FIRST_CHUNK
-            while sent < count:
-                k = min(chunk, count - sent)
-                gen.run(k, float("inf"), chunk=k)
-                sent += k
-                elapsed = time.monotonic() - start
-                left = seconds - elapsed
-                if left <= 0:
-                    break
-                chunk = max(FIRST_CHUNK, int(sent / elapsed * min(CHUNK_S, left)))
-        t1 = os.times()
-        conn.send({"sent": sent, "elapsed": time.monotonic() - start,
-                   "cpu_s": (t1.user + t1.system) - (t0.user + t0.system)})
-    except Exception as e:  # reported to the bench, which fails the run
-        conn.send({"error": f"{type(e).__name__}: {e}"})
-
-
-def generate_in_process(ifname: str, frame_bytes: bytes, netns: str, count: int,
-                        seconds: float, cpu: int):
-    """Start :func:`_generate` in a process of its own; returns (process, connection)."""
-    import multiprocessing
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_generate, args=(ifname, frame_bytes, netns, count, seconds, cpu,
-                                               child), daemon=True)
-    proc.start()
-    child.close()
-    return proc, parent
 
 
 def tcp_throughput(gen, sink, seconds=2.0) -> float:

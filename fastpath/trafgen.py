@@ -193,6 +193,12 @@ class _InNetns:
             os.close(self._own)
 
 
+#: Frames in the generator's first BPF_PROG_RUN call, which measures the rate.
+FIRST_CHUNK = 100_000
+#: Seconds each later call lasts (see :meth:`Generator.run`).
+CHUNK_S = 1.0
+
+
 class Generator:
     """Transmit one frame over and over out of ``ifname`` (in ``netns``), bounded.
 
@@ -214,17 +220,30 @@ class Generator:
         self.batch_size = batch_size
         self._close = os.close
 
-    def run(self, count: int, seconds: float, chunk: int = 200_000) -> tuple[int, float]:
-        """Send up to ``count`` frames, stopping after ``seconds``; returns (sent, elapsed)."""
+    def run(self, count: int, seconds: float, chunk: int | None = None) -> tuple[int, float]:
+        """Send up to ``count`` frames, stopping after ``seconds``; returns (sent, elapsed).
+
+        Calls are few and long: every BPF_PROG_RUN of an XDP program adds it to the
+        kernel's XDP dispatcher and removes it afterwards, each change waiting for an
+        RCU grace period — 15-35 ms while a busy AF_XDP worker holds the other CPU
+        (``synchronize_rcu`` in ``bpf_dispatcher_change_prog``), long enough to starve
+        what is measured. The first call (``FIRST_CHUNK`` frames) measures the rate,
+        later ones last about ``CHUNK_S`` each; ``chunk`` fixes the frames per call."""
         sent = 0
         start = time.monotonic()
-        deadline = start + seconds
+        k_next = chunk or FIRST_CHUNK
         with _InNetns(self.netns):  # the ingress ifindex is resolved in the caller's netns
-            while sent < count and time.monotonic() < deadline:
-                k = min(chunk, count - sent)
+            while sent < count:
+                k = min(k_next, count - sent)
                 _check(self.lib.mcnp_tg_run(self.fd, self.ifindex, self.frame, self.length, k,
                                             self.batch_size, self.ffi.NULL), "BPF_PROG_RUN")
                 sent += k
+                elapsed = time.monotonic() - start
+                left = seconds - elapsed
+                if left <= 0:
+                    break
+                if chunk is None:
+                    k_next = max(FIRST_CHUNK, int(sent / elapsed * min(CHUNK_S, left)))
         return sent, time.monotonic() - start
 
     def close(self) -> None:
