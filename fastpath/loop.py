@@ -45,7 +45,6 @@ import numpy as np
 
 from fastpath import parse
 from fastpath._ct import ffi, lib
-from fastpath._xsk import ffi as _xsk_ffi
 from fastpath.conntrack import ConnTrack
 from fastpath.counters import GAUGE, REASON, REASONS, STATUS_REASON, Counters
 from fastpath.switch import Switch
@@ -161,8 +160,7 @@ class Pipeline:
 
         c.capacity, c.n_ports = batch, nports
         c.ct = self.ct._ct
-        c.parsed = ffi.cast("struct mcnp_parsed *",
-                            int(_xsk_ffi.cast("uintptr_t", self.parsed._c)))
+        c.parsed = ffi.cast("struct mcnp_parsed *", self.parsed.c_address())
         c.fix_checksums = int(self.fix_checksums)
         counters = self.counters
         c.verdicts = _ptr("int64_t *", counters.verdict_cells)
@@ -500,10 +498,10 @@ class _Rings:
         self._ports = ports
         c = self.c = ffi.new("struct mcnp_rings *")
         self._port_array = ffi.new("struct mcnp_port *[]",
-                                   [ffi.cast("struct mcnp_port *", address(p._c)) for p in ports])
+                                   [ffi.cast("struct mcnp_port *", p.c_address()) for p in ports])
         c.n_ports = len(ports)
         c.ports = self._port_array
-        c.umem = ffi.cast("struct mcnp_umem *", address(umem._c))
+        c.umem = ffi.cast("struct mcnp_umem *", umem.c_address())
         c.rx = ffi.cast("mcnp_rx_fn", address(xffi.addressof(xlib, "mcnp_rx_batch")))
         c.tx = ffi.cast("mcnp_tx_fn", address(xffi.addressof(xlib, "mcnp_tx_batch")))
         c.free = ffi.cast("mcnp_free_fn", address(xffi.addressof(xlib, "mcnp_pool_free")))

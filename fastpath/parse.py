@@ -121,6 +121,11 @@ class ParsedBatch:
         self.src_s16 = self.src.view("S16").reshape(capacity)
         self.dst_s16 = self.dst.view("S16").reshape(capacity)
 
+    def c_address(self) -> int:
+        """Address of the C ``struct mcnp_parsed`` over these arrays, for other cffi
+        modules that parse into them (``fastpath.loop``)."""
+        return int(ffi.cast("uintptr_t", self._c))
+
     def malformed(self) -> np.ndarray:
         """Boolean mask of the last batch's malformed frames (length ``n``)."""
         return self.status[: self.n] >= MALFORMED_MIN

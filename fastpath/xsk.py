@@ -46,6 +46,7 @@ errno) in :func:`_check`, the only place that interprets C return codes.
 from __future__ import annotations
 
 import atexit
+import errno
 import logging
 import mmap
 import os
@@ -127,6 +128,13 @@ class Umem:
         self._area = area
         self._c = out[0]
         _live_umems.add(self)
+
+    def c_address(self) -> int:
+        """Address of the C ``struct mcnp_umem``, for other cffi modules that drive the
+        rings in their own batch loop (``fastpath.loop``); valid while the Umem is open."""
+        if not self._c:
+            _check(-errno.EBADF, "the UMEM is closed")
+        return int(ffi.cast("uintptr_t", self._c))
 
     @property
     def free_frames(self) -> int:
@@ -216,6 +224,12 @@ class Port:
         umem._ports.add(self)
         logger.info("Port %s queue %d opened with %s XDP.", ifname, queue, self.xdp_mode)
 
+
+    def c_address(self) -> int:
+        """Address of the C ``struct mcnp_port`` (see :meth:`Umem.c_address`)."""
+        if not self._c:
+            _check(-errno.EBADF, f"port {self.ifname} is closed")
+        return int(ffi.cast("uintptr_t", self._c))
     def rx_into(self, addrs: np.ndarray, lens: np.ndarray, offset: int = 0,
                 max: int | None = None) -> int:
         """Receive into ``addrs[offset:]``/``lens[offset:]``; returns the count.
