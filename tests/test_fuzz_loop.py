@@ -98,15 +98,21 @@ def make_batch(rng, tmpl: np.ndarray, tlen: np.ndarray):
     return buf, addrs, lens, in_port
 
 
-def test_million_frames_never_crash_and_every_frame_is_accounted():
-    from fastpath.match import judge
-    rng = np.random.default_rng(308)
+def template_slots() -> tuple[np.ndarray, np.ndarray]:
+    """The templates laid out one per SLOT-byte row, with their lengths."""
     raw = templates()
     tmpl = np.zeros((len(raw), SLOT), dtype=np.uint8)
     tlen = np.zeros(len(raw), dtype=np.uint32)
     for i, f in enumerate(raw):
         tmpl[i, :len(f)] = np.frombuffer(f, dtype=np.uint8)
         tlen[i] = len(f)
+    return tmpl, tlen
+
+
+def test_million_frames_never_crash_and_every_frame_is_accounted():
+    from fastpath.match import judge
+    rng = np.random.default_rng(308)
+    tmpl, tlen = template_slots()
     switch = Switch(["pa", "pb", "pc", "up"], uplink=3)
     pipe = Pipeline(switch, judge=judge, batch=BATCH)
     pipe.set_tables(compiled_tables(), {name: [ip] for name, ip in PODS.items()})
@@ -139,12 +145,7 @@ def test_c_pipeline_decides_every_frame_as_the_numpy_reference():
     from fastpath.match import judge
     from tests.pipeline_reference import ReferencePipeline
     rng = np.random.default_rng(4242)
-    raw = templates()
-    tmpl = np.zeros((len(raw), SLOT), dtype=np.uint8)
-    tlen = np.zeros(len(raw), dtype=np.uint32)
-    for i, f in enumerate(raw):
-        tmpl[i, :len(f)] = np.frombuffer(f, dtype=np.uint8)
-        tlen[i] = len(f)
+    tmpl, tlen = template_slots()
     now = [10**12]
     clock = lambda: now[0]  # noqa: E731
     bindings = {name: [ip] for name, ip in PODS.items()}
