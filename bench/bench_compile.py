@@ -28,7 +28,7 @@ import time
 import pytest
 
 from bench.conftest import local_node, report, world, world_for
-from control.compile import Compiler, compile_tables
+from control.compile.compiler import Compiler, compile_tables
 from tests.worlds import LABELS
 
 
@@ -90,7 +90,7 @@ def test_table_memory(benchmark, policies):
 
 
 class _PolicyChange:
-    """What ``control.store.Changes`` carries for one policy."""
+    """What ``control.node.store.Changes`` carries for one policy."""
 
     def __init__(self, ref: str):
         self.pods, self.namespaces, self.policies, self.everything = set(), set(), {ref}, False

@@ -40,9 +40,9 @@ import time
 import pytest
 import yaml
 
-from control.config import ClusterSource, Settings
-from control.daemon import Daemon
-from control.render import cluster_docs, pod_doc
+from control.node.config import ClusterSource, Settings
+from control.node.daemon import Daemon
+from tests.render import cluster_docs, pod_doc
 from tests.fake_apiserver import FakeApiServer
 from tests.worlds import LABELS, Shape, random_world
 
@@ -270,7 +270,7 @@ def test_cold_start(benchmark, world):
 
 def test_full_compile(benchmark, world):
     """One full compile of the 10k-pod world, for scale (single round: it is slow)."""
-    from control.compile import compile_tables
+    from control.compile.compiler import compile_tables
 
     snap = world.daemon.store.snapshot(1)
     benchmark.pedantic(compile_tables, args=(snap.cset, world.daemon.local, 1), kwargs={"clusters": {world.names[0]}},

@@ -63,7 +63,7 @@ RTT_PROBES = 1000
 
 def bench_tables(n_policies: int, revision: int):
     """n policies isolating the gen pod for egress; one of them admits the sink."""
-    from control.compile import compile_tables
+    from control.compile.compiler import compile_tables
     from tests.builders import make_clusterset, make_pod, make_policy
     objs = [make_pod("bench", "gen", GEN_IP, {"app": "gen"})]
     sel = {"matchLabels": {"app": "gen"}}

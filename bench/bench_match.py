@@ -22,7 +22,7 @@ import time
 import pytest
 
 from bench.conftest import report, world_for
-from control.reference import ReferenceEvaluator
+from control.semantics.reference import ReferenceEvaluator
 from fastpath import match
 from tests.worlds import PACKET_PROTOS, random_packets
 

@@ -37,7 +37,7 @@ def world(policies: int, seed: int = 2):
 @functools.lru_cache(maxsize=None)
 def world_for(policies: int):
     """``(cset, tables, compile_seconds)`` for the 10k-pod world with ``policies``."""
-    from control.compile import compile_tables
+    from control.compile.compiler import compile_tables
 
     cset = world(policies)
     start = time.perf_counter()

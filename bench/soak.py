@@ -14,7 +14,7 @@ the time is up, repeats one *round*:
    moved, the compiled revision caught up, and its dataplane runs the published
    generation (``/v1/stats``);
 3. **probe** random ordered pairs of distinct pods with real TCP and UDP connections
-   (``control.probe.probe_many``, bounded in count and time) on ports the destination
+   (``control.lab.probe.probe_many``, bounded in count and time) on ports the destination
    serves, and compare each verdict with ``ReferenceEvaluator`` over the manifests as
    the daemons must see them. A disagreement is probed once more; one that persists is
    counted (the result must be zero), one that does not is reported as transient;
@@ -47,13 +47,13 @@ from typing import Callable, Optional
 
 import yaml
 
-from control import testbed
-from control.manifests import load_clusterset
-from control.model import MC_KEY, ClusterSet, Selector
-from control.probe import probe_many
-from control.reference import ReferenceEvaluator
-from control.render import namespace_doc, pod_doc, policy_doc, selector_doc
-from control.testbed_net import session_members
+from control.lab import testbed
+from control.semantics.manifests import load_clusterset
+from control.semantics.model import MC_KEY, ClusterSet, Selector
+from control.lab.probe import probe_many
+from control.semantics.reference import ReferenceEvaluator
+from tests.render import namespace_doc, pod_doc, policy_doc, selector_doc
+from control.lab.net import session_members
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 #: Served by every pod besides its declared ports, so probes on them show the policy's
@@ -202,7 +202,7 @@ class World:
         return f"{pod.ref} labels {labels}"
 
     def _relabel_namespace(self, cluster: str) -> Optional[str]:
-        from control.model import NS_NAME_KEY
+        from control.semantics.model import NS_NAME_KEY
         from tests.worlds import NS_LABELS
 
         if not self.namespaces[cluster]:
@@ -268,7 +268,7 @@ class World:
 
 
 def _match_labels(labels: dict):
-    from control.model import Requirement
+    from control.semantics.model import Requirement
 
     return [Requirement(k, "In", frozenset([v])) for k, v in sorted(labels.items())]
 
@@ -322,7 +322,7 @@ def wait_in_force(state_dir: str, before: dict[str, int], timeout: float) -> lis
 
 
 def dead_daemons(state: dict) -> list[str]:
-    from control.testbed_net import process_start_time
+    from control.lab.net import process_start_time
 
     return [k for k, info in state.get("daemons", {}).items() if process_start_time(info["pid"]) != info.get("start")]
 
@@ -573,7 +573,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--out", help="JSON result path (default bench/results/soak-<date>.json)")
     args = ap.parse_args(argv)
     # The reference loader warns about the invalid policies the soak writes on purpose.
-    logging.getLogger("control.manifests").setLevel(logging.ERROR)
+    logging.getLogger("control.semantics.manifests").setLevel(logging.ERROR)
     if os.geteuid() != 0:
         print("soak: needs root (network namespaces, XDP, AF_XDP)", file=sys.stderr)
         return 1

@@ -15,9 +15,9 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from .manifests import load_clusterset, parse_cluster_arg
-from .model import PROTOCOLS, ClusterSet, InvalidObject, Options, Pod
-from .reference import ReferenceEvaluator, resolve_endpoint
+from control.semantics.manifests import load_clusterset, parse_cluster_arg
+from control.semantics.model import PROTOCOLS, ClusterSet, InvalidObject, Options, Pod
+from control.semantics.reference import ReferenceEvaluator, resolve_endpoint
 
 EXIT_INVALID = 2
 
@@ -71,7 +71,7 @@ def _participants(cset: ClusterSet, pattern: Optional[str]) -> list[Pod]:
 
 def matrix_values(cset: ClusterSet, sources: list[Pod], destinations: list[Pod], port: int, protocol: str, engine: str):
     """Verdicts for every (source, destination) pair: a boolean array, sources × destinations."""
-    from . import matrix
+    from control.compile import matrix
 
     fn = matrix.reference_matrix if engine == "reference" else matrix.compiled_matrix
     return fn(cset, sources, destinations, port, protocol)
@@ -163,8 +163,8 @@ def cmd_explain(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .config import Settings, SettingsError
-    from .daemon import run
+    from control.node.config import Settings, SettingsError
+    from control.node.daemon import run
 
     if args.verbose == 0:  # a daemon reports what it does: INFO unless asked otherwise
         logging.getLogger().setLevel(logging.INFO)
@@ -178,7 +178,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_testbed(args) -> int:
-    from . import testbed
+    from control.lab import testbed
 
     if args.testbed_cmd == "up":
         return testbed.up([parse_cluster_arg(c) for c in args.cluster], mode=args.mode, json_out=args.json)
@@ -186,7 +186,7 @@ def cmd_testbed(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import main as demo_main
+    from control.lab.demo import main as demo_main
 
     return demo_main(args)
 

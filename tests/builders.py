@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from control import objects
-from control.model import ClusterSet, ClusterState, Options
+from control.semantics import objects
+from control.semantics.model import ClusterSet, ClusterState, Options
 
 Tweak = Callable[[dict], None]
 

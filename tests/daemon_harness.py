@@ -10,8 +10,8 @@ from typing import Any, Optional
 
 import aiohttp
 
-from control.config import ClusterSource, Settings
-from control.daemon import Daemon
+from control.node.config import ClusterSource, Settings
+from control.node.daemon import Daemon
 
 
 def dir_settings(specs: list[tuple[str, str]], local: Optional[str] = None, **overrides: Any) -> Settings:

@@ -8,9 +8,9 @@ import os
 import pytest
 import yaml
 
-from control.manifests import load_clusterset
-from control.model import Options
-from control.reference import ReferenceEvaluator, resolve_endpoint
+from control.semantics.manifests import load_clusterset
+from control.semantics.model import Options
+from control.semantics.reference import ReferenceEvaluator, resolve_endpoint
 
 from .builders import make_policy
 from .cases import case_files, load_case, write_case

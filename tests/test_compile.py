@@ -10,7 +10,7 @@ import random
 import numpy as np
 import pytest
 
-from control.compile import Compiler, compile_tables
+from control.compile.compiler import Compiler, compile_tables
 from fastpath import match
 from fastpath.tables import DENIED, NOT_ENFORCED, PolicyTables, ip_keys
 from tests.builders import make_clusterset, make_namespace, make_policy, make_pod, peer_pods
@@ -277,7 +277,7 @@ def mutate_policies(cset, rng, count: int, namespaces_too: bool = True) -> tuple
 
 
 class _Changes:
-    """What ``control.store.Changes`` carries, for driving ``Compiler.update``."""
+    """What ``control.node.store.Changes`` carries, for driving ``Compiler.update``."""
 
     def __init__(self, pods=(), namespaces=(), policies=(), everything=False):
         self.pods, self.namespaces, self.policies, self.everything = set(pods), set(namespaces), set(policies), everything
@@ -366,7 +366,7 @@ def test_a_changed_policy_keeps_its_named_ports_when_tried_before_older_rules():
     rule first must still resolve that named port on the destination."""
     import dataclasses
 
-    from control import objects
+    from control.semantics import objects
 
     def policy_a(selector):
         return make_policy("x", "a", selector, egress=[{"ports": [{"protocol": "SCTP", "port": "metrics"}]}], types=["Egress"])

@@ -17,10 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from control.compile import compile_tables
-from control.manifests import load_clusterset
-from control.matrix import compiled_matrix, reference_matrix
-from control.reference import EGRESS, INGRESS, ReferenceEvaluator
+from control.compile.compiler import compile_tables
+from control.semantics.manifests import load_clusterset
+from control.compile.matrix import compiled_matrix, reference_matrix
+from control.semantics.reference import EGRESS, INGRESS, ReferenceEvaluator
 from fastpath import match
 from fastpath.tables import DENIED, NOT_ENFORCED, PolicyTables
 from tests.cases import case_files, load_case, write_case

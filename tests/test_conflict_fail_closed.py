@@ -8,7 +8,7 @@ import ipaddress
 import numpy as np
 import pytest
 
-from control.compile import compile_tables
+from control.compile.compiler import compile_tables
 from fastpath import match
 from fastpath.tables import ip_key
 from tests.builders import make_clusterset, make_pod, make_policy

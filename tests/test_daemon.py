@@ -10,8 +10,8 @@ import threading
 import pytest
 import yaml
 
-from control import daemon as daemon_mod
-from control.config import ClusterSource, Settings, SettingsError, parse_duration, parse_listen
+from control.node import daemon as daemon_mod
+from control.node.config import ClusterSource, Settings, SettingsError, parse_duration, parse_listen
 
 from .builders import make_namespace, make_pod, make_policy
 from .daemon_harness import dir_settings, eventually, running, write_yaml
@@ -105,7 +105,7 @@ def write_world(root: str) -> list[tuple[str, str]]:
 
 
 class RecordingCompiler:
-    """Stands in for control.compile: records what it was asked, from which thread."""
+    """Stands in for control.compile.compiler: records what it was asked, from which thread."""
 
     def __init__(self, delay: float = 0.0):
         self.calls = []
@@ -293,7 +293,7 @@ def test_compiler_failure_keeps_the_previous_tables(tmp_path):
 
 
 def test_remote_outage_is_fail_static_then_revoked_by_stale_after_then_recovered(tmp_path):
-    from control.model import MC_KEY
+    from control.semantics.model import MC_KEY
 
     from .fake_apiserver import FakeApiServer
 
@@ -358,7 +358,7 @@ def test_the_daemon_compiles_incrementally_and_as_a_full_compile_would(tmp_path)
     tables judge as a fresh full compile of the snapshot does."""
     import numpy as np
 
-    from control.compile import compile_tables
+    from control.compile.compiler import compile_tables
     from fastpath import match
     from fastpath.tables import ip_keys
 
@@ -404,7 +404,7 @@ def test_the_collector_is_held_off_during_the_start_and_back_after_at_most_the_l
     import gc
     import time as _time
 
-    from control.daemon import StartGc
+    from control.node.daemon import StartGc
 
     assert gc.isenabled()
     hold = StartGc(limit=0.2)

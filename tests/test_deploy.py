@@ -52,7 +52,7 @@ EXPECTED_KINDS = {
 }
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "Kustomization"}
 
-#: The read access the sources need (control/sources.py): list+watch of Namespaces, Pods
+#: The read access the sources need (control/node/sources.py): list+watch of Namespaces, Pods
 #: and NetworkPolicies, and the ClusterProperty of rule M1.
 READ_ONLY = {(group, resource, verb)
              for group, resource in [("", "pods"), ("", "namespaces"), ("networking.k8s.io", "networkpolicies"),
@@ -205,7 +205,7 @@ def test_daemonset_args_are_flags_mcnp_run_accepts():
 
 
 def test_configmap_config_passes_the_daemons_validation(tmp_path):
-    config = pytest.importorskip("control.config", reason="control.config (the settings loader) is not in the tree yet")
+    config = pytest.importorskip("control.node.config", reason="control.node.config (the settings loader) is not in the tree yet")
     path = tmp_path / "mcnp.yaml"
     path.write_text(config_text())
     c = container()
@@ -224,14 +224,14 @@ def test_configmap_config_passes_the_daemons_validation(tmp_path):
 
 
 def test_configmap_keys_are_settings_the_loader_knows():
-    config = pytest.importorskip("control.config", reason="control.config (the settings loader) is not in the tree yet")
+    config = pytest.importorskip("control.node.config", reason="control.node.config (the settings loader) is not in the tree yet")
     problems: list[str] = []
     config.Settings.from_mapping(config_data(), problems)
     assert problems == []
 
 
 def test_probes_hit_the_rest_endpoint_the_config_opens():
-    config = pytest.importorskip("control.config", reason="control.config (the settings loader) is not in the tree yet")
+    config = pytest.importorskip("control.node.config", reason="control.node.config (the settings loader) is not in the tree yet")
     kind, (host, port) = config.parse_listen(config_data()["api-listen"])
     assert kind == "tcp" and host == "127.0.0.1"
     c = container()
@@ -242,10 +242,10 @@ def test_probes_hit_the_rest_endpoint_the_config_opens():
 
 
 def test_probe_paths_are_served_by_the_api():
-    api = pytest.importorskip("control.api", reason="control.api (the REST endpoint) is not in the tree yet")
+    api = pytest.importorskip("control.node.api", reason="control.node.api (the REST endpoint) is not in the tree yet")
     source = inspect.getsource(api)
     for path in ("/healthz", "/readyz"):
-        assert f'"{path}"' in source, f"control.api does not route {path}"
+        assert f'"{path}"' in source, f"control.node.api does not route {path}"
 
 
 # --------------------------------------------------------------------------- privileges

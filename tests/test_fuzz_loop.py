@@ -32,7 +32,7 @@ STRANGER = "198.18.31.7"
 
 
 def compiled_tables():
-    from control.compile import compile_tables
+    from control.compile.compiler import compile_tables
     from tests.builders import make_clusterset, make_pod, make_policy, peer_pods
     objs = [make_pod("default", name, ip, {"app": name}) for name, ip in
             (("a", PODS["pa"]), ("b", PODS["pb"]), ("c", PODS["pc"]))]

@@ -42,7 +42,7 @@ def policies(tcp: bool) -> list[dict]:
 
 
 def tables(revision: int, tcp: bool):
-    from control.compile import compile_tables
+    from control.compile.compiler import compile_tables
     from tests.builders import make_clusterset, make_pod
     pods = [make_pod("default", name, IPS[name], {"app": name}) for name in "abc"]
     cset = make_clusterset({"c1": pods + policies(tcp)})

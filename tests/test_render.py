@@ -1,10 +1,10 @@
-"""control.render is the inverse of the parser: every generated world written as
+"""tests.render is the inverse of the parser: every generated world written as
 manifests reads back as the same values."""
 
 from hypothesis import given, settings
 
-from control.manifests import Document, build_cluster
-from control.render import cluster_docs
+from control.semantics.manifests import Document, build_cluster
+from tests.render import cluster_docs
 from tests.worlds import random_world, worlds
 
 

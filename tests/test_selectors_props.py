@@ -4,8 +4,8 @@ matchExpressions operators), against an independent reading of the raw dictionar
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from control.model import MC_KEY, Options, effective_labels
-from control.objects import _Ctx, selector
+from control.semantics.model import MC_KEY, Options, effective_labels
+from control.semantics.objects import _Ctx, selector
 
 KEYS = st.sampled_from(["app", "tier", "env", "example.com/role", MC_KEY])
 VALUES = st.sampled_from(["a", "b", "c", "prod", "c1", "c2"])

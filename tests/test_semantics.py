@@ -7,8 +7,8 @@ import ipaddress
 
 import pytest
 
-from control.model import MC_KEY, Options
-from control.reference import ReferenceEvaluator, resolve_endpoint
+from control.semantics.model import MC_KEY, Options
+from control.semantics.reference import ReferenceEvaluator, resolve_endpoint
 from tests.builders import make_clusterset, make_namespace, make_pod, make_policy, peer_ns, peer_pods
 
 WEB = [("http", 80, "TCP"), ("dns", 53, "UDP"), ("sig", 7000, "SCTP")]

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from bench import soak
-from control.manifests import load_clusterset
+from control.semantics.manifests import load_clusterset
 from tests.worlds import Shape, random_world
 
 

@@ -10,9 +10,9 @@ import os
 
 import yaml
 
-from control.config import ClusterSource, Settings
-from control.sources import Backoff, DirSource, KubeSource
-from control.store import Store
+from control.node.config import ClusterSource, Settings
+from control.node.sources import Backoff, DirSource, KubeSource
+from control.node.store import Store
 
 from .builders import make_namespace, make_pod, make_policy
 from .daemon_harness import eventually, write_yaml

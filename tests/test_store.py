@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import ipaddress
 
-from control.model import Options
-from control.reference import ReferenceEvaluator
-from control.store import Store
+from control.semantics.model import Options
+from control.semantics.reference import ReferenceEvaluator
+from control.node.store import Store
 
 from .builders import make_namespace, make_pod, make_policy
 
@@ -260,8 +260,8 @@ def test_a_reload_with_few_differences_ends_as_a_full_reload_would():
 def test_labels_seen_valid_before_do_not_let_an_invalid_one_through():
     """The parser remembers valid label keys and values (the first lists repeat them
     thousands of times); an invalid label is rejected the same way before and after."""
-    from control import objects
-    from control.model import InvalidObject
+    from control.semantics import objects
+    from control.semantics.model import InvalidObject
 
     good = make_pod("x", "a", "198.18.0.1", {"app": "a", "tier": "web"})
     assert objects.pod(good, "c1", "t").labels == {"app": "a", "tier": "web"}

@@ -15,10 +15,10 @@ import textwrap
 
 import pytest
 
-from control import probe, testbed
-from control.manifests import load_clusterset
-from control.reference import ReferenceEvaluator
-from control.testbed_net import NetError, list_netns, process_start_time, session_members
+from control.lab import probe, testbed
+from control.semantics.manifests import load_clusterset
+from control.semantics.reference import ReferenceEvaluator
+from control.lab.net import NetError, list_netns, process_start_time, session_members
 
 ROOT = os.geteuid() == 0
 _needs_root = pytest.mark.skipif(not ROOT, reason="needs root and network namespaces")

@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from control import probe, testbed
-from control.manifests import load_clusterset
-from control.matrix import compiled_matrix
+from control.lab import probe, testbed
+from control.semantics.manifests import load_clusterset
+from control.compile.matrix import compiled_matrix
 from tests.cases import case_files, load_case, probe_groups, write_case
 
 pytestmark = [pytest.mark.privileged, pytest.mark.slow,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from hypothesis import strategies as st
 
-from control.model import (
+from control.semantics.model import (
     MC_KEY,
     NS_NAME_KEY,
     ClusterSet,

@@ -2,7 +2,7 @@
 
 The packet path must judge a packet with a constant number of array lookups whatever
 the number of policies, so the compiler does the set algebra up front (see
-``control.compile_direction`` for the words): addresses become *slots* (the one pod
+``control.compile.direction`` for the words): addresses become *slots* (the one pod
 that owns an IP, or the ipBlock interval of an address no single pod owns, rule M8),
 slots become per-direction *atoms* (alike for every peer) and *classes* (local
 endpoints isolated alike), and a (class, atom) cell names a *port set* whose row over
@@ -10,7 +10,7 @@ port atoms holds the first admitting rule — the rule the reference evaluator w
 name (policies by name, rules, peers and ports in order).
 
 Selectors are evaluated over all pods at once through an inverted label index
-(``control.compile_select``), never pod by pod.
+(``control.compile.selection``), never pod by pod.
 
 Incremental recompiles (:class:`Compiler`):
 
@@ -39,9 +39,9 @@ import numpy as np
 
 from fastpath.tables import PolicyTables, build_ip_hash, ip_key, proto_index_table
 
-from .compile_direction import Direction, PortSpace, RuleIds
-from .compile_select import EGRESS, INGRESS, AddressSpace, PodIndex, policy_ip_blocks, selector_peer_matches
-from .model import ClusterSet, Pod, Policy
+from control.compile.direction import Direction, PortSpace, RuleIds
+from control.compile.selection import EGRESS, INGRESS, AddressSpace, PodIndex, policy_ip_blocks, selector_peer_matches
+from control.semantics.model import ClusterSet, Pod, Policy
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Compiler:
         self._build()
 
     def update(self, cset: ClusterSet, changes) -> str:
-        """Follow ``changes`` (a ``control.store.Changes``: pod references, namespace
+        """Follow ``changes`` (a ``control.node.store.Changes``: pod references, namespace
         keys, policy references, ``everything``) from the last compiled cluster set to
         ``cset`` by the cheapest correct path. Returns the path taken: ``"none"``
         (nothing this node enforces changed: the tables stand), ``"incremental"`` or

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import time
 
-from .testbed_net import popen_in, process_start_time, session_members
+from control.lab.net import popen_in, process_start_time, session_members
 
 
 def log_path(state: dict, name: str) -> str:

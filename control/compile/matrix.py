@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .compile_select import EGRESS, INGRESS, AddressSpace, PodIndex, all_ip_blocks, policies_for
-from .model import ClusterSet, Pod, Rule
-from .reference import ReferenceEvaluator
+from control.compile.selection import EGRESS, INGRESS, AddressSpace, PodIndex, all_ip_blocks, policies_for
+from control.semantics.model import ClusterSet, Pod, Rule
+from control.semantics.reference import ReferenceEvaluator
 
 
 def reference_matrix(cset: ClusterSet, sources: list[Pod], destinations: list[Pod], port: int, protocol: str) -> np.ndarray:

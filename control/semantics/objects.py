@@ -2,7 +2,7 @@
 
 This module is the one choke point that rejects invalid input. It validates what the
 API server would (so a manifest the server would refuse cannot silently mean
-something) and raises :class:`~control.model.InvalidObject` naming the source, the
+something) and raises :class:`~control.semantics.model.InvalidObject` naming the source, the
 object and the field path.
 """
 
@@ -12,7 +12,7 @@ import ipaddress
 import re
 from typing import Any, Mapping, Optional
 
-from .model import (
+from control.semantics.model import (
     EVERYTHING,
     NS_NAME_KEY,
     PROTOCOLS,

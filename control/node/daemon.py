@@ -11,7 +11,7 @@ it (a long full compile holds the GIL in slices of ``sys.getswitchinterval()``, 
 the loop still answers within a few milliseconds).
 
 Compiles are incremental (:class:`IncrementalCompile`): the store says what changed
-since the last compile, and ``control.compile.Compiler.update`` follows it — pod
+since the last compile, and ``control.compile.compiler.Compiler.update`` follows it — pod
 changes pod by pod, policy changes policy by policy, a full compile only for
 namespace, cluster or option changes. Only the local cluster's policies are compiled
 (rule M3: remote policies are never enforced here), so a remote policy change leaves
@@ -35,11 +35,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from .config import Settings, SettingsError
-from .metrics import Metrics
-from .model import Options, Pod
-from .sources import make_source
-from .store import Changes, Snapshot, Store
+from control.node.config import Settings, SettingsError
+from control.node.metrics import Metrics
+from control.semantics.model import Options, Pod
+from control.node.sources import make_source
+from control.node.store import Changes, Snapshot, Store
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class TablesInfo:
 
 
 class IncrementalCompile:
-    """The daemon's compiler: a ``control.compile.Compiler`` kept between revisions
+    """The daemon's compiler: a ``control.compile.compiler.Compiler`` kept between revisions
     and told what changed. Used from the compile thread only."""
 
     def __init__(self, local: Callable[[Pod], bool], clusters):
@@ -80,7 +80,7 @@ class IncrementalCompile:
     def follow(self, cset, changes: Changes, revision: int) -> tuple[Any, str]:
         """``(tables, path)``: the tables for ``cset`` and how they were made; with
         path ``"none"`` they are the previous tables (nothing enforced here changed)."""
-        from .compile import Compiler
+        from control.compile.compiler import Compiler
 
         if self.compiler is None:
             self.compiler = Compiler(cset, self.local, clusters=self.clusters)
@@ -101,7 +101,7 @@ class IncrementalCompile:
 def default_compiler(settings: Settings, local: Callable[[Pod], bool]) -> Optional[IncrementalCompile]:
     """An :class:`IncrementalCompile` when the compiler is installed."""
     try:
-        from . import compile as _  # noqa: F401
+        from control.compile import compiler as _  # noqa: F401
     except ImportError as e:
         logger.warning("The policy compiler is not available (%s): serving explain only", e)
         return None
@@ -164,10 +164,10 @@ class Daemon:
         self._start_gc.hold()
         if self.settings.attach:
             if self.compiler is None:
-                raise RuntimeError("--attach needs the policy compiler (control.compile)")
+                raise RuntimeError("--attach needs the policy compiler (control.compile.compiler)")
             self.dataplane = self._dataplane_factory(self.settings)
         if self._serve_api:
-            from .api import start_api
+            from control.node.api import start_api
 
             self._api_runner = await start_api(self, self.settings.api_listen)
         for name, source in self.sources.items():

@@ -16,7 +16,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from .model import MC_KEY, ClusterSet, IPAddress, Peer, Pod, Policy, PortSpec
+from control.semantics.model import MC_KEY, ClusterSet, IPAddress, Peer, Pod, Policy, PortSpec
 
 INGRESS, EGRESS = "Ingress", "Egress"
 

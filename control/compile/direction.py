@@ -30,8 +30,8 @@ import numpy as np
 
 from fastpath.tables import DENIED, NOT_ENFORCED, PORT_SPACE, PROTO_BY_NAME
 
-from .compile_select import AddressSpace, PodIndex, policies_for, selector_peer_matches
-from .model import Peer, Policy, Rule
+from control.compile.selection import AddressSpace, PodIndex, policies_for, selector_peer_matches
+from control.semantics.model import Peer, Policy, Rule
 
 ALL_PEERS = -3  # "first matching peer" of a rule without peers: it matches everything
 

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
-from .objects import DNS_LABEL
+from control.semantics.objects import DNS_LABEL
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}

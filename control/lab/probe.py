@@ -21,7 +21,7 @@ import socket
 import threading
 from typing import Iterable
 
-from .testbed_net import NETNS_DIR, NetError, setns
+from control.lab.net import NETNS_DIR, NetError, setns
 
 PROTOCOLS = ("TCP", "UDP")
 TCP_TIMEOUT = 1.0

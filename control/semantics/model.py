@@ -1,7 +1,7 @@
 """The objects mcnp reasons about, validated, immutable and cluster-qualified.
 
 Everything downstream — the reference evaluator, the compiler, the control loop — works
-on these values, never on raw Kubernetes dictionaries. Parsing (``control.objects``)
+on these values, never on raw Kubernetes dictionaries. Parsing (``control.semantics.objects``)
 turns the shapes ``kubectl get -o yaml`` prints into them and is the one place that
 rejects invalid input, with :class:`InvalidObject` naming file, object and field.
 """

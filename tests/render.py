@@ -1,10 +1,10 @@
 """Model values back into the objects ``kubectl get -o yaml`` prints: the inverse of
-``control.objects``, so generated worlds (benchmarks, the soak run) are written as the
+``control.semantics.objects``, so generated worlds (benchmarks, the soak run) are written as the
 manifests a user would have and read back through the same parser."""
 
 from __future__ import annotations
 
-from .model import NS_NAME_KEY, ClusterState, Namespace, Peer, Pod, Policy, Rule, Selector
+from control.semantics.model import NS_NAME_KEY, ClusterState, Namespace, Peer, Pod, Policy, Rule, Selector
 
 
 def selector_doc(sel: Selector) -> dict:

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .daemon import Daemon
+    from control.node.daemon import Daemon
 
 logger = logging.getLogger(__name__)
 

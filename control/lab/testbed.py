@@ -28,10 +28,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from .manifests import load_clusterset
-from .model import InvalidObject
-from .testbed_net import NetError, ip_batch, list_netns, netns_name, popen_in, write_sysctl
-from .testbed_proc import start_detached, stop, tail, unix_get
+from control.semantics.manifests import load_clusterset
+from control.semantics.model import InvalidObject
+from control.lab.net import NetError, ip_batch, list_netns, netns_name, popen_in, write_sysctl
+from control.lab.proc import start_detached, stop, tail, unix_get
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """``mcnp demo``: two clusters, a daemon per node, real connections, a live change.
 
-The bundled example (``control/examples/demo``) follows NPEP-308's user stories: the
+The bundled example (``control/lab/examples/demo``) follows NPEP-308's user stories: the
 backend ``api`` of production cluster ``east`` admits the frontend of cluster ``west``
 (story 1), and the ``dev`` namespace of ``west`` may reach production only at that api
 (story 2). The demo builds the testbed, probes every ordered pair of pods with real TCP
@@ -20,8 +20,8 @@ import tempfile
 import time
 from importlib import resources
 
-from .manifests import load_clusterset
-from .model import ClusterSet, Pod
+from control.semantics.manifests import load_clusterset
+from control.semantics.model import ClusterSet, Pod
 
 EXAMPLE = "demo"
 CLUSTERS = ("east", "west")
@@ -31,7 +31,7 @@ CHANGE_WAIT_S = 20.0
 
 
 def _example_dir() -> str:
-    return str(resources.files("control").joinpath("examples", EXAMPLE))
+    return str(resources.files("control").joinpath("lab", "examples", EXAMPLE))
 
 
 class Screen:
@@ -48,7 +48,7 @@ class Screen:
 
 
 def expected(cset: ClusterSet, pods: list[Pod], port: int, protocol: str) -> dict[tuple[str, str], bool]:
-    from .matrix import compiled_matrix
+    from control.compile.matrix import compiled_matrix
 
     values = compiled_matrix(cset, pods, pods, port, protocol)
     return {(s.ref, d.ref): bool(values[i, j]) for i, s in enumerate(pods) for j, d in enumerate(pods)}
@@ -62,7 +62,7 @@ def observe(state: dict, pods: list[Pod], port: int, protocol: str) -> dict[tupl
     """Real connections for every ordered pair of distinct pods whose destination serves
     the port (self pairs skipped: a connection to a pod's own IP never leaves the pod,
     rule S7)."""
-    from .probe import probe_many
+    from control.lab.probe import probe_many
 
     pairs = [(s, d) for s in pods for d in pods if s.ref != d.ref and serves(d, port, protocol)]
     netns = {ref: info["netns"] for ref, info in state["pods"].items()}
@@ -99,7 +99,7 @@ def policy_counters(state: dict) -> list[str]:
     summed over every node."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from .testbed import api_get
+    from control.lab.testbed import api_get
 
     totals: dict[tuple[str, str], float] = {}
     for node in state.get("nodes", {}):
@@ -117,7 +117,7 @@ def policy_counters(state: dict) -> list[str]:
 
 
 def wait_for_revision(state: dict, before: dict[str, int], timeout: float) -> bool:
-    from .testbed import api_get
+    from control.lab.testbed import api_get
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -132,7 +132,7 @@ def wait_for_revision(state: dict, before: dict[str, int], timeout: float) -> bo
 
 
 def revisions(state: dict) -> dict[str, int]:
-    from .testbed import api_get
+    from control.lab.testbed import api_get
 
     out = {}
     for node in state.get("nodes", {}):
@@ -165,7 +165,7 @@ def changes(before: dict, after: dict) -> list[str]:
 
 
 def main(args) -> int:
-    from . import testbed
+    from control.lab import testbed
 
     if os.geteuid() != 0:
         print("mcnp demo: needs root (network namespaces, XDP, AF_XDP)", file=sys.stderr)

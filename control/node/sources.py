@@ -31,10 +31,10 @@ from typing import Any, Optional
 
 import aiohttp
 
-from . import manifests
-from .config import ClusterSource, Settings
-from .model import InvalidObject
-from .store import KINDS, ClusterSink, DocDiff
+from control.semantics import manifests
+from control.node.config import ClusterSource, Settings
+from control.semantics.model import InvalidObject
+from control.node.store import KINDS, ClusterSink, DocDiff
 
 logger = logging.getLogger(__name__)
 

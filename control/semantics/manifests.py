@@ -21,8 +21,8 @@ from typing import Any, Iterator, Mapping, Optional
 
 import yaml
 
-from . import objects
-from .model import ClusterSet, ClusterState, InvalidObject, Options
+from control.semantics import objects
+from control.semantics.model import ClusterSet, ClusterState, InvalidObject, Options
 
 logger = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
 """The cluster state store: what every source has told us, validated, in force.
 
-Sources (``control.sources``) feed raw Kubernetes objects into one
+Sources (``control.node.sources``) feed raw Kubernetes objects into one
 :class:`ClusterSink` per cluster — whole lists (a relist, a directory reload) or single
 watch events. The store parses each object once (an object whose raw dict is the very
 same as before is not parsed again), applies rule S9 to the invalid ones and keeps
 per-cluster sync status. :meth:`Store.snapshot` hands the compiler and the explain
-endpoint an immutable view: a :class:`~control.model.ClusterSet` of shallow copies.
+endpoint an immutable view: a :class:`~control.semantics.model.ClusterSet` of shallow copies.
 
 Rule S9 here: a changed policy that became invalid keeps its last valid version; a new
 invalid policy is replaced by ``objects.fail_closed_policy``; invalid pods and
@@ -32,8 +32,8 @@ from operator import itemgetter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional
 
-from . import objects
-from .model import ClusterSet, ClusterState, InvalidObject, Namespace, Options, Pod, Policy
+from control.semantics import objects
+from control.semantics.model import ClusterSet, ClusterState, InvalidObject, Namespace, Options, Pod, Policy
 
 logger = logging.getLogger(__name__)
 

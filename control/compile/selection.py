@@ -9,7 +9,7 @@ share selectors a lot). :class:`AddressSpace` does the same for ipBlocks: every 
 except boundary cuts the address space into intervals, an ipBlock is a boolean mask over
 intervals, and an address finds its interval with one binary search.
 
-The meaning is the model's (``Requirement``/``Selector`` in ``control.model``) and
+The meaning is the model's (``Requirement``/``Selector`` in ``control.semantics.model``) and
 DESIGN.md section 1; this module only changes how many objects are judged per call.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from fastpath.tables import ip_keys
 
-from .model import MC_KEY, ClusterSet, IPBlock, Options, Peer, Pod, Policy, Requirement, Selector
+from control.semantics.model import MC_KEY, ClusterSet, IPBlock, Options, Peer, Pod, Policy, Requirement, Selector
 
 INGRESS, EGRESS = "Ingress", "Egress"
 

@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from aiohttp import web
 
-from .config import parse_listen
-from .metrics import CONTENT_TYPE
-from .model import PROTOCOLS
-from .reference import ReferenceEvaluator, resolve_endpoint
+from control.node.config import parse_listen
+from control.node.metrics import CONTENT_TYPE
+from control.semantics.model import PROTOCOLS
+from control.semantics.reference import ReferenceEvaluator, resolve_endpoint
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .daemon import Daemon
+    from control.node.daemon import Daemon
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,2 @@
+"""The node daemon: settings (config), sources of cluster state, the store, the control
+loop (daemon), the REST endpoint (api) and metrics."""
