@@ -117,7 +117,6 @@ class PodIndex:
         self._nsname_mask: dict[str, np.ndarray] = {}
         self._named: dict[tuple[str, str], np.ndarray] = {}
         self._port_sets: Optional[list] = None
-        self._primary_keys: Optional[np.ndarray] = None
 
     @staticmethod
     def _effective(labels, cluster: str, multicluster: bool):

@@ -561,16 +561,3 @@ class _Addresses:
                 out[str(ip)] = refs
         return out
 
-
-def ip_conflicts(cset: ClusterSet) -> dict[str, list[str]]:
-    """Rule M8: addresses claimed by pods of more than one cluster."""
-    owners: dict[Any, list[Pod]] = {}
-    for pod in cset.pods():
-        if pod.can_take_part:
-            for ip in pod.ips:
-                owners.setdefault(ip, []).append(pod)
-    out = {}
-    for ip, pods in owners.items():
-        if len(pods) > 1 and len({p.cluster for p in pods}) > 1:
-            out[str(ip)] = sorted(p.ref for p in pods)
-    return out

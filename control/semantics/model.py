@@ -18,9 +18,6 @@ MC_KEY = "networking.k8s.io/multicluster-name"
 NS_NAME_KEY = "kubernetes.io/metadata.name"
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
-#: IP protocol numbers of the protocols NetworkPolicy ports can name (plus ICMP for
-#: traffic that only port-less rules admit).
-PROTO_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132, "ICMP": 1, "ICMPv6": 58}
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
