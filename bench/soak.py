@@ -16,14 +16,18 @@ the time is up, repeats one *round*:
 3. **probe** random ordered pairs of distinct pods with real TCP and UDP connections
    (``control.lab.probe.probe_many``, bounded in count and time) on ports the destination
    serves, and compare each verdict with ``ReferenceEvaluator`` over the manifests as
-   the daemons must see them. A disagreement is probed once more; one that persists is
-   counted (the result must be zero), one that does not is reported as transient;
+   the daemons must see them. A *fail-open* — expected denied, observed allowed — is
+   never forgiven: it stops the run at once and fails it. Only an expected-allow that
+   was observed denied is probed once more (a lost datagram or a slow handshake is not a
+   verdict): if it is allowed then, it is counted and reported as retried; if it is
+   denied again, it is a disagreement (the result must be zero);
 4. **sample** the resident memory (``/proc/PID/status``) of every daemon and of the
    processes it started (its dataplane worker).
 
 It prints a summary and writes a JSON result (``bench/results/soak-<date>.json`` by
 default), and tears the testbed down on every exit path, Ctrl-C and SIGTERM included.
-Exit code 0 when there was no disagreement and every change came into force.
+Exit code 0 when there was no disagreement (fail-open or persistent denial) and every
+change came into force.
 ``tests/test_soak_short.py`` runs three rounds of the same code in CI.
 """
 
@@ -415,6 +419,41 @@ def run_probes(state: dict, probes: list) -> list[bool]:
     return probe_many([(pods[s]["netns"], pods[d]["ip"], port, proto) for s, d, port, proto in probes])
 
 
+class FailOpen(RuntimeError):
+    """A probe the reference denies got through: the run stops at once."""
+
+
+@dataclass
+class Comparison:
+    """Indices of one round's probes, by how their observed verdicts disagreed."""
+
+    #: Expected denied, observed allowed: never retried, the run fails.
+    fail_open: list[int] = field(default_factory=list)
+    #: Expected allowed, observed denied on the first try and on the retry.
+    denied: list[int] = field(default_factory=list)
+    #: Expected allowed, denied on the first try, allowed on the retry.
+    retried: list[int] = field(default_factory=list)
+
+
+def compare(want: list[bool], seen: list[bool], reprobe: Callable[[list[int]], list[bool]]) -> Comparison:
+    """Sort first-try disagreements. A fail-open is final (a packet that should have
+    been dropped was delivered; no later success undoes that), so when there is one
+    nothing is retried. Otherwise the probes expected allowed but observed denied are
+    probed again through ``reprobe(indices)``, which returns their new verdicts."""
+    if len(want) != len(seen):
+        raise ValueError(f"{len(want)} expected verdicts but {len(seen)} observed")
+    out = Comparison(fail_open=[i for i, (w, o) in enumerate(zip(want, seen)) if o and not w])
+    missed = [i for i, (w, o) in enumerate(zip(want, seen)) if w and not o]
+    if out.fail_open or not missed:
+        return out
+    again = reprobe(missed)
+    if len(again) != len(missed):
+        raise ValueError(f"{len(missed)} probes retried but {len(again)} verdicts returned")
+    for i, o in zip(missed, again):
+        (out.retried if o else out.denied).append(i)
+    return out
+
+
 def explain_on(state: dict, state_dir: str, probe: tuple) -> Optional[dict]:
     """The source node's own ``/v1/explain`` for a disagreement (for the report)."""
     src, dst, port, proto = probe
@@ -429,6 +468,97 @@ def explain_on(state: dict, state_dir: str, probe: tuple) -> Optional[dict]:
 # --------------------------------------------------------------------------- the run
 
 
+@dataclass
+class Tally:
+    """What a soak run counts, turned into the result's figures by :meth:`figures`."""
+
+    rounds: int = 0
+    changes: dict = field(default_factory=dict)
+    apply_s: list = field(default_factory=list)
+    not_applied: list = field(default_factory=list)
+    probes: dict = field(default_factory=lambda: {"TCP": 0, "UDP": 0})
+    expected_allowed: int = 0
+    disagreements: list = field(default_factory=list)
+    fail_open: list = field(default_factory=list)
+    transient: list = field(default_factory=list)
+    samples: list = field(default_factory=list)
+
+    def figures(self) -> dict:
+        total = sum(self.probes.values())
+        a = self.apply_s
+        return {
+            "rounds": self.rounds,
+            "changes": {"total": sum(self.changes.values()), "by_kind": self.changes, "not_applied": self.not_applied},
+            "apply_ms": ({"median": round(1000 * statistics.median(a)), "max": round(1000 * max(a)),
+                          "p95": round(1000 * sorted(a)[int(0.95 * (len(a) - 1))])} if a else None),
+            "probes": {"total": total, **self.probes, "expected_allowed": self.expected_allowed,
+                       "expected_denied": total - self.expected_allowed},
+            "disagreements": len(self.disagreements),
+            "disagreement_details": self.disagreements[:50],
+            "fail_open": len(self.fail_open),
+            "fail_open_details": self.fail_open[:50],
+            "transient": len(self.transient),
+            "transient_details": self.transient[:50],
+            "memory": memory_growth(self.samples),
+        }
+
+
+def probe_round(world: World, state: dict, state_dir: str, probes: list, tally: Tally, what: str) -> Comparison:
+    """Probe with real connections, compare with the reference, record what disagreed;
+    raises :class:`FailOpen` when a probe expected denied got through."""
+    cset = world.reference()
+    ref = ReferenceEvaluator(cset)
+    want = [ref.allowed(cset.pod(s), cset.pod(d), port, proto) for s, d, port, proto in probes]
+    found = compare(want, run_probes(state, probes), lambda idx: run_probes(state, [probes[i] for i in idx]))
+    for _, _, _, proto in probes:
+        tally.probes[proto] += 1
+    tally.expected_allowed += sum(want)
+
+    def record(i: int, observed: bool, explain: bool) -> dict:
+        rec = {"round": tally.rounds, "after": what, "probe": list(probes[i]), "expected": want[i], "observed": observed}
+        if explain:
+            rec["daemon_explain"] = explain_on(state, state_dir, probes[i])
+        return rec
+
+    tally.transient += [record(i, True, False) for i in found.retried]
+    tally.disagreements += [record(i, False, True) for i in found.denied]
+    if found.fail_open:
+        recs = [record(i, True, True) for i in found.fail_open]
+        tally.fail_open += recs
+        tally.disagreements += recs
+        raise FailOpen(f"round {tally.rounds}, after {what}: {len(recs)} probe(s) expected denied were allowed: "
+                       + "; ".join(" ".join(map(str, r["probe"])) for r in recs[:5]))
+    return found
+
+
+def churn(cfg: SoakConfig, world: World, state: dict, state_dir: str, tally: Tally, log: Callable[[str], None]) -> None:
+    """The rounds: change, wait until in force, probe, sample; until time or rounds run out."""
+    rng = random.Random(cfg.seed)
+    nodes, refs = node_keys(state), sorted(state["pods"])
+    end = time.monotonic() + cfg.minutes * 60
+    while time.monotonic() < end and (cfg.rounds is None or tally.rounds < cfg.rounds):
+        tally.rounds += 1
+        before = revisions(state_dir, nodes)
+        kind, what = world.change()
+        changed_at = time.monotonic()
+        tally.changes[kind] = tally.changes.get(kind, 0) + 1
+        late = wait_in_force(state_dir, before, cfg.change_timeout)
+        dead = dead_daemons(state)
+        if dead:
+            raise RuntimeError(f"daemon(s) died: {', '.join(dead)}")
+        if late:
+            tally.not_applied.append({"round": tally.rounds, "change": what, "nodes": late})
+            log(f"round {tally.rounds}: {what}: NOT in force on {', '.join(late)} within {cfg.change_timeout:g} s")
+            continue
+        tally.apply_s.append(time.monotonic() - changed_at)
+        probes = draw_probes(rng, state, refs, cfg.probes_per_round)
+        found = probe_round(world, state, state_dir, probes, tally, what)
+        tally.samples.append(sample_memory(state))
+        log(f"round {tally.rounds}: {kind}: {what}; in force in {tally.apply_s[-1] * 1000:.0f} ms; "
+            f"{len(probes)} probes, {len(found.retried) + len(found.denied)} expected-allow denied at first "
+            f"({len(found.retried)} allowed on retry)")
+
+
 def soak(cfg: SoakConfig, log: Callable[[str], None] = print) -> dict:
     """Build, churn, probe, compare, sample; always tear down. Returns the result."""
     started = time.time()
@@ -436,16 +566,7 @@ def soak(cfg: SoakConfig, log: Callable[[str], None] = print) -> dict:
     state_dir = cfg.state_dir or os.path.join(workdir, "testbed")
     result: dict = {"started": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
                     "config": dataclasses.asdict(cfg), "ok": False}
-    rng = random.Random(cfg.seed)
-    changes: dict[str, int] = {}
-    apply_s: list[float] = []
-    not_applied: list[dict] = []
-    probes_total = {"TCP": 0, "UDP": 0}
-    expected_allowed = 0
-    disagreements: list[dict] = []
-    transient: list[dict] = []
-    samples: list[dict[str, int]] = []
-    rounds = 0
+    tally = Tally()
     try:
         world = World(cfg, workdir)
         t0 = time.monotonic()
@@ -454,51 +575,12 @@ def soak(cfg: SoakConfig, log: Callable[[str], None] = print) -> dict:
         if code != 0:
             raise RuntimeError(f"testbed up failed (exit code {code})")
         state = testbed.load_state(state_dir)
-        nodes = node_keys(state)
-        refs = sorted(state["pods"])
-        result["testbed"] = {"clusters": len(world.dirs), "pods": len(refs), "nodes": len(nodes),
+        result["testbed"] = {"clusters": len(world.dirs), "pods": len(state["pods"]), "nodes": len(node_keys(state)),
                              "up_seconds": round(time.monotonic() - t0, 1)}
-        log(f"testbed: {len(refs)} pods, {len(nodes)} daemons; soaking for {cfg.minutes:g} min"
+        log(f"testbed: {len(state['pods'])} pods, {len(node_keys(state))} daemons; soaking for {cfg.minutes:g} min"
             + (f" or {cfg.rounds} rounds" if cfg.rounds else ""))
-        samples.append(sample_memory(state))
-        end = time.monotonic() + cfg.minutes * 60
-        while time.monotonic() < end and (cfg.rounds is None or rounds < cfg.rounds):
-            rounds += 1
-            before = revisions(state_dir, nodes)
-            kind, what = world.change()
-            changed_at = time.monotonic()
-            changes[kind] = changes.get(kind, 0) + 1
-            late = wait_in_force(state_dir, before, cfg.change_timeout)
-            dead = dead_daemons(state)
-            if dead:
-                raise RuntimeError(f"daemon(s) died: {', '.join(dead)}")
-            if late:
-                not_applied.append({"round": rounds, "change": what, "nodes": late})
-                log(f"round {rounds}: {what}: NOT in force on {', '.join(late)} within {cfg.change_timeout:g} s")
-                continue
-            apply_s.append(time.monotonic() - changed_at)
-
-            cset = world.reference()
-            ref = ReferenceEvaluator(cset)
-            probes = draw_probes(rng, state, refs, cfg.probes_per_round)
-            want = [ref.allowed(cset.pod(s), cset.pod(d), port, proto) for s, d, port, proto in probes]
-            seen = run_probes(state, probes)
-            wrong = [i for i, (w, o) in enumerate(zip(want, seen)) if w != o]
-            if wrong:  # once more: a lost datagram or a slow handshake is not a verdict
-                again = run_probes(state, [probes[i] for i in wrong])
-                for i, o in zip(wrong, again):
-                    rec = {"round": rounds, "after": what, "probe": list(probes[i]), "expected": want[i], "observed": o}
-                    if o == want[i]:
-                        transient.append(rec)
-                    else:
-                        rec["daemon_explain"] = explain_on(state, state_dir, probes[i])
-                        disagreements.append(rec)
-            for _, _, _, proto in probes:
-                probes_total[proto] += 1
-            expected_allowed += sum(want)
-            samples.append(sample_memory(state))
-            log(f"round {rounds}: {kind}: {what}; in force in {apply_s[-1] * 1000:.0f} ms; "
-                f"{len(probes)} probes, {sum(want)} allowed, {len(wrong)} first-try disagreement(s)")
+        tally.samples.append(sample_memory(state))
+        churn(cfg, world, state, state_dir, tally, log)
     except KeyboardInterrupt:
         result["interrupted"] = True
         log("interrupted")
@@ -515,22 +597,9 @@ def soak(cfg: SoakConfig, log: Callable[[str], None] = print) -> dict:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, masked)
 
-    total = sum(probes_total.values())
-    result.update({
-        "duration_s": round(time.time() - started, 1),
-        "rounds": rounds,
-        "changes": {"total": sum(changes.values()), "by_kind": changes, "not_applied": not_applied},
-        "apply_ms": ({"median": round(1000 * statistics.median(apply_s)), "max": round(1000 * max(apply_s)),
-                      "p95": round(1000 * sorted(apply_s)[int(0.95 * (len(apply_s) - 1))])} if apply_s else None),
-        "probes": {"total": total, **probes_total, "expected_allowed": expected_allowed, "expected_denied": total - expected_allowed},
-        "disagreements": len(disagreements),
-        "disagreement_details": disagreements[:50],
-        "transient": len(transient),
-        "transient_details": transient[:50],
-        "memory": memory_growth(samples),
-    })
-    result["ok"] = (not disagreements and not not_applied and "error" not in result and not result.get("interrupted")
-                    and result["teardown_ok"] and rounds > 0)
+    result.update(duration_s=round(time.time() - started, 1), **tally.figures())
+    result["ok"] = (not tally.disagreements and not tally.not_applied and "error" not in result
+                    and not result.get("interrupted") and result["teardown_ok"] and tally.rounds > 0)
     return result
 
 
@@ -540,7 +609,8 @@ def summary(result: dict) -> str:
     p = result["probes"]
     lines.append(f"probes: {p['total']} (TCP {p['TCP']}, UDP {p['UDP']}; {p['expected_allowed']} expected allowed, "
                  f"{p['expected_denied']} denied)")
-    lines.append(f"disagreements with the reference: {result['disagreements']} (transient, gone on re-probe: {result['transient']})")
+    lines.append(f"disagreements with the reference: {result['disagreements']} (fail-open, never retried: "
+                 f"{result['fail_open']}); expected-allow denied at first, allowed on retry: {result['transient']}")
     if result["apply_ms"]:
         a = result["apply_ms"]
         lines.append(f"change to in force on every daemon: median {a['median']} ms, p95 {a['p95']} ms, max {a['max']} ms; "

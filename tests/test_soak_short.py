@@ -70,6 +70,69 @@ def test_memory_growth_compares_first_and_last_third():
     assert soak.memory_growth(samples[:2])["total"] is None
 
 
+def test_a_fail_open_is_never_retried():
+    """Expected denied, observed allowed: final at once, and nothing is re-probed (a
+    retry that happened to be denied must not be able to hide it)."""
+    calls = []
+    found = soak.compare([False, True, False], [True, False, False], lambda idx: calls.append(idx) or [True] * len(idx))
+    assert found.fail_open == [0] and not found.retried and not found.denied
+    assert calls == []
+
+
+def test_only_expected_allow_denied_is_retried_and_counted():
+    calls = []
+    found = soak.compare([True, True, True, False], [False, False, True, False],
+                         lambda idx: calls.append(list(idx)) or [True, False])
+    assert calls == [[0, 1]]
+    assert (found.fail_open, found.retried, found.denied) == ([], [0], [1])
+    with pytest.raises(ValueError, match="2 expected verdicts but 1 observed"):
+        soak.compare([True, False], [True], lambda idx: [])
+    with pytest.raises(ValueError, match="2 probes retried but 1 verdicts"):
+        soak.compare([True, True], [False, False], lambda idx: [True])
+
+
+def _round_with(tmp_path, monkeypatch, observed):
+    """One probe_round over a real World and the reference, with the connections
+    replaced by ``observed(want, call)`` (the list of verdicts for that call)."""
+    world = soak.World(soak.SoakConfig(clusters=2, pods_per_cluster=6, policies_per_cluster=6, seed=9), str(tmp_path / "w"))
+    cset = world.reference()
+    pods = sorted(cset.pods(), key=lambda p: p.ref)
+    probes = [(a.ref, b.ref, port, proto) for a in pods for b in pods if a is not b for port, proto in ((80, "TCP"), (53, "UDP"))]
+    want = [soak.ReferenceEvaluator(cset).allowed(cset.pod(s), cset.pod(d), port, pr) for s, d, port, pr in probes]
+    assert any(want) and not all(want)  # both kinds are exercised
+    calls: list = []
+
+    def run(state, batch):
+        calls.append(batch)
+        return observed(want, len(calls), batch)
+
+    monkeypatch.setattr(soak, "run_probes", run)
+    monkeypatch.setattr(soak, "explain_on", lambda *a: {"explained": True})
+    tally = soak.Tally(rounds=1)
+    return world, probes, want, tally, calls
+
+
+def test_probe_round_fails_the_run_at_once_on_a_fail_open(tmp_path, monkeypatch):
+    world, probes, want, tally, calls = _round_with(tmp_path, monkeypatch, lambda want, n, batch: [True] * len(batch))
+    with pytest.raises(soak.FailOpen, match="expected denied were allowed"):
+        soak.probe_round(world, {}, "", probes, tally, "a change")
+    assert len(calls) == 1  # no retry
+    assert len(tally.fail_open) == want.count(False) == len(tally.disagreements)
+    assert all(r["expected"] is False and r["observed"] is True and r["daemon_explain"] for r in tally.fail_open)
+    assert tally.probes["TCP"] + tally.probes["UDP"] == len(probes) and not tally.transient
+    assert tally.figures()["fail_open"] == want.count(False)
+
+
+def test_probe_round_retries_expected_allow_only(tmp_path, monkeypatch):
+    # First try: every probe denied; the retry allows every one.
+    world, probes, want, tally, calls = _round_with(
+        tmp_path, monkeypatch, lambda want, n, batch: [n > 1] * len(batch))
+    found = soak.probe_round(world, {}, "", probes, tally, "a change")
+    assert len(calls) == 2 and calls[1] == [p for p, w in zip(probes, want) if w]
+    assert len(found.retried) == want.count(True) == len(tally.transient)
+    assert not tally.disagreements and not tally.fail_open
+
+
 @pytest.mark.privileged
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces, XDP, AF_XDP")
@@ -87,7 +150,7 @@ def test_three_churn_rounds_agree_with_the_reference(tmp_path):
     report = "\n".join(lines) + "\n" + soak.summary(result)
     assert result["rounds"] == 3 and result["changes"]["total"] == 3, report
     assert result["probes"]["total"] == 90 and result["probes"]["TCP"] and result["probes"]["UDP"], report
-    assert result["disagreements"] == 0, report
+    assert result["disagreements"] == 0 and result["fail_open"] == 0, report
     assert not result["changes"]["not_applied"], report
     assert result["memory"]["samples"] == 4 and result["memory"]["total"] is not None, report
     assert result["teardown_ok"] and result["ok"], report
