@@ -2,7 +2,8 @@
 
 Everything declarative lives in pyproject.toml; this file only declares the cffi
 modules (API mode, one builder module per extension under csrc/) and compiles the
-XDP program with clang as part of ``build_ext``, so one ``pip install`` builds
+XDP program with clang and the mcnp-cni plugin with the C compiler as part of
+``build_ext``, so one ``pip install`` builds
 everything the dataplane loads.
 """
 
@@ -17,6 +18,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # (source under csrc/, object placed in the fastpath package)
 BPF_OBJECTS = [("csrc/xdp_redirect.bpf.c", "fastpath/xdp_redirect.bpf.o")]
+
+# The chained CNI plugin: a standalone executable the DaemonSet copies to the host, so
+# it ships as package data of control.node (source under csrc/, executable).
+CNI_PLUGIN = ("csrc/mcnp_cni.c", "control/node/mcnp-cni")
 
 # Each builder module exposes ``ffibuilder`` and calls set_source once.
 CFFI_MODULES = [
@@ -48,9 +53,22 @@ def compile_all_bpf() -> None:
             compile_bpf(src, dst)
 
 
+def compile_cni_plugin() -> None:
+    """Compile mcnp-cni with the C compiler, statically when the C library allows it
+    (hosts run it outside any Python environment, with whatever libc they have)."""
+    src, dst = (os.path.join(HERE, p) for p in CNI_PLUGIN)
+    if not os.path.exists(src):
+        return
+    cc = os.environ.get("CC", "cc")
+    base = [cc, "-O2", "-Wall", "-Wextra", "-Werror", "-s", src, "-o", dst]
+    if subprocess.run(base + ["-static"], capture_output=True).returncode != 0:
+        subprocess.run(base, check=True)
+
+
 class BuildExt(build_ext):
     def run(self):
         compile_all_bpf()
+        compile_cni_plugin()
         super().run()
 
 
@@ -60,6 +78,7 @@ class BuildPy(build_py):
 
     def run(self):
         compile_all_bpf()
+        compile_cni_plugin()
         super().run()
 
 
