@@ -15,6 +15,15 @@ node of cluster-1 (bench/conftest.py).
   (a new ipBlock boundary or named port) is printed. Baseline: a full compile.
 * memory — ``PolicyTables.nbytes``. Target ≤ 256 MiB.
 
+Every timing is reported as mean and median with its spread (standard deviation,
+interquartile range, minimum and maximum, number of rounds), never as the minimum
+alone. Rounds are independent: cold compiles only read their world; the change
+benchmarks work on a private world (never the one other benchmarks share), and
+each round's setup (untimed) undoes the previous round's change — in the world and
+in the compiler — so every measured change starts from the same world. At the end the
+compiler, with the last change undone, must judge the world's flows as a fresh compile
+of the untouched world does, which proves the undo restored it.
+
 Run: ``.venv/bin/python -m pytest bench/bench_compile.py --benchmark-only -s``.
 """
 
@@ -23,13 +32,31 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
+import statistics
 import time
 
+import numpy as np
 import pytest
 
-from bench.conftest import local_node, report, world, world_for
+from bench.conftest import flow_batches, local_node, private_world, report, world, world_for
 from control.compile.compiler import Compiler, compile_tables
+from fastpath import match
 from tests.worlds import LABELS
+
+CLUSTER = "cluster-1"
+CHANGE_ROUNDS = 30
+
+
+def spread(benchmark) -> dict:
+    """Mean, median and spread of the measured rounds, in seconds."""
+    st = benchmark.stats.stats
+    return {"mean_s": st.mean, "median_s": st.median, "stddev_s": st.stddev if st.rounds > 1 else 0.0,
+            "iqr_s": st.iqr, "min_s": st.min, "max_s": st.max, "rounds": st.rounds}
+
+
+def _ms(figures: dict) -> dict:
+    """``spread`` in milliseconds, for the printed line."""
+    return {k.replace("_s", "_ms"): v * 1e3 for k, v in figures.items() if k.endswith("_s")} | {"rounds": figures["rounds"]}
 
 
 def _touch_labels(cset) -> float:
@@ -39,31 +66,52 @@ def _touch_labels(cset) -> float:
     return time.perf_counter() - start
 
 
+def assert_same_verdicts(got, want, policies: int = 1000, batches: int = 64) -> None:
+    """``got`` and ``want`` tables admit the same flows by the same rules (over
+    ``batches`` batches of the world's flows): the undone changes left nothing behind."""
+    for src, dst, proto, dport in flow_batches(policies, 1024)[:batches]:
+        a, b = match.judge(got, src, dst, proto, dport), match.judge(want, src, dst, proto, dport)
+        assert np.array_equal(a.allowed, b.allowed), "verdicts differ after undoing every change"
+        for name in ("egress", "ingress"):
+            ra, rb = getattr(a, name), getattr(b, name)
+            assert [got.rule(int(i)) for i in ra] == [want.rule(int(i)) for i in rb], f"{name} rules differ"
+
+
 @pytest.mark.parametrize("policies", (1000, 10000))
 def test_cold_compile(benchmark, policies):
-    cset = world(policies)
-    rounds = 3 if policies <= 1000 else 1
+    cset = world(policies)  # only read: every round compiles the same world from nothing
+    rounds = 5 if policies <= 1000 else 3
     tables = benchmark.pedantic(compile_tables, args=(cset, local_node, 1), rounds=rounds, iterations=1)
-    base = min(_touch_labels(cset) for _ in range(3))
-    secs = benchmark.stats.stats.min
-    benchmark.extra_info.update(seconds=secs, baseline_seconds=base, ratio=secs / base, **tables.meta)
-    report("cold compile", policies=policies, seconds=secs, label_pass_seconds=base, ratio=secs / base,
-           mib=tables.nbytes / 2**20)
+    base = statistics.median(_touch_labels(cset) for _ in range(3))
+    figures = spread(benchmark)
+    benchmark.extra_info.update(figures, seconds=figures["median_s"], baseline_seconds=base,
+                                ratio=figures["median_s"] / base, **tables.meta)
+    report("cold compile", policies=policies, **_ms(figures), label_pass_ms=base * 1e3,
+           ratio=figures["median_s"] / base, mib=tables.nbytes / 2**20)
 
 
 def test_label_change(benchmark):
-    cset = world(1000)
+    cset = private_world(1000)
     compiler = Compiler(cset, local_node)
     rng = random.Random(5)
-    state = cset.clusters["cluster-1"]
+    state = cset.clusters[CLUSTER]
     local = [k for k, p in state.pods.items() if local_node(p) and p.can_take_part]
     remote = [k for k, p in state.pods.items() if not local_node(p) and p.can_take_part]
     turn = itertools.cycle((local, remote))
     revision = itertools.count(2)
+    last: list = []  # (key, pod before the change) of the round just measured
+
+    def undo():
+        if last:
+            key, pod = last.pop()
+            state.pods[key] = pod
+            compiler.pods_changed(cset, [pod.ref])
 
     def change():
+        undo()
         key = rng.choice(next(turn))
         pod = state.pods[key]
+        last.append((key, pod))
         state.pods[key] = dataclasses.replace(pod, labels={k: rng.choice(v) for k, v in LABELS.items() if rng.random() < 0.6})
         return (pod.ref,), {}
 
@@ -71,12 +119,16 @@ def test_label_change(benchmark):
         compiler.pods_changed(cset, [ref])
         return compiler.tables(next(revision))
 
-    benchmark.pedantic(apply, setup=change, rounds=40, iterations=1)
+    benchmark.pedantic(apply, setup=change, rounds=CHANGE_ROUNDS, iterations=1)
+    full_compiles = compiler.full_compiles - 1
+    undo()
+    assert_same_verdicts(compiler.tables(next(revision)), world_for(1000)[1])
     full = world_for(1000)[2]
-    secs = benchmark.stats.stats.mean
-    benchmark.extra_info.update(seconds=secs, full_compile_seconds=full, full_compiles=compiler.full_compiles)
-    report("pod label change", mean_ms=secs * 1e3, max_ms=benchmark.stats.stats.max * 1e3, full_compile_ms=full * 1e3,
-           speedup=full / secs, full_compiles_during=compiler.full_compiles - 1)
+    figures = spread(benchmark)
+    benchmark.extra_info.update(figures, seconds=figures["mean_s"], full_compile_seconds=full,
+                                full_compiles_during=full_compiles)
+    report("pod label change", **_ms(figures), full_compile_ms=full * 1e3, speedup=full / figures["median_s"],
+           full_compiles_during=full_compiles)
 
 
 @pytest.mark.parametrize("policies", (1000, 10000))
@@ -84,9 +136,10 @@ def test_table_memory(benchmark, policies):
     _, tables, _ = world_for(policies)
     header, buf = benchmark.pedantic(tables.pack, rounds=3, iterations=1)
     assert len(buf) >= tables.nbytes
-    benchmark.extra_info.update(bytes=tables.nbytes, **tables.meta)
-    report("table memory", policies=policies, mib=tables.nbytes / 2**20, pack_ms=benchmark.stats.stats.mean * 1e3,
-           rules=len(tables.rules))
+    figures = spread(benchmark)
+    benchmark.extra_info.update(figures, bytes=tables.nbytes, **tables.meta)
+    report("table memory", policies=policies, mib=tables.nbytes / 2**20, pack_mean_ms=figures["mean_s"] * 1e3,
+           pack_median_ms=figures["median_s"] * 1e3, rules=len(tables.rules))
 
 
 class _PolicyChange:
@@ -99,41 +152,54 @@ class _PolicyChange:
 def test_policy_change(benchmark):
     from tests.worlds import Shape, _Gen
 
-    cset = world(1000)
-    state = cset.clusters["cluster-1"]
-    saved = dict(state.policies)
-    compiler = Compiler(cset, local_node, clusters={"cluster-1"})
+    cset = private_world(1000)
+    state = cset.clusters[CLUSTER]
+    compiler = Compiler(cset, local_node, clusters={CLUSTER})
+    pristine = compile_tables(private_world(1000), local_node, 1, clusters={CLUSTER})
     rng = random.Random(11)
     gen = _Gen(12, Shape(clusters=3), cset.options)
     revision = itertools.count(2)
-    paths = []
+    paths: list[str] = []
+    last: list = []  # (key, policy before the change or None when added)
+
+    def undo():
+        if last:
+            key, pol = last.pop()
+            ref = (pol or state.policies[key]).ref
+            if pol is None:
+                del state.policies[key]
+            else:
+                state.policies[key] = pol
+            compiler.update(cset, _PolicyChange(ref))
 
     def change():
+        undo()
         what = rng.choice(("add", "rewrite", "remove"))
         if what == "add":
-            pol = dataclasses.replace(gen.policy("cluster-1", 0), name=f"bench-{rng.randrange(10**9)}")
-            state.policies[(pol.namespace, pol.name)] = pol
+            pol = dataclasses.replace(gen.policy(CLUSTER, 0), name=f"bench-{rng.randrange(10**9)}")
+            key = (pol.namespace, pol.name)
+            last.append((key, None))
+            state.policies[key] = pol
         else:
             key = rng.choice(sorted(state.policies))
             pol = state.policies[key]
+            last.append((key, pol))
             if what == "remove":
                 del state.policies[key]
             else:
-                state.policies[key] = dataclasses.replace(gen.policy("cluster-1", 0), namespace=key[0], name=key[1])
+                state.policies[key] = dataclasses.replace(gen.policy(CLUSTER, 0), namespace=key[0], name=key[1])
         return (pol.ref,), {}
 
     def apply(ref):
         paths.append(compiler.update(cset, _PolicyChange(ref)))
         return compiler.tables(next(revision))
 
-    try:
-        benchmark.pedantic(apply, setup=change, rounds=40, iterations=1)
-    finally:
-        state.policies.clear()
-        state.policies.update(saved)  # the world is shared with other benchmarks
+    benchmark.pedantic(apply, setup=change, rounds=CHANGE_ROUNDS, iterations=1)
+    undo()
+    assert_same_verdicts(compiler.tables(next(revision)), pristine)
     full = world_for(1000)[2]
-    secs = benchmark.stats.stats
-    benchmark.extra_info.update(seconds=secs.mean, median_seconds=secs.median, full_compile_seconds=full,
+    figures = spread(benchmark)
+    benchmark.extra_info.update(figures, seconds=figures["mean_s"], full_compile_seconds=full,
                                 paths={p: paths.count(p) for p in set(paths)})
-    report("policy change", median_ms=secs.median * 1e3, mean_ms=secs.mean * 1e3, max_ms=secs.max * 1e3,
-           full_compile_ms=full * 1e3, incremental=paths.count("incremental"), full=paths.count("full"))
+    report("policy change", **_ms(figures), full_compile_ms=full * 1e3,
+           incremental=paths.count("incremental"), full=paths.count("full"))

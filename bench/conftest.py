@@ -39,11 +39,17 @@ def local_node(pod) -> bool:
     return (pod.cluster, pod.node) == LOCAL_NODE
 
 
-@functools.lru_cache(maxsize=None)
-def world(policies: int, seed: int = 2):
+def private_world(policies: int, seed: int = 2):
+    """A new copy of the benchmark world, for a benchmark that changes it."""
     per_cluster = -(-policies // CLUSTERS)
     return random_world(seed, clusters=CLUSTERS, pods_per_cluster=PODS_PER_CLUSTER, policies_per_cluster=per_cluster,
                         shape=Shape(nodes_per_cluster=NODES_PER_CLUSTER))
+
+
+@functools.lru_cache(maxsize=None)
+def world(policies: int, seed: int = 2):
+    """The benchmark world, shared by every benchmark of the run: never change it."""
+    return private_world(policies, seed)
 
 
 @functools.lru_cache(maxsize=None)
