@@ -131,3 +131,49 @@ def test_kind_list_and_json_files(capsys, tmp_path):
     write(str(d), "pol.yml", [make_policy("x", "deny", {}, ingress=[])])
     code, out, _ = run(capsys, "matrix", "--cluster", f"c={d}", "--port", "80", "--protocol", "TCP", "--summary", "--json", "--engine", "reference")
     assert code == 0 and out.strip() == '{"allowed": 0, "denied": 4}'
+
+
+# Nine levels of nine aliases each: a few hundred bytes that expand to 9**9 (~387
+# million) nodes.
+ALIAS_BOMB = """apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: bomb, namespace: x}
+a: &a ["x","x","x","x","x","x","x","x","x"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
+spec: {podSelector: {matchLabels: {app: *i}}}
+"""
+
+
+def test_alias_expansion_is_bounded(capsys, cluster_dir):
+    path = write(str(cluster_dir), "bomb.yaml", ALIAS_BOMB)
+    code, _, err = matrix(capsys, cluster_dir)
+    assert code == 2 and err.count("\n") == 1 and len(err) < 400
+    assert f"{path}: " in err and "aliases expand" in err.split(path)[1]
+
+
+def test_recursive_alias_is_an_error_not_a_crash(capsys, cluster_dir):
+    path = write(str(cluster_dir), "loop.yaml", "kind: Namespace\nmetadata: &m {name: y, labels: *m}\n")
+    code, _, err = matrix(capsys, cluster_dir)
+    assert code == 2 and err.count("\n") == 1 and f"{path}: " in err and "refers to itself" in err
+
+
+def test_deep_nesting_is_an_error_not_a_crash(capsys, cluster_dir):
+    path = write(str(cluster_dir), "deep.json", "[" * 100000 + "]" * 100000)
+    code, _, err = matrix(capsys, cluster_dir)
+    assert code == 2 and err.count("\n") == 1 and path in err
+
+
+def test_oversized_file_is_an_error_naming_it(capsys, cluster_dir, monkeypatch):
+    from control.semantics import manifests
+
+    monkeypatch.setattr(manifests, "MAX_FILE_BYTES", 1000)
+    path = write(str(cluster_dir), "big.yaml", [make_namespace(f"n{i}") for i in range(40)])
+    code, _, err = matrix(capsys, cluster_dir)
+    assert code == 2 and err.count("\n") == 1 and path in err and "1000 bytes" in err

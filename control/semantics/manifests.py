@@ -34,6 +34,16 @@ except AttributeError:  # pragma: no cover - PyYAML built without libyaml
 SUFFIXES = (".yaml", ".yml", ".json")
 KINDS = ("Namespace", "Pod", "NetworkPolicy", "ClusterProperty")
 
+#: Largest manifest file read, in bytes: a larger one is an invalid file (rule S9),
+#: reported by name, instead of a reader that exhausts the node's memory.
+MAX_FILE_BYTES = 64 * 1024 * 1024
+#: How many nodes YAML aliases may add to one file beyond those written in it. libyaml
+#: builds an alias as a second reference to one object, cheap to hold, but everything
+#: that walks the result (validation, error messages, hashing) pays the expanded size:
+#: a few hundred bytes of nested aliases expand to hundreds of millions of nodes.
+#: Manifests that ``kubectl`` prints have no aliases at all.
+MAX_ALIAS_NODES = 100_000
+
 
 @dataclass
 class Document:
@@ -55,18 +65,76 @@ def manifest_files(path: str) -> list[str]:
     return sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(SUFFIXES) and not f.startswith("."))
 
 
-def read_file(path: str) -> Iterator[Document]:
-    """Documents of one file, ``kind: List`` flattened. Unparsable files raise."""
+def read_bytes(path: str) -> bytes:
+    """A manifest file's contents, at most :data:`MAX_FILE_BYTES` of them."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise InvalidObject(path, "file", "-", f"cannot be read: {e.strerror or e}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise InvalidObject(path, "file", "-", f"is larger than {MAX_FILE_BYTES} bytes")
+    return data
+
+
+def parse_documents(path: str, data: bytes) -> list:
+    """The documents of one file's contents (JSON when ``path`` ends .json, else YAML),
+    within the bounds above. Raises :class:`InvalidObject` naming ``path``."""
+    try:
         if path.endswith(".json"):
-            docs = [json.loads(data)]
-        else:
-            docs = list(yaml.load_all(data, Loader=_Loader))
-    except (OSError, ValueError, yaml.YAMLError) as e:
+            return [json.loads(data)]
+        docs = list(yaml.load_all(data, Loader=_Loader))
+    except (ValueError, yaml.YAMLError) as e:
         detail = str(e).replace("\n", " ")
         raise InvalidObject(path, "file", "-", f"cannot be parsed: {detail}") from None
+    except RecursionError:
+        raise InvalidObject(path, "file", "-", "cannot be parsed: nested too deeply") from None
+    if b"*" in data:  # an alias needs its '*'
+        _check_aliases(path, docs)
+    return docs
+
+
+def _check_aliases(path: str, docs: list) -> None:
+    """Reject documents whose aliases expand beyond :data:`MAX_ALIAS_NODES` new nodes or
+    refer to themselves. Each distinct list or mapping is visited once (its expanded
+    size is remembered), so the check costs what the file holds, not what it expands to."""
+    expanded: dict[int, int] = {}  # id of a container -> its expanded node count
+    written = 0  # nodes as written: each distinct container and its scalar children
+    stack: list[tuple[Any, bool]] = [(docs, False)]
+    open_ids: set[int] = set()
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        children = list(node.keys()) + list(node.values()) if isinstance(node, dict) else node
+        if children_done:
+            open_ids.discard(key)
+            expanded[key] = 1 + sum(expanded.get(id(c), 1) for c in children)
+            continue
+        if key in expanded:
+            continue
+        if key in open_ids:
+            raise InvalidObject(path, "file", "-", "an alias refers to itself (a recursive structure)")
+        open_ids.add(key)
+        stack.append((node, True))
+        written += 1
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if id(child) in open_ids:
+                    raise InvalidObject(path, "file", "-", "an alias refers to itself (a recursive structure)")
+                stack.append((child, False))
+            else:
+                written += 1
+    if expanded[id(docs)] - written > MAX_ALIAS_NODES:
+        raise InvalidObject(path, "file", "-", f"its aliases expand to more than {MAX_ALIAS_NODES} nodes beyond those written")
+
+
+def read_file(path: str) -> Iterator[Document]:
+    """Documents of one file, ``kind: List`` flattened. Unparsable files raise."""
+    return split_documents(path, parse_documents(path, read_bytes(path)))
+
+
+def split_documents(path: str, docs: list) -> Iterator[Document]:
+    """:class:`Document` values of a file's parsed documents, ``kind: List`` flattened."""
     multi = len(docs) > 1
     for i, doc in enumerate(docs):
         src = f"{path}#{i}" if multi else path
