@@ -1,25 +1,39 @@
 """The read-only REST endpoint (aiohttp): health, sync state, policies, tables, explain,
-flows, stats and Prometheus metrics.
+flows, verdicts, the reachability matrix, Prometheus metrics and the live page.
 
 It listens on ``HOST:PORT`` or ``unix:PATH`` — the testbed runs daemons inside node
 network namespaces, where a unix socket is the simple way in. Every answer is JSON
-except ``/metrics``; bad parameters get a 400 with ``{"error": ...}``. Nothing here
-echoes a kubeconfig or a token: sources are described by file name only.
+except ``/metrics`` and the page's assets, errors included: unknown paths get a JSON
+404, unknown query parameters a 400 naming them, bad values a 400 with
+``{"error": ...}``. Nothing here echoes a kubeconfig or a token: sources are described
+by file name only.
+
+The endpoint answers ``explain`` for any pair, so it belongs on loopback or a unix
+socket; a listener beyond loopback is logged as a warning. Prometheus can scrape a
+separate metrics-only listener (setting ``metrics-listen``) that serves nothing else.
+A client must send its request headers within ``HEADER_TIMEOUT`` seconds of
+connecting (or of its previous answer): half-sent requests cannot hold connections.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
+import ipaddress
+import json
 import logging
 import os
 import stat
-from typing import TYPE_CHECKING, Any, Optional
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 from aiohttp import web
 
 from control.node.config import parse_listen
+from control.compile.matrix import compiled_matrix
 from control.node.metrics import CONTENT_TYPE
+from control.node.verdicts import CAPACITY, Filters, FilterError, VerdictFeed
 from control.semantics.model import PROTOCOLS
 from control.semantics.reference import ReferenceEvaluator, resolve_endpoint
 
@@ -153,15 +167,7 @@ def explain_params(query) -> tuple[str, str, int, str]:
     missing = [k for k in ("from", "to", "port", "protocol") if not query.get(k)]
     if missing:
         raise ValueError(f"missing parameter(s): {', '.join(missing)} (need from, to, port, protocol)")
-    try:
-        port = int(query["port"])
-    except ValueError:
-        raise ValueError(f"port {query['port']!r} is not a number") from None
-    if not 1 <= port <= 65535:
-        raise ValueError(f"port {port} is out of range 1-65535")
-    protocol = query["protocol"].upper()
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol {query['protocol']!r} is not one of {', '.join(PROTOCOLS)}")
+    port, protocol = _port_param(query["port"]), _protocol_param(query["protocol"])
     return query["from"], query["to"], port, protocol
 
 
@@ -186,19 +192,73 @@ async def explain(request: web.Request) -> web.Response:
 # --------------------------------------------------------------------------- dataplane
 
 
+def _limit(query, default: int, most: int) -> int:
+    """``limit``, checked: a number in 0..``most``. Raises ValueError."""
+    text = query.get("limit", str(default))
+    try:
+        limit = int(text)
+    except ValueError:
+        raise ValueError(f"limit {text!r} is not a number") from None
+    if not 0 <= limit <= most:
+        raise ValueError(f"limit must be between 0 and {most}")
+    return limit
+
+
 async def flows(request: web.Request) -> web.Response:
     d = _daemon(request)
     try:
-        limit = int(request.query.get("limit", "1000"))
-    except ValueError:
-        return _error(400, f"limit {request.query['limit']!r} is not a number")
-    if limit < 0:
-        return _error(400, "limit must not be negative")
+        limit = _limit(request.query, 1000, 1_000_000)
+    except ValueError as e:
+        return _error(400, str(e))
     if d.dataplane is None:
         return web.json_response({"dataplane": False, "flows": []})
     # The dataplane answers over a pipe: ask from a thread, not on the event loop.
     found = await asyncio.get_running_loop().run_in_executor(None, d.dataplane.flows, limit)
     return web.json_response({"dataplane": True, "flows": found})
+
+
+def _feed(request: web.Request) -> VerdictFeed:
+    return request.app[FEED]
+
+
+async def verdicts(request: web.Request) -> web.StreamResponse:
+    """Recent verdicts (allowed, denied, would-deny) with pods, reason and deciding
+    policy, filtered; with ``follow=true`` a stream of JSON lines that stays open."""
+    d, feed = _daemon(request), _feed(request)
+    try:
+        filters = Filters.parse(request.query, time.time())
+        limit = _limit(request.query, 100, feed.records.maxlen or CAPACITY)
+        follow = _flag(request.query, "follow")
+    except (FilterError, ValueError) as e:
+        return _error(400, str(e))
+    found = feed.query(filters, limit)
+    if not follow:
+        return web.json_response({
+            "dataplane": d.dataplane is not None, "recording": feed.recording, "last_seq": feed.last_seq,
+            "lost": feed.lost, "error": feed.error, "verdicts": found})
+    return await _follow(request, feed, filters, found)
+
+
+async def _follow(request: web.Request, feed: VerdictFeed, filters: Filters, backlog: list) -> web.StreamResponse:
+    """Chunked JSON lines: the backlog, then each new matching record as it is read.
+    An empty line every ``FOLLOW_HEARTBEAT`` seconds tells the client the node is there."""
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    after = feed.last_seq
+    try:
+        for rec in backlog:
+            await resp.write(json.dumps(rec).encode() + b"\n")
+        while True:
+            if not await feed.wait(after, FOLLOW_HEARTBEAT):
+                await resp.write(b"\n")
+                continue
+            news = feed.query(replace(filters, after=after), feed.records.maxlen or CAPACITY)
+            after = feed.last_seq
+            if news:
+                await resp.write(b"".join(json.dumps(r).encode() + b"\n" for r in news))
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass  # the client went away, or the daemon stops
+    return resp
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -227,40 +287,217 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
+# --------------------------------------------------------------------------- matrix
+
+
+async def matrix(request: web.Request) -> web.Response:
+    """The reachability matrix of the pods of chosen namespaces of chosen clusters, as
+    ``mcnp matrix`` computes it (the compiled engine), over the state in force."""
+    d = _daemon(request)
+    snap = d.snapshot
+    if snap is None:
+        return _error(503, "no cluster state yet: waiting for the first list")
+    try:
+        port = _port_param(request.query.get("port", "80"))
+        protocol = _protocol_param(request.query.get("protocol", "TCP"))
+        pods = _matrix_pods(snap.cset, _csv(request.query.get("cluster")), _csv(request.query.get("namespace")))
+    except ValueError as e:
+        return _error(400, str(e))
+    values = await asyncio.get_running_loop().run_in_executor(
+        None, compiled_matrix, snap.cset, pods, pods, port, protocol)
+    return web.json_response({
+        "revision": snap.revision, "port": port, "protocol": protocol,
+        "namespaces": sorted({f"{p.cluster}/{p.namespace}" for p in snap.cset.pods() if p.can_take_part}),
+        "pods": [p.ref for p in pods], "allowed": values.tolist(),
+    })
+
+
+def _csv(text: Optional[str]) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def _matrix_pods(cset, clusters: list[str], namespaces: list[str]) -> list:
+    """Pods of ``clusters`` (all when empty) in ``namespaces`` (``ns`` or ``cluster/ns``;
+    all when empty). Raises ValueError for unknown names or too many pods."""
+    unknown = [c for c in clusters if c not in cset.clusters]
+    if unknown:
+        raise ValueError(f"no cluster {', '.join(unknown)} is loaded (clusters: {', '.join(sorted(cset.clusters))})")
+
+    def wanted(p) -> bool:
+        if clusters and p.cluster not in clusters:
+            return False
+        return not namespaces or p.namespace in namespaces or f"{p.cluster}/{p.namespace}" in namespaces
+
+    pods = sorted((p for p in cset.pods() if p.can_take_part and wanted(p)), key=lambda p: p.ref)
+    if len(pods) > MATRIX_MAX_PODS:
+        raise ValueError(f"{len(pods)} pods selected; choose clusters or namespaces to show at most {MATRIX_MAX_PODS}")
+    return pods
+
+
+def _port_param(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise ValueError(f"port {text!r} is not a number") from None
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 1-65535")
+    return port
+
+
+def _protocol_param(text: str) -> str:
+    protocol = text.upper()
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol {text!r} is not one of {', '.join(PROTOCOLS)}")
+    return protocol
+
+
+def _flag(query, name: str) -> bool:
+    text = query.get(name, "false").lower()
+    if text not in ("1", "true", "yes", "0", "false", "no", ""):
+        raise ValueError(f"{name} {query[name]!r} is not true or false")
+    return text in ("1", "true", "yes")
+
+
+# --------------------------------------------------------------------------- the page
+
+
+async def page(request: web.Request) -> web.StreamResponse:
+    """The live page's assets, served from the package (no build step, nothing from the
+    network)."""
+    name = request.match_info.get("name") or "index.html"
+    kind = PAGE_ASSETS.get(name)
+    if kind is None:
+        raise web.HTTPNotFound()
+    return web.FileResponse(os.path.join(PAGE_DIR, name), headers={"Content-Type": kind, "Cache-Control": "no-cache"})
+
+
 # --------------------------------------------------------------------------- server
 
+#: Seconds a client has to send its request headers (after connecting, or after its
+#: previous answer on a kept-alive connection) before the connection is closed.
+HEADER_TIMEOUT = 5.0
+#: Seconds between the empty lines that keep a followed verdict stream alive.
+FOLLOW_HEARTBEAT = 10.0
+#: Most pods the page's matrix shows at once.
+MATRIX_MAX_PODS = 400
+PAGE_DIR = os.path.join(os.path.dirname(__file__), "page")
+PAGE_ASSETS = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+               "style.css": "text/css; charset=utf-8"}
+FEED = web.AppKey("feed", VerdictFeed)
 
-def make_app(daemon: "Daemon") -> web.Application:
-    app = web.Application()
+#: path -> (handler, accepted query parameters)
+ROUTES: dict[str, tuple[Any, frozenset]] = {
+    "/healthz": (healthz, frozenset()),
+    "/readyz": (readyz, frozenset()),
+    "/v1/clusters": (clusters, frozenset()),
+    "/v1/policies": (policies, frozenset()),
+    "/v1/tables": (tables, frozenset()),
+    "/v1/explain": (explain, frozenset({"from", "to", "port", "protocol"})),
+    "/v1/flows": (flows, frozenset({"limit"})),
+    "/v1/verdicts": (verdicts, frozenset({"verdict", "pod", "namespace", "cluster", "since", "after", "limit", "follow"})),
+    "/v1/matrix": (matrix, frozenset({"cluster", "namespace", "port", "protocol"})),
+    "/v1/stats": (stats, frozenset()),
+    "/metrics": (metrics, frozenset()),
+    "/": (page, frozenset()),
+    "/ui/{name}": (page, frozenset()),
+}
+METRICS_ROUTES = ("/healthz", "/metrics")
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler) -> web.StreamResponse:
+    """JSON everywhere: unknown parameters are a 400 naming them; 404, 405 and any
+    other HTTP error become ``{"error": ...}``."""
+    route = request.match_info.route.resource
+    accepted = request.app[ACCEPTED].get(route.canonical if route is not None else "", frozenset())
+    unknown = sorted(set(request.query) - accepted)
+    if route is not None and unknown:
+        return _error(400, f"unknown query parameter(s) {', '.join(unknown)}; {request.path} accepts "
+                           f"{', '.join(sorted(accepted)) or 'none'}")
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        what = f"no such endpoint: {request.path}" if e.status == 404 else e.reason
+        return _error(e.status, what)
+
+
+ACCEPTED = web.AppKey("accepted", dict)
+
+
+def make_app(daemon: "Daemon", paths: Optional[Iterable[str]] = None) -> web.Application:
+    """The REST application; ``paths`` limits it to some routes (the metrics listener)."""
+    app = web.Application(middlewares=[json_errors])
     app[DAEMON] = daemon
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/v1/clusters", clusters)
-    app.router.add_get("/v1/policies", policies)
-    app.router.add_get("/v1/tables", tables)
-    app.router.add_get("/v1/explain", explain)
-    app.router.add_get("/v1/flows", flows)
-    app.router.add_get("/v1/stats", stats)
-    app.router.add_get("/metrics", metrics)
+    app[FEED] = VerdictFeed(daemon)
+    chosen = {p: ROUTES[p] for p in (paths or ROUTES)}
+    app[ACCEPTED] = {p: accepted for p, (_, accepted) in chosen.items()}
+    for path, (handler, _) in chosen.items():
+        app.router.add_get(path, handler)
     return app
 
 
-async def start_api(daemon: "Daemon", listen: str) -> web.AppRunner:
-    """Serve on ``HOST:PORT`` or ``unix:PATH``; returns the runner (``cleanup()`` stops)."""
-    kind, where = parse_listen(listen)
-    runner = web.AppRunner(make_app(daemon), access_log=None)
-    await runner.setup()
-    if kind == "unix":
-        if os.path.exists(where) and stat.S_ISSOCK(os.stat(where).st_mode):
-            os.unlink(where)  # a socket left by a daemon that died
-        site = web.UnixSite(runner, where)
-    else:
-        site = web.TCPSite(runner, where[0], where[1])
-    try:
+class ApiServer:
+    """The running listeners (REST, and metrics when configured) and the verdict feed.
+    ``cleanup()`` stops all of them."""
+
+    def __init__(self) -> None:
+        self.runners: list[web.AppRunner] = []
+        self.tasks: list[asyncio.Task] = []
+
+    async def add(self, app: web.Application, listen: str) -> list:
+        kind, where = parse_listen(listen)
+        runner = web.AppRunner(app, access_log=None, keepalive_timeout=HEADER_TIMEOUT, shutdown_timeout=1.0)
+        await runner.setup()
+        self.runners.append(runner)
+        if kind == "unix":
+            if os.path.exists(where) and stat.S_ISSOCK(os.stat(where).st_mode):
+                os.unlink(where)  # a socket left by a daemon that died
+            site = web.UnixSite(runner, where)
+        else:
+            site = web.TCPSite(runner, where[0], where[1])
+            if not _loopback(where[0]):
+                logger.warning("%s listens on %s, beyond loopback: anyone who reaches it can read the "
+                               "cluster state", "The metrics endpoint" if app[ACCEPTED].keys() <= set(METRICS_ROUTES)
+                               else "The REST endpoint (explain, policies, verdicts)", listen)
         await site.start()
+        return list(runner.addresses)
+
+    async def cleanup(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for runner in self.runners:
+            await runner.cleanup()
+        self.runners.clear()
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve anywhere
+
+
+async def start_api(daemon: "Daemon", listen: str) -> ApiServer:
+    """Serve on ``HOST:PORT`` or ``unix:PATH`` (and the metrics-only listener when
+    ``metrics-listen`` is set); returns the server (``cleanup()`` stops it)."""
+    server = ApiServer()
+    app = make_app(daemon)
+    try:
+        daemon.api_addresses = await server.add(app, listen)
+        metrics_listen = getattr(daemon.settings, "metrics_listen", None)
+        if metrics_listen:
+            daemon.metrics_addresses = await server.add(make_app(daemon, METRICS_ROUTES), metrics_listen)
+            logger.info("Metrics endpoint listening on %s", metrics_listen)
     except OSError:
-        await runner.cleanup()
+        await server.cleanup()
         raise
-    daemon.api_addresses = list(runner.addresses)
+    feed = app[FEED]
+    daemon.verdict_feed = feed
+    server.tasks.append(asyncio.create_task(feed.run(), name="verdict-feed"))
     logger.info("REST endpoint listening on %s", listen)
-    return runner
+    return server

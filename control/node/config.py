@@ -15,6 +15,8 @@ Config file example::
     attach: {veth-a1: cluster-1/default/a1}
     uplink: eth1
     api-listen: unix:/run/mcnp.sock
+    metrics-listen: 0.0.0.0:9902
+    log-format: json
     default-peer-scope: local
     stale-after: 5m
     multicluster: true
@@ -123,6 +125,11 @@ class Settings:
     uplink: Optional[str] = None
     #: ``HOST:PORT`` or ``unix:PATH`` of the read-only REST endpoint.
     api_listen: str = "127.0.0.1:9901"
+    #: ``HOST:PORT`` or ``unix:PATH`` of a listener serving only ``/metrics`` and
+    #: ``/healthz``, for Prometheus (None: metrics only on ``api-listen``).
+    metrics_listen: Optional[str] = None
+    #: Log lines as ``text`` or as ``json`` (one object per line).
+    log_format: str = "text"
     #: Rule M7: ``local`` (NPEP-308) or ``clusterset`` (NPEP-311 / Calico model).
     default_peer_scope: str = "local"
     #: Rule M9: seconds after which an unreachable remote cluster's state is revoked
@@ -210,6 +217,8 @@ class Settings:
             "attach": getattr(args, "attach", None) or None,
             "uplink": getattr(args, "uplink", None),
             "api_listen": getattr(args, "api_listen", None),
+            "metrics_listen": getattr(args, "metrics_listen", None),
+            "log_format": getattr(args, "log_format", None),
             "default_peer_scope": getattr(args, "default_peer_scope", None),
             "stale_after": getattr(args, "stale_after", None),
             "netns": getattr(args, "netns", None),
@@ -264,6 +273,15 @@ class Settings:
             parse_listen(self.api_listen)
         except ValueError as e:
             out.append(f"--api-listen: {e}")
+        if self.metrics_listen is not None:
+            try:
+                parse_listen(self.metrics_listen)
+            except ValueError as e:
+                out.append(f"--metrics-listen: {e}")
+            if self.metrics_listen == self.api_listen:
+                out.append("--metrics-listen: the same address as --api-listen")
+        if self.log_format not in ("text", "json"):
+            out.append(f"--log-format: {self.log_format!r} is not text or json")
         if self.default_peer_scope not in ("local", "clusterset"):
             out.append(f"--default-peer-scope: {self.default_peer_scope!r} is not local or clusterset")
         if self.stale_after is not None and self.stale_after <= 0:

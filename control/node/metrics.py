@@ -3,16 +3,21 @@
 Most series are read from the daemon's state at scrape time (a custom collector) rather
 than updated as things happen: the state is already there, and a scrape is rare next to
 the events that change it. Compile durations are a real histogram, observed per compile.
-Dataplane counters come from ``Dataplane.stats()`` on each scrape.
+Dataplane counters come from ``Dataplane.stats()`` on each scrape: monotonic counts as
+counters (``_total``), levels as gauges, times in seconds — the Prometheus naming
+conventions. The standard ``process_*`` and ``python_info`` series and
+``mcnp_build_info`` come with every scrape.
 """
 
 from __future__ import annotations
 
 import logging
+import platform
 import re
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (CollectorRegistry, Counter, Histogram, PlatformCollector,
+                               ProcessCollector, generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,10 +39,11 @@ class _StateCollector:
         d = self.daemon
         synced = GaugeMetricFamily("mcnp_cluster_synced", "1 when every kind of the cluster has been listed", labels=["cluster"])
         connected = GaugeMetricFamily("mcnp_cluster_connected", "1 while the cluster's source is reachable", labels=["cluster"])
-        stale = GaugeMetricFamily("mcnp_cluster_stale", "1 when the cluster's state was revoked by stale-after", labels=["cluster"])
-        events = CounterMetricFamily("mcnp_cluster_events", "Lists and watch events received", labels=["cluster"])
-        objects = GaugeMetricFamily("mcnp_cluster_objects", "Objects in force", labels=["cluster", "kind"])
-        rejected = GaugeMetricFamily("mcnp_rejected_objects", "Invalid objects (rule S9)", labels=["cluster", "kind", "in_force"])
+        stale = GaugeMetricFamily("mcnp_cluster_stale", "1 when the cluster's state was revoked by stale-after (rule M9)", labels=["cluster"])
+        events = CounterMetricFamily("mcnp_cluster_events", "Lists and watch events received from the cluster's source", labels=["cluster"])
+        objects = GaugeMetricFamily("mcnp_cluster_objects", "Objects of the cluster in force, by kind", labels=["cluster", "kind"])
+        rejected = GaugeMetricFamily("mcnp_rejected_objects", "Invalid objects (rule S9), by what stands in for them "
+                                     "(last-valid, fail-closed, none)", labels=["cluster", "kind", "in_force"])
         for name, sink in d.store.sinks.items():
             st = sink.status
             synced.add_metric([name], 1.0 if st.ready else 0.0)
@@ -63,6 +69,9 @@ class _StateCollector:
         yield GaugeMetricFamily("mcnp_compiled_revision", "Revision of the compiled tables in force",
                                 value=float(d.tables.compiled_revision or 0))
         yield GaugeMetricFamily("mcnp_ready", "1 when every cluster has been listed", value=1.0 if d.ready else 0.0)
+        feed = getattr(d, "verdict_feed", None)
+        if feed is not None:
+            yield from feed_metrics(feed)
         if d.dataplane is not None:
             try:
                 stats = d.dataplane.stats()
@@ -73,10 +82,42 @@ class _StateCollector:
                 yield from dataplane_metrics(stats, d.tables.tables)
 
 
+#: Monotonic counts of the packet loop (``Counters.gauges``): exported as counters.
+LOOP_COUNTERS = {
+    "batches": "Batches the packet loop has processed",
+    "frames": "Frames the packet loop has received",
+    "judged": "Frames judged against the tables (first packets of connections and untracked packets)",
+    "rechecks": "Tracked flows judged again after a tables change",
+    "flows_cut": "Tracked flows ended because new tables no longer admit them",
+    "flood_copies": "Frame copies sent while flooding to several ports",
+    "flood_copy_failures": "Flood copies that could not be made (no free frame)",
+    "rx_empty_polls": "Polls of the ports that found no frame",
+}
+#: Per-port ring counters (``ports`` of ``Dataplane.stats()``), all monotonic.
+PORT_COUNTERS = {
+    "rx_frames": "Frames received on the port's AF_XDP socket",
+    "tx_frames": "Frames transmitted on the port (completion seen)",
+    "tx_queued": "Frames queued for transmission on the port",
+    "tx_ring_full": "Frames dropped because the port's TX ring was full",
+    "tx_invalid": "TX descriptors outside the UMEM, dropped",
+    "fill_short": "Refills of the port's fill ring that found no free frame",
+    "kicks": "sendto() wake-ups of the port's TX ring",
+    "kick_errors": "sendto() wake-ups of the port's TX ring that failed",
+}
+PORT_GAUGES = {
+    "fill_outstanding": "Frames on the port's fill ring now",
+    "tx_outstanding": "Frames queued for TX on the port whose completion has not come back",
+}
+_DATAPLANE_SPECIAL = {"verdicts", "rule_hits", "flows", "ports", "revision", "heartbeat_ns", "ready", "error",
+                      "published_generation", "generation_in_force"}
+
+
 def dataplane_metrics(stats: Mapping[str, Any], tables: Any = None) -> Iterator[Metric]:
     """``Dataplane.stats()`` as series: packets by verdict and reason, per-policy hits,
-    tracked flows, and every other plain counter as ``mcnp_dataplane_<name>``."""
-    packets = CounterMetricFamily("mcnp_packets", "Packets judged, by verdict and reason", labels=["verdict", "reason"])
+    the loop's monotonic counts as counters, its levels as gauges, and per-port ring
+    counters."""
+    packets = CounterMetricFamily("mcnp_packets", "Frames received by the packet loop, each counted once, "
+                                  "by verdict (pass, drop) and reason", labels=["verdict", "reason"])
     for verdict, reasons in (stats.get("verdicts") or {}).items():
         if isinstance(reasons, Mapping):
             for reason, n in reasons.items():
@@ -84,18 +125,76 @@ def dataplane_metrics(stats: Mapping[str, Any], tables: Any = None) -> Iterator[
         else:
             packets.add_metric([str(verdict), ""], float(reasons))
     yield packets
-    hits = CounterMetricFamily("mcnp_policy_hits", "Packets admitted per policy and direction (most-hit rules)",
-                               labels=["policy", "direction"])
+    hits = CounterMetricFamily("mcnp_policy_hits", "New flows (and untracked packets) admitted, per policy and "
+                               "direction (the most-hit rules)", labels=["policy", "direction"])
     for (policy, direction), n in policy_hits(stats.get("rule_hits") or [], tables).items():
         hits.add_metric([policy, direction], n)
     yield hits
-    if "flows" in stats and isinstance(stats["flows"], (int, float)):
-        yield GaugeMetricFamily("mcnp_tracked_flows", "Connections tracked by the dataplane", value=float(stats["flows"]))
+    if isinstance(stats.get("flows"), (int, float)):
+        yield GaugeMetricFamily("mcnp_tracked_flows", "Connections tracked by the dataplane now", value=float(stats["flows"]))
+    levels = {
+        "revision": ("mcnp_dataplane_tables_revision", "Tables revision the packet loop judges with"),
+        "published_generation": ("mcnp_dataplane_published_generation", "Tables hand-overs made to the packet loop"),
+        "generation_in_force": ("mcnp_dataplane_generation_in_force", "Tables hand-over the packet loop has taken"),
+    }
+    for key, (name, text) in levels.items():
+        if _number(stats.get(key)):
+            yield GaugeMetricFamily(name, text, value=float(stats[key]))
+    if _number(stats.get("heartbeat_ns")):
+        yield GaugeMetricFamily("mcnp_dataplane_heartbeat_seconds", "CLOCK_MONOTONIC of the packet loop's last "
+                                "heartbeat, seconds (a value that stops moving means the loop is gone)",
+                                value=stats["heartbeat_ns"] / 1e9)
+    if "ready" in stats:
+        yield GaugeMetricFamily("mcnp_dataplane_ready", "1 while the packet loop runs with every port open",
+                                value=1.0 if stats["ready"] else 0.0)
     for key, value in stats.items():
-        if key in ("verdicts", "rule_hits", "flows") or isinstance(value, bool):
+        if key in _DATAPLANE_SPECIAL or not _number(value):
             continue
-        if isinstance(value, (int, float)):
-            yield GaugeMetricFamily(f"mcnp_dataplane_{_NAME_OK.sub('_', key)}", f"Dataplane counter {key}", value=float(value))
+        name = f"mcnp_dataplane_{_NAME_OK.sub('_', key)}"
+        if key in LOOP_COUNTERS:
+            yield CounterMetricFamily(name, LOOP_COUNTERS[key], value=float(value))
+        else:  # a count this version does not know: a level, the conservative type
+            yield GaugeMetricFamily(name, f"Dataplane value {key} (not documented by this version)", value=float(value))
+    yield from port_metrics(stats.get("ports") or {})
+
+
+def port_metrics(ports: Mapping[str, Any]) -> Iterator[Metric]:
+    """Per-port ring counters and levels, labelled ``port`` (the interface name)."""
+    families = {k: CounterMetricFamily(f"mcnp_port_{k}", text, labels=["port"]) for k, text in PORT_COUNTERS.items()}
+    families.update({k: GaugeMetricFamily(f"mcnp_port_{k}", text, labels=["port"]) for k, text in PORT_GAUGES.items()})
+    info = GaugeMetricFamily("mcnp_port_info", "Always 1: the port's XDP attach mode", labels=["port", "xdp_mode"])
+    for port, values in sorted(ports.items()):
+        if not isinstance(values, Mapping):
+            continue
+        for key, family in families.items():
+            if _number(values.get(key)):
+                family.add_metric([str(port)], float(values[key]))
+        if values.get("xdp_mode") is not None:
+            info.add_metric([str(port), str(values["xdp_mode"])], 1.0)
+    yield from families.values()
+    yield info
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def feed_metrics(feed: Any) -> Iterator[Metric]:
+    """Counts of the verdict records the control side has read (``/v1/verdicts``)."""
+    by_reason = CounterMetricFamily("mcnp_verdicts", "Verdict records read from the packet loop, by verdict "
+                                    "(allowed, denied, would-deny), direction and reason",
+                                    labels=["verdict", "direction", "reason"])
+    for (verdict, direction, reason), n in sorted(feed.by_reason.items()):
+        by_reason.add_metric([verdict, direction, reason], float(n))
+    yield by_reason
+    by_policy = CounterMetricFamily("mcnp_policy_verdicts", "Verdict records per deciding policy: the admitting "
+                                    "policy of an allowed one, each isolating policy of a denied one",
+                                    labels=["policy", "direction", "verdict"])
+    for (policy, direction, verdict), n in sorted(feed.by_policy.items()):
+        by_policy.add_metric([policy, direction, verdict], float(n))
+    yield by_policy
+    yield CounterMetricFamily("mcnp_verdicts_lost", "Verdict records the packet loop overwrote before they were read",
+                              value=float(feed.lost))
 
 
 def policy_hits(rule_hits: Any, tables: Any = None) -> dict[tuple, float]:
@@ -116,6 +215,26 @@ def policy_hits(rule_hits: Any, tables: Any = None) -> dict[tuple, float]:
     return out
 
 
+def build_version() -> str:
+    """The installed distribution's version ("unknown" when run from a bare tree)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("mcnp")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class _Constant:
+    """Families that never change (build information)."""
+
+    def __init__(self, families: list[Metric]):
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+
 class Metrics:
     """The daemon's registry: state read at scrape time plus compile histograms."""
 
@@ -126,6 +245,12 @@ class Metrics:
             "mcnp_compile_duration_seconds", "Time to compile one revision of the tables",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=self.registry)
         self.compile_errors = Counter("mcnp_compile_errors", "Compiles that failed (the previous tables stayed)", registry=self.registry)
+        info = GaugeMetricFamily("mcnp_build_info", "Always 1: the version of mcnp and of Python serving these metrics",
+                                 labels=["version", "python"])
+        info.add_metric([build_version(), platform.python_version()], 1.0)
+        self.registry.register(_Constant([info]))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         self._conflicts_seen: set[str] = set()
 
     def compiled(self, seconds: float) -> None:
