@@ -449,6 +449,7 @@ def test_records_are_written_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(cni.os, "replace", crash)
     with pytest.raises(OSError):
         cni.save_sandbox(tmp_path, Sandbox("c1", "/m", "eth0", "", "", ("198.18.0.9",), "", ""))
-    # The old record is intact; the failed write left only a temp file, which loading ignores.
+    # The old record is intact and the temp file is gone.
     assert (tmp_path / "sandboxes" / "c1.json").read_text() == first
+    assert records(tmp_path) == ["c1.json"]
     assert load_sandboxes(tmp_path) == [sandbox]

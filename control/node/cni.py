@@ -237,17 +237,35 @@ def save_sandbox(state_dir: str | os.PathLike, sandbox: Sandbox) -> None:
     """Write the sandbox's record atomically: temp file, fsync, rename, fsync the dir."""
     directory = _records(state_dir)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    final = directory / f"{sandbox.container_id}.json"
-    tmp = directory / f".{sandbox.container_id}.json.{os.getpid()}.tmp"
-    data = json.dumps(sandbox.to_json(), sort_keys=True).encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    atomic_write(directory / f"{sandbox.container_id}.json", json.dumps(sandbox.to_json(), sort_keys=True).encode())
+
+
+def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> None:
+    """Replace path with data so that a reader sees the old file or the new one, never
+    a part (write a hidden temp file beside it, fsync, rename, fsync the directory).
+    A temp file left by a crash starts with a period and ends with ``.tmp``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fchmod(fd, mode)  # not narrowed by the umask
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
-    os.replace(tmp, final)
-    _fsync_dir(directory)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
 
 
 def remove_sandbox(state_dir: str | os.PathLike, container_id: str) -> None:
