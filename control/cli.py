@@ -181,7 +181,7 @@ def cmd_testbed(args) -> int:
     from control.lab import testbed
 
     if args.testbed_cmd == "up":
-        return testbed.up([parse_cluster_arg(c) for c in args.cluster], mode=args.mode, json_out=args.json)
+        return testbed.up([parse_cluster_arg(c) for c in args.cluster], mode=args.mode, cni=args.cni, json_out=args.json)
     return testbed.down()
 
 
@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = t.add_subparsers(dest="testbed_cmd", required=True, metavar="up|down")
     tu = tsub.add_parser("up", help="build hosts, servers and daemons from manifest directories")
     tu.add_argument("--cluster", action="append", default=[], required=True, metavar="NAME=DIR")
-    tu.add_argument("--mode", choices=("mcnp", "bridge"), default="mcnp")
+    tu.add_argument("--cni", choices=("ptp", "bridge"), default="ptp", help="the nodes' CNI: routed (ptp) or bridged (bridge)")
+    tu.add_argument("--mode", default="mcnp", metavar="mcnp|none", help="mcnp: a daemon per node (default); none: the same hosts without mcnp")
     tu.add_argument("--json", action="store_true")
     tsub.add_parser("down", help="remove everything `testbed up` made")
     t.set_defaults(func=cmd_testbed)

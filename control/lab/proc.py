@@ -1,17 +1,23 @@
 """Processes of the test hosts: started detached inside a namespace, recorded so that
-they can be stopped for certain later, and the daemons' API over a unix socket."""
+they can be stopped for certain later, and the daemons' API (over TCP inside a node's
+namespace, or a unix socket)."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import logging
 import os
 import signal
 import socket
 import subprocess
 import time
+from typing import Optional
 
-from control.lab.net import popen_in, process_start_time, session_members
+from control.lab.net import in_netns, popen_in, process_start_time, session_members
+
+logger = logging.getLogger(__name__)
 
 
 def log_path(state: dict, name: str) -> str:
@@ -79,25 +85,38 @@ def stop(procs: list[dict], grace: float) -> list[int]:
     return left
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float):
+class _HTTPConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket (``unix:PATH``) or over TCP to ``HOST:PORT`` from inside
+    a network namespace (a socket belongs for good to the namespace it was made in)."""
+
+    def __init__(self, address: str, netns: Optional[str], timeout: float):
         super().__init__("localhost", timeout=timeout)
-        self._path = path
+        self._address = address
+        self._netns = netns
 
     def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if self._address.startswith("unix:"):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            target = self._address[len("unix:"):]
+        else:
+            host, _, port = self._address.rpartition(":")
+            with in_netns(self._netns) if self._netns else contextlib.nullcontext():
+                self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            target = (host, int(port))
         self.sock.settimeout(self.timeout)
-        self.sock.connect(self._path)
+        self.sock.connect(target)
 
 
-def unix_get(path: str, url: str, timeout: float = 5.0):
-    conn = _UnixHTTPConnection(path, timeout)
+def http_get(address: str, url: str, timeout: float = 5.0, netns: Optional[str] = None):
+    """``GET url`` on a daemon's API at ``address`` (``unix:PATH`` or ``HOST:PORT``,
+    the latter reached from ``netns``) → (status, parsed JSON or text)."""
+    conn = _HTTPConnection(address, netns, timeout)
     try:
         conn.request("GET", url)
         resp = conn.getresponse()
         body = resp.read()
     except (http.client.HTTPException, socket.timeout) as e:
-        raise OSError(f"GET {url} on {path}: {e}") from None
+        raise OSError(f"GET {url} on {address}: {e}") from None
     finally:
         conn.close()
     try:
