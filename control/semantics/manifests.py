@@ -154,21 +154,35 @@ def split_documents(path: str, docs: list) -> Iterator[Document]:
             yield Document(src, doc)
 
 
-def read_directory(path: str) -> list[Document]:
-    return [doc for f in manifest_files(path) for doc in read_file(f)]
+def read_directory(path: str, errors: Optional[list] = None) -> list[Document]:
+    """Every document of the directory; with an ``errors`` list, a file that cannot be
+    read is appended to it and the others are still read."""
+    docs: list[Document] = []
+    for f in manifest_files(path):
+        try:
+            docs.extend(read_file(f))
+        except InvalidObject as err:
+            if errors is None:
+                raise
+            errors.append(err)
+    return docs
 
 
-def build_cluster(name: str, docs: list[Document], strict: bool = True) -> LoadResult:
+def build_cluster(name: str, docs: list[Document], strict: bool = True, errors: Optional[list] = None) -> LoadResult:
     """Parse documents into one cluster's state. ``strict`` raises on the first invalid
-    object; lenient mode records it and, for policies, installs the fail-closed
-    stand-in (rule S9)."""
+    object (or, given an ``errors`` list, appends every invalid object to it for the
+    caller to report all at once); lenient mode records it and, for policies, installs
+    the fail-closed stand-in (rule S9)."""
     result = LoadResult(ClusterState(name))
     state = result.state
     seen: dict[tuple, str] = {}
 
     def reject(err: InvalidObject) -> None:
         if strict:
-            raise err
+            if errors is None:
+                raise err
+            errors.append(err)
+            return
         logger.warning("Cluster %s: rejected %s", name, err)
         result.errors.append(err)
 
@@ -214,10 +228,11 @@ def build_cluster(name: str, docs: list[Document], strict: bool = True) -> LoadR
     return result
 
 
-def load_cluster(name: Optional[str], path: str, strict: bool = True) -> LoadResult:
+def load_cluster(name: Optional[str], path: str, strict: bool = True, errors: Optional[list] = None) -> LoadResult:
     """Load one manifest directory. The cluster's name comes from ``name`` or, when that
-    is None, from its ClusterProperty; if both are given they must agree (rule M1)."""
-    docs = read_directory(path)
+    is None, from its ClusterProperty; if both are given they must agree (rule M1).
+    ``errors``: see :func:`build_cluster`."""
+    docs = read_directory(path, errors)
     declared = None
     for doc in docs:
         if doc.obj.get("kind") == "ClusterProperty":
@@ -231,7 +246,7 @@ def load_cluster(name: Optional[str], path: str, strict: bool = True) -> LoadRes
         raise InvalidObject(path, "directory", "-", "has no cluster name: give NAME=DIR or add a ClusterProperty cluster.clusterset.k8s.io")
     if not objects.DNS_LABEL.match(cluster):
         raise InvalidObject(path, "directory", "-", f"invalid cluster name {cluster!r} (must be an RFC 1123 label)")
-    return build_cluster(cluster, docs, strict)
+    return build_cluster(cluster, docs, strict, errors)
 
 
 def parse_cluster_arg(text: str) -> tuple[Optional[str], str]:
@@ -242,12 +257,14 @@ def parse_cluster_arg(text: str) -> tuple[Optional[str], str]:
     return name, path
 
 
-def load_clusterset(specs: list[tuple[Optional[str], str]], options: Options = Options(), strict: bool = True) -> tuple[ClusterSet, list[str]]:
-    """Load several directories into one cluster set; duplicate names are an error."""
+def load_clusterset(specs: list[tuple[Optional[str], str]], options: Options = Options(), strict: bool = True,
+                    errors: Optional[list] = None) -> tuple[ClusterSet, list[str]]:
+    """Load several directories into one cluster set; duplicate names are an error.
+    ``errors``: see :func:`build_cluster`."""
     cset = ClusterSet(options=options)
     notes: list[str] = []
     for name, path in specs:
-        result = load_cluster(name, path, strict)
+        result = load_cluster(name, path, strict, errors)
         cname = result.state.name
         if cname in cset.clusters:
             raise InvalidObject(path, "directory", "--cluster", f"duplicate cluster name {cname!r}")
