@@ -4,6 +4,9 @@ stale-after revocation (with a fake clock: nothing here sleeps)."""
 from __future__ import annotations
 
 import ipaddress
+import logging
+
+import pytest
 
 from control.semantics.model import Options
 from control.semantics.reference import ReferenceEvaluator
@@ -116,10 +119,11 @@ def test_relist_deletes_what_is_gone_and_reports_duplicates():
     sink = listed(store, "c1", world() + [deny_all()])
     sink.replace_kind("NetworkPolicy", [("f1", allow_from_b()), ("f2", allow_from_b())])
     assert list(sink.policies) == [("x", "allow-b")]
-    [err] = store.errors()
-    assert "duplicate" in err.message and err.source == "f2"
+    assert sink.policies[("x", "allow-b")].rejected  # two claimants at once: fail closed
+    assert sorted(e.source for e in store.errors()) == ["f1", "f2"]
+    assert all(e.reason == "duplicate" and e.in_force == "fail-closed" for e in store.errors())
     sink.replace_kind("NetworkPolicy", [("f1", allow_from_b())])
-    assert store.errors() == []
+    assert store.errors() == [] and not sink.policies[("x", "allow-b")].rejected
 
 
 def test_identical_object_is_not_parsed_again_and_changes_nothing():
@@ -284,3 +288,104 @@ def test_labels_seen_valid_before_do_not_let_an_invalid_one_through():
         assert err.field == "status.podIP" and "198.18.0.999" in err.message
     else:
         raise AssertionError("bad IP accepted")
+
+
+def reload(sink, files: dict[str, list[dict]]) -> None:
+    """A directory reload as the directory source hands it over: documents by file name."""
+    sink.replace_all([(f"{path}#{i}", obj) for path in sorted(files) for i, obj in enumerate(files[path])])
+
+
+def allow_all(name: str = "allow-b", ns: str = "x") -> dict:
+    return make_policy(ns, name, {"matchLabels": {"app": "a"}}, ingress=[{}])
+
+
+@pytest.mark.parametrize("newcomer", ["00-shadow.yaml", "zz-shadow.yaml"])
+def test_a_duplicate_never_displaces_the_object_in_force_whatever_its_file_name(newcomer, caplog):
+    store = Store()
+    sink = store.add_cluster("c1")
+    files = {"base.yaml": world(), "policy.yaml": [allow_from_b()]}
+    reload(sink, files)
+    assert not allowed(store, "c1/x/c", "c1/x/a")
+    files[newcomer] = [allow_all()]  # same namespace and name, admits everyone
+    with caplog.at_level(logging.WARNING, logger="control.node.store"):
+        reload(sink, files)
+        reload(sink, dict(files))  # still there: not logged again
+    assert not allowed(store, "c1/x/c", "c1/x/a") and allowed(store, "c1/x/b", "c1/x/a")
+    [dup] = store.duplicates()
+    assert dup.source == f"{newcomer}#0" and dup.in_force == "existing" and "policy.yaml#0" in dup.message
+    assert [r.getMessage() for r in caplog.records if "duplicate" in r.getMessage()] == [
+        f"Cluster c1: NetworkPolicy x/allow-b from {newcomer}#0: {dup.message}"]
+    # The one in force is edited: its new version applies, the newcomer is still ignored.
+    files["policy.yaml"] = [deny_all("allow-b")]
+    reload(sink, files)
+    assert not allowed(store, "c1/x/b", "c1/x/a") and len(store.duplicates()) == 1
+    # The one in force goes: the other is no longer a duplicate and takes over.
+    del files["policy.yaml"]
+    reload(sink, files)
+    assert allowed(store, "c1/x/c", "c1/x/a") and store.duplicates() == []
+
+
+def test_duplicates_at_a_cold_start_fail_closed_until_one_is_left():
+    store = Store()
+    sink = store.add_cluster("c1")
+    files = {"base.yaml": world(), "a.yaml": [allow_from_b()], "b.yaml": [allow_all()]}
+    reload(sink, files)
+    # Neither copy is in force: the pods either one selects admit nothing.
+    assert not allowed(store, "c1/x/b", "c1/x/a") and not allowed(store, "c1/x/c", "c1/x/a")
+    assert allowed(store, "c1/x/a", "c1/x/b")  # pods neither selects are untouched
+    assert {e.in_force for e in store.duplicates()} == {"fail-closed"} and len(store.duplicates()) == 2
+    # Different pod selectors: the whole namespace is isolated.
+    files["b.yaml"] = [make_policy("x", "allow-b", {"matchLabels": {"app": "b"}}, ingress=[{}])]
+    reload(sink, files)
+    assert not allowed(store, "c1/x/a", "c1/x/b") and not allowed(store, "c1/x/a", "c1/x/c")
+    del files["b.yaml"]
+    reload(sink, files)
+    assert allowed(store, "c1/x/b", "c1/x/a") and not allowed(store, "c1/x/c", "c1/x/a")
+    assert store.duplicates() == []
+
+
+def test_a_duplicate_pod_never_displaces_the_pod_in_force():
+    store = Store()
+    sink = store.add_cluster("c1")
+    files = {"base.yaml": world() + [deny_all()]}
+    reload(sink, files)
+    files["00-copy.yaml"] = [make_pod("x", "a", "198.18.0.99", {"app": "a"})]
+    reload(sink, files)
+    assert str(sink.pods[("x", "a")].ip) == "198.18.0.1"
+    [dup] = store.duplicates()
+    assert dup.kind == "Pod" and dup.source == "00-copy.yaml#0"
+
+
+def test_unreachable_at_start_does_not_claim_a_last_known_state(caplog):
+    store = Store()
+    sink = store.add_cluster("c2")
+    with caplog.at_level(logging.WARNING, logger="control.node.store"):
+        sink.down("connection refused")
+    assert "last-known" not in caplog.text and "nothing known of it yet" in caplog.text
+    caplog.clear()
+    listed(store, "c2", world())
+    with caplog.at_level(logging.WARNING, logger="control.node.store"):
+        sink.down("connection refused again")
+    assert "keeping its last-known state" in caplog.text
+
+
+def test_credentials_in_errors_are_redacted(caplog):
+    store = Store()
+    sink = store.add_cluster("c2")
+    with caplog.at_level(logging.INFO, logger="control.node.store"):
+        sink.down("ValueError: invalid server URL https://admin:hunter2@198.18.0.1:6443 (token=abc123, Authorization: Bearer eyJx.y)")
+        sink.failed("RuntimeError: password: 'sw0rdfish' rejected")
+    for secret in ("hunter2", "abc123", "eyJx.y", "sw0rdfish"):
+        assert secret not in caplog.text and secret not in str(sink.status.last_error)
+    assert "https://***@198.18.0.1:6443" in caplog.text
+
+
+def test_a_failed_source_makes_its_cluster_not_ready_until_it_runs_again():
+    store = Store()
+    sink = listed(store, "c1", world())
+    assert store.not_ready == []
+    sink.failed("MemoryError: ")
+    assert store.not_ready == ["c1"] and sink.status.source_failure and sink.status.source_restarts == 1
+    assert len(sink.pods) == 3  # the last-known state stays
+    sink.up()
+    assert store.not_ready == [] and sink.status.source_failure is None

@@ -27,6 +27,7 @@ local cluster is never revoked: dropping its policies would fail open.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from operator import itemgetter
 from dataclasses import dataclass, field
@@ -50,12 +51,15 @@ class ObjectError:
     source: str
     field: str
     message: str
-    in_force: str  # "last-valid", "fail-closed" or "none"
+    in_force: str  # "last-valid", "fail-closed", "existing" (a duplicate's) or "none"
+    #: "invalid", or "duplicate": another source's object of that name is in force or,
+    #: when none was yet, the name fails closed until only one source claims it.
+    reason: str = "invalid"
 
     def to_json(self) -> dict:
         return {
             "cluster": self.cluster, "kind": self.kind, "object": self.key, "source": self.source,
-            "field": self.field, "error": self.message, "in_force": self.in_force,
+            "field": self.field, "error": self.message, "in_force": self.in_force, "reason": self.reason,
         }
 
 
@@ -115,10 +119,37 @@ class ClusterStatus:
     last_error: Optional[str] = None
     events: int = 0
     declared_name: Optional[str] = None
+    #: Why the source itself stopped (a watcher that crashed and is being restarted);
+    #: None while it runs. A cluster whose source failed is not ready.
+    source_failure: Optional[str] = None
+    #: How many times the source was restarted after a failure.
+    source_restarts: int = 0
 
     @property
     def ready(self) -> bool:
-        return all(k in self.listed for k in KINDS)
+        """Every kind listed and the source running: ``/readyz`` is 503 otherwise."""
+        return self.source_failure is None and all(k in self.listed for k in KINDS)
+
+
+_URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s]*@")
+_AUTH_SCHEME = re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=-]+")
+_SECRET_VALUE = re.compile(
+    r"(?i)\b([\w-]*(?:password|passwd|secret|token|api[_-]?key|credential|key-data)s?)([\"']?\s*[:=]\s*[\"']?)[^\s\"',;&)}\]]+")
+
+
+def redact(text: str) -> str:
+    """``text`` with credentials masked: the userinfo of URLs (``https://user:pw@host``),
+    ``Bearer``/``Basic`` values and ``password=``/``token: ``-like assignments. Every
+    error the store shows (``last_error``, the log) passes through here: an error from a
+    kubeconfig loader or an HTTP library may quote what it failed on."""
+    text = _URL_USERINFO.sub(r"\1***@", text)
+    text = _AUTH_SCHEME.sub(r"\1\2***", text)
+    return _SECRET_VALUE.sub(r"\1\2***", text)
+
+
+def _file_of(source: str) -> str:
+    """The file part of a document's source (``path#index[item]`` → ``path``)."""
+    return source.split("#", 1)[0]
 
 
 def _is_mapping(value: Any) -> bool:
@@ -258,42 +289,96 @@ class ClusterSink:
         self._touch(key is not None and self._remove(kind, key))
 
     def replace_kind(self, kind: str, items: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
-        """A complete list of one kind (a relist): objects absent from it are deleted."""
+        """A complete list of one kind (a relist): objects absent from it are deleted.
+        A name claimed by several objects (several files of a directory) is resolved by
+        :meth:`_resolve_duplicates`, whatever order the objects come in."""
         changed = False
-        seen: set[tuple] = set()
         # Errors of unnamed or duplicate objects are keyed by source: a full list
-        # re-reports those still there.
-        for ekey in [e for e in self.errors if e[0] == kind and e[1] is None]:
-            self.errors.pop(ekey)
+        # re-reports those still there (and logs only those that are new).
+        before = {e: self.errors.pop(e) for e in [e for e in self.errors if e[0] == kind and e[1] is None]}
         known = self._listed.get(kind, {})
         listed: dict[int, tuple[str, tuple]] = {}
         raw = self.raw[kind]
+        claims: dict[tuple, list[tuple[str, Any]]] = {}
         for source, obj in items:
-            # The very object of the last list, still in force: nothing to look at (a
+            # The very object of the last list, still in force: no need to look at it (a
             # directory reload hands back every unchanged file's objects so).
             hit = known.get(id(obj))
-            if hit is not None and hit[0] == source and hit[1] not in seen and raw.get(hit[1], (None, None))[1] is obj:
-                seen.add(hit[1])
-                listed[id(obj)] = hit
-                continue
-            key = _key(kind, obj)
-            if key is not None and key not in seen:
+            if hit is not None and hit[0] == source and raw.get(hit[1], (None, None))[1] is obj:
+                key = hit[1]
+            else:
+                key = _key(kind, obj)
+            if key is None:
+                changed |= self._apply(kind, obj, source)  # reported as unnamed
+            else:
+                claims.setdefault(key, []).append((source, obj))
+        for key, claimants in claims.items():
+            if len(claimants) == 1:
+                source, obj = claimants[0]
                 listed[id(obj)] = (source, key)
-            if key is not None and key in seen:
-                err = InvalidObject(source, objects.describe(obj), "metadata.name", f"duplicate of the object in {self.raw[kind][key][0]}")
-                self.errors[(kind, None, source)] = ObjectError(self.name, kind, "/".join(key), source, err.field, err.message, "none")
-                continue
-            if key is not None:
-                seen.add(key)
-            changed |= self._apply(kind, obj, source, key)
+                changed |= self._apply(kind, obj, source, key)
+            else:
+                changed |= self._resolve_duplicates(kind, key, claimants, listed)
+        for ekey, err in self.errors.items():
+            if ekey[0] == kind and ekey[1] is None and before.get(ekey) != err:
+                logger.warning("Cluster %s: %s %s from %s: %s", self.name, kind, err.key, err.source, err.message)
         self._listed[kind] = listed
-        for key in [k for k in self.raw[kind] if k not in seen]:
+        for key in [k for k in raw if k not in claims]:
             changed |= self._remove(kind, key)
         if kind not in self.status.listed:
             self.status.listed.add(kind)
             self.store.pending.everything = True
             changed = True  # readiness changed: a snapshot must say so
         self._touch(changed)
+
+    def _resolve_duplicates(self, kind: str, key: tuple, claimants: list, listed: dict) -> bool:
+        """Several objects of one kind and name. The one already in force stays (its
+        file's copy, or one equal to it) and the others are reported and ignored; when
+        none was in force (a cold start), the name fails closed as rule S9 has a new
+        invalid object do, until a single source claims it. Returns whether anything
+        in force changed."""
+        incumbent = self._incumbent(kind, key, claimants)
+        name = "/".join(key)
+        if incumbent is not None:
+            source, obj = incumbent
+            listed[id(obj)] = (source, key)
+            changed = self._apply(kind, obj, source, key)
+            message, in_force = f"duplicate of the object in force from {source}: ignored", "existing"
+        else:
+            sources = ", ".join(sorted(s for s, _ in claimants))
+            message = f"claimed by {len(claimants)} objects ({sources}), none in force before: fails closed until one is left"
+            changed, in_force = self._fail_closed_duplicates(kind, key, claimants, message)
+        for source, obj in claimants:
+            if incumbent is None or source != incumbent[0] or obj is not incumbent[1]:
+                self.errors[(kind, None, source)] = ObjectError(self.name, kind, name, source, "metadata.name",
+                                                                message, in_force, "duplicate")
+        return changed
+
+    def _incumbent(self, kind: str, key: tuple, claimants: list) -> Optional[tuple[str, Any]]:
+        """Which of ``claimants`` is the object in force under ``key``, if any."""
+        prev = self.raw[kind].get(key)
+        if prev is None:
+            return None
+        same_file = [c for c in claimants if _file_of(c[0]) == _file_of(prev[0])]
+        if len(same_file) == 1:
+            return same_file[0]
+        equal = sorted((c for c in claimants if c[1] == prev[1]), key=itemgetter(0))
+        return equal[0] if equal else None
+
+    def _fail_closed_duplicates(self, kind: str, key: tuple, claimants: list, message: str) -> tuple[bool, str]:
+        """No claimant of ``key`` is in force: policies get a stand-in that isolates what
+        any of them selects and admits nothing; pods and namespaces take no part."""
+        tkey = key[0] if kind == "Namespace" else key
+        changed = self._remove(kind, key)
+        if kind != "NetworkPolicy":
+            return changed, "none"
+        first_source = min(s for s, _ in claimants)
+        stand_in = objects.fail_closed_duplicates([o for _, o in claimants], self.name, first_source, message)
+        if stand_in is None:
+            return changed, "none"
+        self._record(kind, tkey)
+        self.policies[tkey] = stand_in
+        return True, "fail-closed"
 
     def replace_all(self, docs: Iterable[tuple[str, Mapping[str, Any]]], diff: Optional["DocDiff"] = None) -> None:
         """A complete set of every kind (a manifest directory reload). Other kinds are
@@ -388,6 +473,9 @@ class ClusterSink:
     def up(self) -> None:
         """The source reached its cluster (a list or watch request succeeded)."""
         st = self.status
+        if st.source_failure is not None:
+            st.source_failure = None
+            self.store.changed()  # ready again
         if not st.connected or st.stale:
             logger.info("Cluster %s: connected", self.name)
         was_stale = st.stale
@@ -396,11 +484,25 @@ class ClusterSink:
             self.store.pending.everything = True
             self.store.changed()
 
+    def failed(self, reason: str) -> None:
+        """The source itself broke (not its cluster): it is restarted, the cluster is
+        not ready until it runs again, and its last-known state stays in force."""
+        reason = redact(reason)
+        self.status.source_failure = self.status.last_error = reason
+        self.status.source_restarts += 1
+        logger.error("Cluster %s: source failed, restarting it (the last-known state stays in force): %s",
+                     self.name, reason)
+        self.store.changed()  # readiness changed
+
     def down(self, error: str) -> None:
         """The source lost its cluster; its state stays in force (fail-static)."""
         st = self.status
+        error = redact(error)
         if st.connected or st.last_error != error:
-            logger.warning("Cluster %s: unreachable, keeping its last-known state: %s", self.name, error)
+            if st.listed:
+                logger.warning("Cluster %s: unreachable, keeping its last-known state: %s", self.name, error)
+            else:
+                logger.warning("Cluster %s: unreachable, nothing known of it yet: %s", self.name, error)
         st.connected, st.last_error = False, error
         if st.disconnected_since is None:
             st.disconnected_since = self.store.clock()
@@ -514,7 +616,13 @@ class Store:
         return Snapshot(revision, cset, self.addresses.conflicts(cset), self.version)
 
     def errors(self) -> list[ObjectError]:
+        """Every rejected object (invalid or duplicate), for REST and metrics."""
         return [e for sink in self.sinks.values() for e in sink.error_list()]
+
+    def duplicates(self) -> list[ObjectError]:
+        """The objects ignored or failed closed because another source claims their
+        name (``reason == "duplicate"``), for REST and a metric."""
+        return [e for e in self.errors() if e.reason == "duplicate"]
 
 
 class _Addresses:

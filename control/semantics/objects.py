@@ -295,6 +295,21 @@ def fail_closed_policy(obj: Mapping[str, Any], cluster: str, source: str, error:
     return Policy(cluster, ns, name, pod_sel, types, (), (), source, rejected=str(error))
 
 
+def fail_closed_duplicates(objs: list[Mapping[str, Any]], cluster: str, source: str, message: str) -> Optional[Policy]:
+    """The stand-in for policies of one name that several sources claim with none of them
+    in force yet (a cold start): which one is meant cannot be known, so the pods every
+    claimant would select are isolated in every direction any of them names, and
+    nothing is admitted. When the claimants select differently, the whole namespace."""
+    error = InvalidObject(source, describe(objs[0]), "metadata.name", message)
+    stand_ins = [fail_closed_policy(obj, cluster, source, error) for obj in objs]
+    if any(p is None for p in stand_ins):
+        return None
+    first = stand_ins[0]
+    pod_sel = first.pod_selector if all(p.pod_selector == first.pod_selector for p in stand_ins) else EVERYTHING
+    types = frozenset().union(*(p.types for p in stand_ins))
+    return Policy(cluster, first.namespace, first.name, pod_sel, types, (), (), source, rejected=str(error))
+
+
 def namespace(obj: Mapping[str, Any], cluster: str, source: str) -> Namespace:
     ctx = _Ctx(source, obj)
     _, name = _metadata(ctx, obj, namespaced=False)
