@@ -17,7 +17,7 @@ node of cluster-1 (bench/conftest.py).
 
 Every timing is reported as mean and median with its spread (standard deviation,
 interquartile range, minimum and maximum, number of rounds), never as the minimum
-alone. Rounds are independent: cold compiles only read their world; the change
+alone; ratios use the median. Rounds are independent: cold compiles only read their world; the change
 benchmarks work on a private world (never the one other benchmarks share), and
 each round's setup (untimed) undoes the previous round's change — in the world and
 in the compiler — so every measured change starts from the same world. At the end the
@@ -84,8 +84,7 @@ def test_cold_compile(benchmark, policies):
     tables = benchmark.pedantic(compile_tables, args=(cset, local_node, 1), rounds=rounds, iterations=1)
     base = statistics.median(_touch_labels(cset) for _ in range(3))
     figures = spread(benchmark)
-    benchmark.extra_info.update(figures, seconds=figures["median_s"], baseline_seconds=base,
-                                ratio=figures["median_s"] / base, **tables.meta)
+    benchmark.extra_info.update(baseline_seconds=base, ratio=figures["median_s"] / base, **tables.meta)
     report("cold compile", policies=policies, **_ms(figures), label_pass_ms=base * 1e3,
            ratio=figures["median_s"] / base, mib=tables.nbytes / 2**20)
 
@@ -125,7 +124,7 @@ def test_label_change(benchmark):
     assert_same_verdicts(compiler.tables(next(revision)), world_for(1000)[1])
     full = world_for(1000)[2]
     figures = spread(benchmark)
-    benchmark.extra_info.update(figures, seconds=figures["mean_s"], full_compile_seconds=full,
+    benchmark.extra_info.update(full_compile_seconds=full, speedup=full / figures["median_s"],
                                 full_compiles_during=full_compiles)
     report("pod label change", **_ms(figures), full_compile_ms=full * 1e3, speedup=full / figures["median_s"],
            full_compiles_during=full_compiles)
@@ -137,7 +136,7 @@ def test_table_memory(benchmark, policies):
     header, buf = benchmark.pedantic(tables.pack, rounds=3, iterations=1)
     assert len(buf) >= tables.nbytes
     figures = spread(benchmark)
-    benchmark.extra_info.update(figures, bytes=tables.nbytes, **tables.meta)
+    benchmark.extra_info.update(bytes=tables.nbytes, **tables.meta)
     report("table memory", policies=policies, mib=tables.nbytes / 2**20, pack_mean_ms=figures["mean_s"] * 1e3,
            pack_median_ms=figures["median_s"] * 1e3, rules=len(tables.rules))
 
@@ -199,7 +198,7 @@ def test_policy_change(benchmark):
     assert_same_verdicts(compiler.tables(next(revision)), pristine)
     full = world_for(1000)[2]
     figures = spread(benchmark)
-    benchmark.extra_info.update(figures, seconds=figures["mean_s"], full_compile_seconds=full,
-                                paths={p: paths.count(p) for p in set(paths)})
+    benchmark.extra_info.update(full_compile_seconds=full, speedup=full / figures["median_s"],
+                                incremental=paths.count("incremental"), full=paths.count("full"))
     report("policy change", **_ms(figures), full_compile_ms=full * 1e3,
            incremental=paths.count("incremental"), full=paths.count("full"))
