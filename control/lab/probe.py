@@ -11,6 +11,11 @@ all the connections from one asyncio loop. No helper processes: a matrix of thir
 competing for the CPU while their timeouts run. The loop runs in a thread of its own,
 so the caller's thread never changes namespace and callers inside an event loop work.
 Self pairs are not probed here: callers skip them (rule S7).
+
+Sources are pod namespaces or node namespaces (the node's own traffic to its pods,
+rule S10); destinations are any address, a pod's or a Service's ClusterIP (kube-proxy's
+translation in the source's node decides where it lands). ``on_testbed`` turns pod
+references and node keys of a running testbed into such probes.
 """
 
 from __future__ import annotations
@@ -18,10 +23,14 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import ipaddress
+import logging
 import threading
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from control.lab.net import NETNS_DIR, NetError, setns
+
+logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("TCP", "UDP")
 TCP_TIMEOUT = 1.0
@@ -31,6 +40,31 @@ UDP_TRIES = 3
 CONCURRENCY = 256
 
 Probe = tuple  # (src_netns, dst_ip, port, protocol)
+
+
+def on_testbed(state: Mapping, probes: Iterable[tuple]) -> list[Probe]:
+    """Probes from (source, destination, port, protocol) where the source is a pod
+    reference ("cluster/ns/pod") or a node key ("cluster/node") of the testbed and the
+    destination a pod reference, a node key or an IP address (e.g. a ClusterIP).
+    An unknown name raises LookupError."""
+    def netns(name: str) -> str:
+        rec = state["pods"].get(name) or state["nodes"].get(name)
+        if rec is None:
+            raise LookupError(f"no pod or node {name!r} on the testbed")
+        return rec["netns"]
+
+    def address(name: str) -> str:
+        try:
+            return str(ipaddress.ip_address(name))
+        except ValueError:
+            pass
+        if name in state["pods"]:
+            return state["pods"][name]["ip"]
+        if name in state["nodes"]:
+            return state["nodes"][name]["address"]
+        raise LookupError(f"no pod or node {name!r} on the testbed, and not an IP address")
+
+    return [(netns(src), address(dst), int(port), str(proto)) for src, dst, port, proto in probes]
 
 
 def probe(src_netns: str, dst_ip: str, port: int, protocol: str, timeout: float = TCP_TIMEOUT) -> bool:

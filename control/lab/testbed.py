@@ -26,6 +26,8 @@ reachable as soon as its ADD returns:
 * bridged (``--cni bridge``): the testbed makes the node's CNI bridge ``cni0`` itself,
   enslaves the uplink and puts the node's address on it (the bridge plugin then finds
   both in place, ``isGateway``); every pod of every node sits on one L2 segment.
+  ``hairpinMode`` is on, as the kubelet wants it: a pod reaching itself through its
+  Service is DNATed by the bridge netfilter and bridged back out of the port it came in.
   ``net.bridge.bridge-nf-call-iptables=1`` (kubeadm's requirement, so that Service
   replies bridged between two pods of one node are un-NATed): on this kernel the
   bridge netfilter is built in, the sysctl exists in every network namespace and it
@@ -187,7 +189,7 @@ def conflist(state: dict, node: dict) -> dict:
     """The node's CNI configuration list (DESIGN.md section 4)."""
     ipam = {"type": IPAM, "routes": [{"dst": str(SERVICE_NET), "gw": node["address"]}]}
     if state["cni"] == "bridge":
-        main = {"type": "bridge", "bridge": CNI_BRIDGE, "isGateway": True, "ipam": ipam}
+        main = {"type": "bridge", "bridge": CNI_BRIDGE, "isGateway": True, "hairpinMode": True, "ipam": ipam}
     else:
         main = {"type": "ptp", "ipam": ipam}
     plugins = [main]
