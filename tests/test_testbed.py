@@ -429,3 +429,176 @@ def test_cli_up_json_and_down(clusters, state_dir):
     down = subprocess.run([mcnp, "testbed", "down"], capture_output=True, text=True, env=env, timeout=60)
     assert down.returncode == 0, down.stderr
     assert ours() == set()
+
+
+# --------------------------------------------------------------------------- --mode mcnp
+
+MCNP_CNI_MISSING = not os.access(layout.MCNP_CNI, os.X_OK)
+_needs_mcnp_cni = pytest.mark.skipif(MCNP_CNI_MISSING, reason=f"the chained plugin {layout.MCNP_CNI} is not built (./dev setup)")
+
+#: Stands in for `mcnp run`: after a moment (so that `up` really has to wait) it
+#: answers GET on --api-listen (in its node netns) and takes every mcnp-cni request on
+#: --cni-socket, recording them for /v1/cni.
+FAKE_DAEMON = r'''
+import http.server, json, os, socket, sys, threading, time
+argv = sys.argv[1:]
+flag = lambda name: argv[argv.index(name) + 1]
+seen = []
+time.sleep(0.5)
+cni = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+cni.bind(flag("--cni-socket"))
+cni.listen(16)
+def serve_cni():
+    while True:
+        conn, _ = cni.accept()
+        with conn, conn.makefile("rwb") as f:
+            seen.append(json.loads(f.readline()))
+            f.write(b'{"ok": true}\n')
+threading.Thread(target=serve_cni, daemon=True).start()
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"argv": argv, "cni": seen, "pid": os.getpid()}).encode()
+        self.send_response(200 if self.path in ("/readyz", "/v1/args") else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+host, port = flag("--api-listen").rsplit(":", 1)
+http.server.ThreadingHTTPServer((host, int(port)), Handler).serve_forever()
+'''
+
+
+def fake_daemon(node, state):
+    return [sys.executable, "-c", FAKE_DAEMON] + testbed.mcnp_run_command(node, state)[1:]
+
+
+@privileged
+@_needs_mcnp_cni
+def test_mcnp_mode_chains_mcnp_cni_to_a_ready_daemon_per_node(clusters, state_dir, capsys, monkeypatch):
+    monkeypatch.setenv("MCNP_TESTBED_DIR", state_dir)  # api_get finds the state by default
+    out = up_json(clusters, state_dir, capsys, mode="mcnp", cni="ptp", daemon_command=fake_daemon)
+    assert all(n["api"] == "127.0.0.1:9901" for n in out["nodes"].values())
+    state = testbed.load_state()
+    assert sorted(state["daemons"]) == ["c1/n1", "c1/n2", "c2/c2", "c2/n1"]
+    status, body = testbed.api_get("c1/n1", "/v1/args")
+    argv = body["argv"]
+    node = state["nodes"]["c1/n1"]
+    assert status == 200 and argv[:5] == ["run", "--node-name", "n1", "--local-cluster", "c1"]
+    assert f"c1=dir:{clusters[0][1]}" in argv and f"c2=dir:{clusters[1][1]}" in argv
+    for flag, value in (("--netns", node["netns"]), ("--cni-socket", node["cni_socket"]), ("--state-dir", node["daemon_state_dir"]),
+                        ("--bpf-dir", node["bpf_dir"]), ("--api-listen", "127.0.0.1:9901")):
+        assert argv[argv.index(flag) + 1] == value
+    # Each daemon runs in its node's namespace (the API is on that namespace's loopback).
+    for key, info in state["daemons"].items():
+        assert os.stat(f"/proc/{info['pid']}/ns/net").st_ino == os.stat(f"/var/run/netns/{state['nodes'][key]['netns']}").st_ino
+
+    # Every ADD went through mcnp-cni to its node's daemon, with ptp's result as prevResult.
+    requests = body["cni"]
+    assert sorted(r["config"]["prevResult"]["ips"][0]["address"] for r in requests) == ["198.18.0.1/15", "198.18.0.2/15"]
+    assert all(r["command"] == "ADD" and "K8S_POD_NAMESPACE=x" in r["args"] for r in requests)
+    rec = kubelet.add_pod("c1", "x", "late", "198.18.3.3", "n1", state_dir=state_dir)
+    assert probe.probe_many(probe.on_testbed(testbed.load_state(), [("c1/x/a", "c1/x/late", 80, "TCP")])) == [True]
+    kubelet.remove_pod("c1/x/late", state_dir=state_dir)
+    commands = [(r["command"], r["containerID"]) for r in testbed.api_get("c1/n1", "/v1/args")[1]["cni"]]
+    assert commands[-2:] == [("ADD", rec["container_id"]), ("DEL", rec["container_id"])]
+    assert testbed.api_get("c2", "/readyz")[0] == 200  # a bare node name that is unique
+    with pytest.raises(LookupError, match="no single node 'n1'"):
+        testbed.api_get("n1", "/readyz")
+
+    daemons = list(state["daemons"].values())
+    assert testbed.down(state_dir, **QUIET) == 0
+    assert ours() == set() and all(process_start_time(d["pid"]) is None for d in daemons)
+
+
+@privileged
+@_needs_mcnp_cni
+def test_failing_daemon_tears_down_what_was_made(clusters, state_dir):
+    lines = []
+    failing = lambda node, state: [sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"]  # noqa: E731
+    assert testbed.up(clusters, mode="mcnp", prefix=PREFIX, state_dir=state_dir, log=lines.append, daemon_command=failing) == 1
+    text = "\n".join(lines)
+    assert "exited with code 3" in text and "boom" in text
+    assert ours() == set() and testbed.load_state(state_dir) is None
+
+
+#: A daemon that ignores SIGTERM and leaves a worker process behind in its session.
+STUBBORN_DAEMON = "import signal, subprocess, sys\n" \
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" \
+    "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n" + FAKE_DAEMON
+
+
+@privileged
+@_needs_mcnp_cni
+def test_down_kills_a_stubborn_daemon_and_its_workers(clusters, state_dir, monkeypatch):
+    from control.lab.net import session_members
+
+    monkeypatch.setattr(testbed, "DAEMON_GRACE", 0.5)
+
+    def stubborn(node, state):
+        return [sys.executable, "-c", STUBBORN_DAEMON] + testbed.mcnp_run_command(node, state)[1:]
+
+    assert testbed.up(clusters[:1], mode="mcnp", prefix=PREFIX, state_dir=state_dir, daemon_command=stubborn, **QUIET) == 0
+    state = testbed.load_state(state_dir)
+    sessions = {d["pid"]: session_members(d["pid"]) for d in state["daemons"].values()}
+    assert all(len(members) == 2 for members in sessions.values())  # daemon + worker
+    assert testbed.down(state_dir, **QUIET) == 0
+    assert all(session_members(sid) == [] for sid in sessions)
+    assert ours() == set()
+
+
+POLICY = """\
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: a-from-b, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: a}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: b}}}]
+    ports: [{protocol: TCP, port: 80}]
+"""
+
+
+def _daemon_flags_missing() -> str:
+    mcnp = os.path.join(os.path.dirname(sys.executable), "mcnp")
+    helped = subprocess.run([mcnp, "run", "--help"], capture_output=True, text=True)
+    return ", ".join(f for f in ("--cni-socket", "--state-dir", "--bpf-dir") if f not in helped.stdout)
+
+
+@privileged
+@_needs_mcnp_cni
+@pytest.mark.slow
+@CNIS
+def test_mcnp_mode_real_daemons_enforce_what_the_reference_expects(tmp_path, state_dir, cni):
+    """The whole path: real `mcnp run` daemons beside the CNI, real connections between
+    pods (one added while the daemons run), through a ClusterIP and from a node,
+    observed beside the reference evaluator's verdicts."""
+    from control.semantics.manifests import load_clusterset
+    from control.semantics.reference import ReferenceEvaluator
+
+    missing = _daemon_flags_missing()
+    if missing:
+        pytest.skip(f"`mcnp run` does not take {missing} yet (the node model's daemon flags)")
+    c1 = write_cluster(tmp_path / "c1", [("a", "n1", "198.18.0.1", WEB), ("b", "n1", "198.18.0.2", WEB), ("c", "n2", "198.18.1.3", WEB)])
+    c2 = write_cluster(tmp_path / "c2", [("b", "n1", "198.19.0.2", WEB)])
+    with open(os.path.join(c1, "policy.yaml"), "w") as f:
+        f.write(POLICY)
+    with open(os.path.join(c1, "service.yaml"), "w") as f:
+        f.write(SERVICE % "198.18.0.1")  # c1/x/a behind the ClusterIP: only pods labelled app=b get in
+    lines = []
+    assert testbed.up([("c1", c1), ("c2", c2)], mode="mcnp", cni=cni, prefix=PREFIX, state_dir=state_dir, log=lines.append) == 0, "\n".join(lines)
+    kubelet.add_pod("c1", "x", "b2", "198.18.1.9", "n2", [{"containerPort": 80}], labels={"app": "b"}, state_dir=state_dir)
+    state = testbed.load_state(state_dir)
+    cset, _ = load_clusterset([("c1", c1), ("c2", c2)])
+    oracle = ReferenceEvaluator(cset)
+    pods = sorted(cset.pods(), key=lambda p: p.ref)
+    cases = [(s, d, port, proto) for s in pods for d in pods if s.ref != d.ref for port, proto in ((80, "TCP"), (53, "UDP"))]
+    expected = [oracle.evaluate(s, d, port, proto).allowed for s, d, port, proto in cases]
+    assert any(expected) and not all(expected)  # the policy matters for some pairs only
+    pod_probes = probe.on_testbed(state, [(s.ref, d.ref, port, proto) for s, d, port, proto in cases])
+    observed = probe.probe_many(pod_probes)
+    assert {(s.ref, d.ref, proto): o for (s, d, _, proto), o in zip(cases, observed)} == \
+        {(s.ref, d.ref, proto): e for (s, d, _, proto), e in zip(cases, expected)}
+    extra = probe.on_testbed(state, [("c1/x/b2", "198.19.254.10", 8080, "TCP"), ("c1/x/c", "198.19.254.10", 8080, "TCP"),
+                                     ("c1/n1", "c1/x/a", 80, "TCP")])
+    assert probe.probe_many(extra) == [True, False, True]  # S11 judged on the backend; S10 for the node
