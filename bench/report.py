@@ -420,6 +420,16 @@ def control_section(benches: list[dict], charts: dict) -> list[str]:
     return out[:2] + (["![event to enforcement](img/bench-control.svg)", ""] if rows else []) + out[2:]
 
 
+def _scaled(value, factor: float):
+    """A number (or the sum of a list of numbers) times ``factor``; anything else is
+    returned as it is, for ``measurement`` to reject."""
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        value = sum(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value * factor
+    return value
+
+
 def forward_rows(rounds: list[dict], baseline: str = "bridge") -> list[dict]:
     """bench_forward.py's UDP runs as throughput rows, each round against the mean of
     its own ``baseline`` runs."""
@@ -429,10 +439,12 @@ def forward_rows(rounds: list[dict], baseline: str = "bridge") -> list[dict]:
         for name, runs in r.get("udp", {}).items():
             runs = runs if isinstance(runs, list) else [runs]
             where = f"bench_forward round {i + 1} {name}"
+            if not runs or not all(isinstance(x, dict) for x in runs):
+                raise ReportError(f"{where}: expected one run or a list of runs (objects)")
             measured[name] = _mean_of([measurement(
-                {"received": x["mpps"] * 1e6 if "mpps" in x else None, "offered": x["offered_mpps"] * 1e6 if "offered_mpps" in x else None,
+                {"received": _scaled(x.get("mpps"), 1e6), "offered": _scaled(x.get("offered_mpps"), 1e6),
                  # cpu_busy holds per-CPU busy fractions: their sum is busy CPU-seconds per second
-                 "cpu_s": sum(x["cpu_busy"]) if "cpu_busy" in x else None, "seconds": 1.0}, where, "pps") for x in runs])
+                 "cpu_s": _scaled(x.get("cpu_busy"), 1.0), "seconds": 1.0}, where, "pps") for x in runs])
         base = measured.get(baseline)
         for name, m in measured.items():
             rows.append({"round": i + 1, "configuration": name, **throughput_cells(m, "pps"),

@@ -158,6 +158,9 @@ def test_forwarding_rounds_show_cpu_offered_and_drops_against_the_bridge(tmp_pat
     assert "| 1 | mcnp_10 | 500k | 2M | 1.5M | 75 | 1.8 | 278k | 1 | 0.556 |" in text
     assert "| 1 |  | 0.1 | 0.3 | 11 | 2 |" in text  # round trips and TCP, bridge runs averaged
     assert "bench-forward.svg" in charts
+    rounds[0]["udp"]["mcnp_10"]["cpu_busy"] = ["0.9"]
+    with pytest.raises(report.ReportError, match="bench_forward round 1 mcnp_10: field 'cpu_s'"):
+        report.render(data, str(tmp_path / "r.json"))
     del rounds[0]["udp"]["mcnp_10"]["mpps"]
     with pytest.raises(report.ReportError, match="bench_forward round 1 mcnp_10: field 'received'"):
         report.render(data, str(tmp_path / "r.json"))
