@@ -5,9 +5,13 @@ backend ``api`` of production cluster ``east`` admits the frontend of cluster ``
 (story 1), and the ``dev`` namespace of ``west`` may reach production only at that api
 (story 2). The demo builds the testbed, probes every ordered pair of pods with real TCP
 and UDP connections, prints what it observed beside what ``mcnp matrix`` expects, shows
-per-policy counters from each daemon's REST endpoint, then changes a policy in a
-watched directory and shows the matrix change in the dataplane. It tears everything
-down on every exit path and exits 0 only when observation and expectation agree.
+per-policy counters from each daemon's REST endpoint. While the daemons run it adds a
+pod as a kubelet would (CNI ADD through the node's conflist, ``mcnp-cni`` last) and
+probes again, connects through the ClusterIP of east's ``shop/api`` Service (judged on
+the backend it lands on, rule S11), then changes a policy in a watched directory and
+shows the matrix change in the dataplane. It runs on the routed (ptp) CNI, tears
+everything down on every exit path and exits 0 only when observation and expectation
+agree.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import tempfile
 import time
 from importlib import resources
 
+from control.lab.state import TestbedError
 from control.semantics.manifests import load_clusterset
 from control.semantics.model import ClusterSet, Pod
 
@@ -28,6 +33,13 @@ CLUSTERS = ("east", "west")
 #: The services every pair is probed on (port, protocol).
 SERVICES = ((80, "TCP"), (53, "UDP"), (5432, "TCP"))
 CHANGE_WAIT_S = 20.0
+#: The pod added while the daemons run: a second web frontend of west, on the node that
+#: has none yet.
+LATE_POD = {"cluster": "west", "namespace": "shop", "name": "web-2", "ip": "198.18.2.30", "node": "west-2",
+            "labels": {"app": "web"}, "container_ports": [{"name": "http", "containerPort": 80, "protocol": "TCP"},
+                                                          {"name": "dns", "containerPort": 53, "protocol": "UDP"}]}
+#: east's Service (examples/demo/east/services.yaml): ClusterIP, port, backend pod.
+SERVICE = ("198.19.254.10", 80, "east/shop/api")
 
 
 def _example_dir() -> str:
@@ -164,6 +176,71 @@ def changes(before: dict, after: dict) -> list[str]:
             for k in sorted(before) if k in after and before[k] != after[k] for s, d, svc in [k]]
 
 
+def add_late_pod(screen: Screen, state: dict) -> None:
+    """Add ``LATE_POD`` as a kubelet would, then wait until every daemon compiled it in."""
+    from control.lab import kubelet
+
+    p = LATE_POD
+    screen.step(f"adding pod {p['cluster']}/{p['namespace']}/{p['name']} ({p['ip']}) on node {p['node']} while the daemons run")
+    before = revisions(state)
+    t0 = time.monotonic()
+    kubelet.add_pod(p["cluster"], p["namespace"], p["name"], p["ip"], p["node"], p["container_ports"], p["labels"])
+    screen.step(f"  CNI ADD (ptp, static IPAM, mcnp-cni) returned in {time.monotonic() - t0:.2f} s; status.podIP written")
+    if not wait_for_revision(state, before, CHANGE_WAIT_S):
+        screen.step(f"  the daemons did not pick the pod up within {CHANGE_WAIT_S:.0f}s")
+
+
+def through_service(screen: Screen, cset: ClusterSet, state: dict) -> int:
+    """Connect through the Service's ClusterIP from the backend's cluster mates; each is
+    judged as a connection to the backend (rule S11). Returns the disagreements."""
+    from control.lab.probe import on_testbed, probe_many
+
+    cip, port, backend = SERVICE
+    cluster = backend.split("/")[0]
+    pods = sorted((p for p in cset.pods() if p.can_take_part), key=lambda p: p.ref)
+    sources = [p for p in pods if p.ref.startswith(cluster + "/") and p.ref != backend]
+    want = expected(cset, pods, port, "TCP")
+    seen = probe_many(on_testbed(state, [(s.ref, cip, port, "TCP") for s in sources]))
+    lines, wrong = [], 0
+    for src, ok in zip(sources, seen):
+        exp = want[(src.ref, backend)]
+        wrong += ok != exp
+        word = {True: "allowed", False: "denied"}
+        lines.append(f"  {src.ref} -> {cip}:{port} (kube-proxy: {backend}): observed {word[ok]}, expected {word[exp]}{'' if ok == exp else '  !'}")
+    screen.block("connections through the Service:\n" + "\n".join(lines) + "\n")
+    return wrong
+
+
+def scenario(screen: Screen, specs: list, src: str, workdir: str) -> int:
+    """Everything after the testbed is up; returns the number of disagreements."""
+    from control.lab import testbed
+
+    state = testbed.load_state()
+    cset, _ = load_clusterset(specs)
+    wrong, seen_before = run_round(screen, "before the change", cset, state)
+    lines = policy_counters(state)
+    screen.block("connections admitted per policy (all nodes, from /metrics):\n" + ("\n".join(lines) if lines else "  (none reported)") + "\n")
+
+    add_late_pod(screen, state)
+    state = testbed.load_state()
+    cset, _ = load_clusterset(specs)
+    bad, seen_before = run_round(screen, "with the added pod", cset, state)
+    wrong += bad + through_service(screen, cset, state)
+
+    screen.step("live change: east/shop/api-from-frontends no longer admits namespace dev of west")
+    before = revisions(state)
+    _replace_policy(os.path.join(workdir, "east", "policies.yaml"), os.path.join(src, "change", "api-from-frontends.yaml"))
+    if not wait_for_revision(state, before, CHANGE_WAIT_S):
+        screen.step(f"the daemons did not pick up the change within {CHANGE_WAIT_S:.0f}s")
+        wrong += 1
+    cset, _ = load_clusterset(specs)
+    bad, seen_after = run_round(screen, "after the change", cset, state)
+    wrong += bad
+    diff = changes(seen_before, seen_after)
+    screen.block("what the change did in the dataplane:\n" + ("\n".join(diff) if diff else "  (nothing changed)") + "\n")
+    return wrong
+
+
 def main(args) -> int:
     from control.lab import testbed
 
@@ -174,7 +251,6 @@ def main(args) -> int:
     workdir = tempfile.mkdtemp(prefix="mcnp-demo-")
     # SIGTERM unwinds like Ctrl-C, so teardown always runs.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    wrong = 0
     try:
         src = _example_dir()
         specs = []
@@ -182,33 +258,18 @@ def main(args) -> int:
             shutil.copytree(os.path.join(src, name), os.path.join(workdir, name))
             specs.append((name, os.path.join(workdir, name)))
         cset, _ = load_clusterset(specs)
-        screen.step(f"building the testbed: {sum(1 for _ in cset.pods())} pods in clusters {', '.join(CLUSTERS)}, a daemon per node")
-        code = testbed.up(specs, mode="mcnp", json_out=False, log=lambda m: screen.step(f"  {m}"))
+        screen.step(f"building the testbed: {sum(1 for _ in cset.pods())} pods in clusters {', '.join(CLUSTERS)}, "
+                    "the ptp CNI on every node, a daemon per node")
+        code = testbed.up(specs, mode="mcnp", cni="ptp", json_out=False, log=lambda m: screen.step(f"  {m}"))
         if code != 0:
             screen.step("testbed failed to come up")
             return code or 1
-        state = testbed.load_state()
-        bad, seen_before = run_round(screen, "before the change", cset, state)
-        wrong += bad
-
-        lines = policy_counters(state)
-        screen.block("connections admitted per policy (all nodes, from /metrics):\n" + ("\n".join(lines) if lines else "  (none reported)") + "\n")
-
-        screen.step("live change: east/shop/api-from-frontends no longer admits namespace dev of west")
-        before = revisions(state)
-        change = os.path.join(src, "change", "api-from-frontends.yaml")
-        target = os.path.join(workdir, "east", "policies.yaml")
-        _replace_policy(target, change)
-        if not wait_for_revision(state, before, CHANGE_WAIT_S):
-            screen.step(f"the daemons did not pick up the change within {CHANGE_WAIT_S:.0f}s")
-            wrong += 1
-        cset, _ = load_clusterset(specs)
-        bad, seen_after = run_round(screen, "after the change", cset, state)
-        wrong += bad
-        diff = changes(seen_before, seen_after)
-        screen.block("what the change did in the dataplane:\n" + ("\n".join(diff) if diff else "  (nothing changed)") + "\n")
+        wrong = scenario(screen, specs, src, workdir)
         screen.step("PASS: the dataplane enforced exactly what mcnp matrix expects" if wrong == 0 else f"FAIL: {wrong} disagreements")
         return 0 if wrong == 0 else 1
+    except (TestbedError, OSError) as e:  # a lab failure: say what, then tear down
+        screen.step(f"FAIL: {e}")
+        return 1
     except KeyboardInterrupt:
         screen.step("interrupted")
         return 130
