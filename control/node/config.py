@@ -150,6 +150,10 @@ class Settings:
     #: With inotify, how often a directory is checked anyway, seconds (a safety net for
     #: changes inotify cannot see, e.g. on network filesystems).
     dir_rescan_interval: float = 1.0
+    #: How long a changed manifest file's size, mtime and inode must stay the same
+    #: before it is read, seconds (with inotify, counted from its close or rename): a
+    #: file still being written never takes effect half-written.
+    dir_settle_interval: float = 0.1
     #: Changes arriving within this many seconds are folded into one recompile.
     coalesce_delay: float = 0.005
     #: Server-side timeout of one watch request, seconds (the watch is then resumed).
@@ -278,7 +282,7 @@ class Settings:
                 parse_listen(self.metrics_listen)
             except ValueError as e:
                 out.append(f"--metrics-listen: {e}")
-            if self.metrics_listen == self.api_listen:
+            if self.metrics_listen == self.api_listen and not self.api_listen.endswith(":0"):
                 out.append("--metrics-listen: the same address as --api-listen")
         if self.log_format not in ("text", "json"):
             out.append(f"--log-format: {self.log_format!r} is not text or json")
@@ -289,8 +293,9 @@ class Settings:
         for name in ("dir_poll_interval", "dir_rescan_interval", "backoff_initial", "backoff_max"):
             if getattr(self, name) <= 0:
                 out.append(f"{name.replace('_', '-')}: must be positive")
-        if self.coalesce_delay < 0:
-            out.append("coalesce-delay: must not be negative")
+        for name in ("coalesce_delay", "dir_settle_interval"):
+            if getattr(self, name) < 0:
+                out.append(f"{name.replace('_', '-')}: must not be negative")
         if self.watch_timeout <= 0:
             out.append("watch-timeout: must be positive")
         return out
@@ -341,7 +346,8 @@ def _convert(key: str, value: Any) -> Any:
         return out
     if key == "stale_after":
         return None if value in (None, "", "never") else parse_duration(value)
-    if key in ("dir_poll_interval", "dir_rescan_interval", "coalesce_delay", "backoff_initial", "backoff_max"):
+    if key in ("dir_poll_interval", "dir_rescan_interval", "dir_settle_interval", "coalesce_delay",
+               "backoff_initial", "backoff_max"):
         return parse_duration(value)
     if key in ("watch_timeout", "list_page_size"):
         if isinstance(value, bool) or not isinstance(value, int):
