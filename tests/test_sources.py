@@ -25,7 +25,7 @@ from .fake_apiserver import TOKEN, FakeApiServer
 def dir_source(path: str) -> tuple[DirSource, Store]:
     store = Store()
     sink = store.add_cluster("c1")
-    return DirSource(ClusterSource("c1", "dir", path), sink, 0.05), store
+    return DirSource(ClusterSource("c1", "dir", path), sink, 0.05, settle=0), store
 
 
 def test_dir_poll_reports_only_real_changes(tmp_path):
@@ -176,6 +176,105 @@ def test_without_inotify_the_directory_is_polled(tmp_path):
             write_yaml(str(tmp_path / "a.yaml"), yaml.safe_dump(make_pod("x", "a", "198.18.0.1")))
             await until(lambda: ("x", "a") in sink.pods)
             assert not source.watched and source.wakeups["inotify"] == 0 and source.wakeups["timer"] >= 1
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+def test_a_file_rewritten_in_place_never_takes_effect_half_written(tmp_path):
+    """The first document written, a pause, then the rest: during the pause the file's
+    previous contents stay in force (the rescan safety net included), and the new ones
+    apply once the file is closed and has settled."""
+    d = tmp_path / "m"
+    d.mkdir()
+    write_yaml(str(d / "base.yaml"), yaml.safe_dump_all([make_namespace("x"), make_pod("x", "a", "198.18.0.1")]))
+    write_yaml(str(d / "p.yaml"), yaml.safe_dump_all([make_pod("x", "b", "198.18.0.2"), make_policy("x", "deny", {}, ingress=[])]))
+    store = Store()
+    sink = store.add_cluster("c1")
+    source = DirSource(ClusterSource("c1", "dir", str(d)), sink, interval=0.05, rescan=0.1)
+
+    async def main():
+        task = asyncio.create_task(source.run())
+        try:
+            await until(lambda: ("x", "deny") in sink.policies)
+            with open(d / "p.yaml", "w") as f:  # truncated, written in place
+                f.write(yaml.safe_dump(make_pod("x", "b2", "198.18.0.3")) + "---\n")
+                f.flush()
+                for _ in range(24):  # 1.2 s: many rescans and settle intervals
+                    await asyncio.sleep(0.05)
+                    assert ("x", "deny") in sink.policies and ("x", "b2") not in sink.pods
+                assert source.unsettled == [str(d / "p.yaml")]
+                f.write(yaml.safe_dump(make_policy("x", "deny", {}, ingress=[])))
+            await until(lambda: ("x", "b2") in sink.pods)
+            assert ("x", "deny") in sink.policies and ("x", "b") not in sink.pods and source.unsettled == []
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+class StepClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_without_inotify_a_changing_file_is_read_only_once_settled(tmp_path):
+    path = tmp_path / "p.yaml"
+    clock = StepClock()
+    store = Store()
+    source = DirSource(ClusterSource("c1", "dir", str(tmp_path)), store.add_cluster("c1"), watch=False,
+                       settle=0.5, clock=clock)
+    path.write_text(yaml.safe_dump_all([make_namespace("x"), make_policy("x", "deny", {}, ingress=[])]))
+    assert source.poll() is None  # not settled yet: the first list waits for it
+    clock.now += 0.6
+    assert [obj["metadata"]["name"] for _, obj in source.poll()] == ["x", "deny"]
+    path.write_text(yaml.safe_dump(make_namespace("x")))  # shrunk: half written
+    clock.now += 0.1
+    assert source.poll() is None and source.unsettled == [str(path)]
+    clock.now += 0.3
+    path.write_text(yaml.safe_dump(make_namespace("x")) + "---\nkind: NetworkPolicy\nmetadata: {name: de")
+    clock.now += 0.3  # 0.7 s since the first change, 0.3 s since the last
+    assert source.poll() is None and source.file_errors == {}
+    path.write_text(yaml.safe_dump_all([make_namespace("x"), make_policy("x", "deny2", {}, ingress=[])]))
+    clock.now += 0.1
+    assert source.poll() is None
+    clock.now += 0.5
+    assert [obj["metadata"]["name"] for _, obj in source.poll()] == ["x", "deny2"]
+
+
+def test_a_crashing_directory_source_is_reported_and_restarted(tmp_path):
+    write_yaml(str(tmp_path / "ns.yaml"), yaml.safe_dump(make_namespace("x")))
+    store = Store()
+    sink = store.add_cluster("c1")
+    source = DirSource(ClusterSource("c1", "dir", str(tmp_path)), sink, interval=0.02, rescan=0.05,
+                       backoff=Backoff(0.3, 0.3))
+    real_poll, failures = source.poll, []
+
+    def poll(writing=frozenset()):
+        if failures:
+            raise failures.pop()
+        return real_poll(writing)
+
+    source.poll = poll
+
+    async def main():
+        task = asyncio.create_task(source.run())
+        try:
+            await until(lambda: sink.status.ready)
+            failures.append(MemoryError("expanding a file"))
+            await until(lambda: sink.status.source_failure is not None)
+            assert "MemoryError: expanding a file" in sink.status.last_error
+            assert store.not_ready == ["c1"] and ("x" in sink.namespaces)
+            await until(lambda: sink.status.ready)
+            assert sink.status.source_restarts == 1 and not task.done()
+            write_yaml(str(tmp_path / "pod.yaml"), yaml.safe_dump(make_pod("x", "a", "198.18.0.1")))
+            await until(lambda: ("x", "a") in sink.pods)
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -398,3 +497,57 @@ def test_unreadable_kubeconfig_is_reported_by_name(tmp_path):
         assert "missing.kubeconfig" in sink.status.last_error and not sink.status.ready
 
     asyncio.run(main())
+
+
+def test_a_crashing_kube_source_is_reported_and_restarted(tmp_path):
+    server = FakeApiServer()
+    seed(server)
+
+    async def main():
+        async with kube(tmp_path, server) as (source, sink):
+            await until(lambda: sink.status.ready and server.open_watches == 3)
+            real = source._event
+
+            def event(kind, ev, rv):
+                if (ev.get("object") or {}).get("metadata", {}).get("name") == "poison":
+                    raise KeyError("unexpected shape")
+                return real(kind, ev, rv)
+
+            source._event = event
+            server.apply(make_pod("x", "poison", "198.18.2.90"))
+            await until(lambda: sink.status.source_failure is not None)
+            assert "KeyError" in sink.status.last_error and not sink.status.ready
+            source._event = real
+            relists = source.relists["Pod"]
+            await until(lambda: sink.status.ready and ("x", "poison") in sink.pods)
+            assert source.relists["Pod"] > relists and sink.status.source_restarts == 1
+
+    asyncio.run(main())
+
+
+def test_a_password_in_a_malformed_server_url_is_never_shown(tmp_path, caplog):
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "k", "cluster": {"server": "https://admin:hunter2@198.18.0.1:port/"}}],
+        "users": [{"name": "u", "user": {"token": "tok-secret-1"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+    }))
+    store = Store()
+    sink = store.add_cluster("c3")
+    source = KubeSource(ClusterSource("c3", "kubeconfig", str(path)), sink, kube_settings())
+
+    async def main():
+        task = asyncio.create_task(source.run())
+        try:
+            await until(lambda: sink.status.last_error is not None)
+            await asyncio.sleep(0.1)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    with caplog.at_level(logging.DEBUG):
+        asyncio.run(main())
+    shown = caplog.text + str(sink.status.last_error)
+    assert "hunter2" not in shown and "tok-secret-1" not in shown
+    assert "***@198.18.0.1" in shown
