@@ -263,6 +263,10 @@ def test_every_pod_reaches_every_pod_node_and_service(clusters, state_dir, capsy
     assert all(set(n) == {"netns", "cni_conf_dir", "cni_bin_dir", "pod_prefix_len", "cni_args", "api"} and n["api"] is None
                for n in nodes.values())
     assert len(os.listdir(nodes["c1/n1"]["cni_conf_dir"])) == 1
+    # What kubeadm demands of a node: forwarding, and bridged frames through iptables.
+    sysctl = subprocess.run(["ip", "netns", "exec", nodes["c1/n1"]["netns"], "sysctl", "-n", "net.ipv4.ip_forward",
+                             "net.bridge.bridge-nf-call-iptables"], capture_output=True, text=True, check=True).stdout.split()
+    assert sysctl == ["1", "1"]
 
     # eth0 from the CNI: the pod's address with the node's prefix length, checksum offload left alone.
     addr = json.loads(subprocess.run(["ip", "-n", pods["c1/x/c"]["netns"], "-j", "addr", "show", "dev", "eth0"],
