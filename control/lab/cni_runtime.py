@@ -25,7 +25,7 @@ import os
 import subprocess
 from typing import Mapping, Optional
 
-from control.lab.layout import CNI_VERSION, PLUGIN_TIMEOUT
+from control.lab.layout import PLUGIN_TIMEOUT
 from control.lab.net import NETNS_DIR, NetError, popen_in
 
 logger = logging.getLogger(__name__)

@@ -303,7 +303,7 @@ def _start_daemons(state: dict, timeout: float, command: DaemonCommand) -> None:
 # --------------------------------------------------------------------------- up
 
 
-def _build(state: dict, ready_timeout: float, daemon_command: DaemonCommand, log: Callable[[str], None]) -> None:
+def _build(state: dict, ready_timeout: float, daemon_command: DaemonCommand) -> None:
     """Everything ``up`` makes, in order; the state is saved after every step."""
     _build_nodes(state)
     _write_cni(state)
@@ -355,7 +355,7 @@ def up(cluster_specs: list[tuple[Optional[str], str]], mode: str = "mcnp", json_
     with st.locked(state_dir):
         st.save(state)
         try:
-            _build(state, ready_timeout, daemon_command, log)
+            _build(state, ready_timeout, daemon_command)
         except (TestbedError, NetError, OSError) as e:
             log(f"mcnp testbed: {e}")
             log("mcnp testbed: removing what was made")
