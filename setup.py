@@ -1,7 +1,7 @@
 """Build of mcnp's native parts.
 
 Everything declarative lives in pyproject.toml; this file only declares the cffi
-modules (API mode, one builder module per extension under csrc/) and compiles the
+modules (API mode, declared in csrc/build.py) and compiles the
 XDP program with clang and the mcnp-cni plugin with the C compiler as part of
 ``build_ext``, so one ``pip install`` builds
 everything the dataplane loads.
@@ -17,23 +17,14 @@ from setuptools.command.build_py import build_py
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # (source under csrc/, object placed in the fastpath package)
-BPF_OBJECTS = [("csrc/xdp_redirect.bpf.c", "fastpath/xdp_redirect.bpf.o")]
+BPF_OBJECTS = [("csrc/xdp_filter.bpf.c", "fastpath/xdp_filter.bpf.o")]
 
 # The chained CNI plugin: a standalone executable the DaemonSet copies to the host, so
 # it ships as package data of control.node (source under csrc/, executable).
 CNI_PLUGIN = ("csrc/mcnp_cni.c", "control/node/mcnp-cni")
 
-# Each builder module exposes ``ffibuilder`` and calls set_source once.
-CFFI_MODULES = [
-    path
-    for path in (
-        "csrc/build_xsk.py:ffibuilder",
-        "csrc/build_match.py:ffibuilder",
-        "csrc/build_ct.py:ffibuilder",
-        "csrc/build_trafgen.py:ffibuilder",
-    )
-    if os.path.exists(os.path.join(HERE, path.split(":")[0]))
-]
+# One builder module, csrc/build.py, declares every cffi module.
+CFFI_MODULES = ["csrc/build.py:dataplane", "csrc/build.py:matcher", "csrc/build.py:trafgen"]
 
 
 def compile_bpf(src: str, dst: str) -> None:

@@ -7,7 +7,7 @@
  * status naming the first defect, never a crash and never a read past its end.
  */
 #include <string.h>
-#include "mcnp_xsk.h"
+#include "mcnp_parse.h"
 
 #define ETH_HLEN 14
 #define ETH_P_IP 0x0800

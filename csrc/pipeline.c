@@ -1,324 +1,442 @@
-/* The packet loop's per-batch decisions in two C calls (see fastpath/loop.py).
+/* The packet loop's per-batch decisions (see mcnp_pipeline.h and
+ * docs/dataplane.md).
  *
- * Python used to walk a batch through ~40 numpy and cffi calls; at a few
- * microseconds each under load, a one-frame batch cost ~150 us, which was most
- * of the round trip mcnp added, and a full batch cost more than the frames'
- * own forwarding.  Here one pass per call does the per-frame work, and Python
- * keeps only what must stay in Python: the matcher (numpy, once per batch and
- * only when a frame needs a verdict) and the rare slow paths (inserting new
- * MACs, flooding copies).
- *
- *   classify: parse -> L2 sanity -> fail closed -> anti-spoofing -> MAC learn
- *             -> conntrack; gathers the frames that need a verdict
- *   (Python:  judge the gathered frames; insert new MACs)
- *   finish:   verdicts -> commit new flows, rule hits -> output port, hairpin
- *             -> L4 checksums -> per-port TX lists, floods, drops; counts
- *
- * Semantics are those of docs/dataplane.md, stage by stage; every frame ends
- * in exactly one of a TX list, the flood list or the drop list, and is
- * counted exactly once.
+ * Userspace sees only what the hooks could not decide: first packets, flows of
+ * an older tables revision, a pod's frames before its addresses are known, and
+ * frames the kernel does not parse (IPv6 extension headers).  One pass per
+ * call does the per-frame work; Python keeps only the matcher (numpy, once per
+ * batch) and Services.  Every frame ends in exactly one TX list or the drop
+ * list and is counted exactly once.
  */
 #include <string.h>
 
-#include "mcnp_xsk.h"
-#include "mcnp_ct.h"
+#include "mcnp_parse.h"
+#include "mcnp_rings.h"
+#include "mcnp_kernel.h"
+#include "mcnp_pipeline.h"
 
+#define P_TCP 6
+#define P_UDP 17
+#define P_ICMP 1
+#define P_ICMPV6 58
 #define P_SCTP 132
-#define MCAST_BIT (1ull << 40)
+#define TCP_SYN 0x02
+#define TCP_ACK 0x10
 
-static int bound_to(const struct mcnp_pipe *p, int port, const uint8_t *src)
+static int owns(const struct mcnp_hook_info *h, const uint8_t *addr)
 {
-    static const uint8_t empty[16] = {
-        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff };
-    const uint8_t *cell = p->bound + (size_t)port * p->max_ips * 16;
     uint32_t j;
-
-    for (j = 0; j < p->max_ips; j++, cell += 16)
-        if (memcmp(cell, empty, 16) != 0 && memcmp(cell, src, 16) == 0)
+    for (j = 0; j < h->n_ips && j < 4; j++)
+        if (memcmp(h->ips[j], addr, 16) == 0)
             return 1;
     return 0;
 }
 
-/* Index of mac in the sorted MAC table, or -1. */
-static int mac_find(const struct mcnp_pipe *p, uint64_t mac)
+static int is_v4(const uint8_t *a)
 {
-    uint32_t lo = 0, hi = p->mac_n;
+    static const uint8_t prefix[12] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff };
+    return memcmp(a, prefix, 12) == 0;
+}
 
+/* The pod address an ingress row is judged for: the destination when it is
+ * the pod's, else (broadcast, multicast, any other form: rule S12) the pod's
+ * first address of the same family. */
+static const uint8_t *pod_address(const struct mcnp_hook_info *h, const uint8_t *dst)
+{
+    uint32_t j;
+    if (owns(h, dst))
+        return dst;
+    for (j = 0; j < h->n_ips && j < 4; j++)
+        if (is_v4(h->ips[j]) == is_v4(dst))
+            return h->ips[j];
+    return dst;
+}
+
+static int is_echo(uint8_t proto, uint8_t type)
+{
+    return (proto == P_ICMP && (type == 8 || type == 0)) ||
+           (proto == P_ICMPV6 && (type == 128 || type == 129));
+}
+
+static int is_echo_request(uint8_t type) { return type == 8 || type == 128; }
+
+static uint8_t sctp_chunk(const struct mcnp_parsed *q, uint32_t i, const uint8_t *buf,
+                          uint64_t buf_len, uint64_t addr)
+{
+    if (q->proto[i] == P_SCTP && q->frag[i] == 0 && q->l4_len[i] >= 13) {
+        uint64_t at = addr + q->l4_off[i] + 12;
+        if (at < buf_len)
+            return buf[at];
+    }
+    return 0;
+}
+
+/* The cache key of frame i as its hook's pod sees it (csrc/xdp_filter.bpf.c
+ * computes the same bytes). */
+static void flow_key(const struct mcnp_parsed *q, uint32_t i, const struct mcnp_hook_info *h,
+                     struct mcnp_flow_key *k)
+{
+    const uint8_t *src = q->src + 16 * (size_t)i, *dst = q->dst + 16 * (size_t)i;
+    int egress = h->role == MCNP_ROLE_EGRESS;
+    uint16_t sport = q->sport[i], dport = q->dport[i];
+    uint8_t proto = q->proto[i];
+
+    memset(k, 0, sizeof(*k));
+    if (q->frag[i] == 2) {
+        sport = dport = 0;
+    } else if (proto == P_ICMP || proto == P_ICMPV6) {
+        if (!is_echo(proto, q->icmp_type[i]))
+            sport = dport = (uint16_t)(q->icmp_type[i] << 8 | q->icmp_code[i]);
+        /* who asked: the sender of a request, the receiver of a reply */
+        int asked_by_pod = is_echo_request(q->icmp_type[i]) ? egress : !egress;
+        if (is_echo(proto, q->icmp_type[i]))
+            k->initiator = asked_by_pod ? 0 : 1;
+    }
+    k->zone = h->zone;
+    k->proto = proto;
+    memcpy(k->pod_addr, egress ? src : dst, 16);
+    memcpy(k->peer_addr, egress ? dst : src, 16);
+    k->pod_port = egress ? sport : dport;
+    k->peer_port = egress ? dport : sport;
+}
+
+/* A cached flow this frame may use as it is (the hook let it through to us
+ * only because it raced the flow's installation). */
+static int usable(const struct mcnp_pipe *p, const struct mcnp_flow *f, const struct mcnp_parsed *q,
+                  uint32_t i, uint8_t chunk, int from_opener, uint64_t now_ns, int *reopen)
+{
+    uint8_t fl = q->tcp_flags[i];
+
+    *reopen = 0;
+    if (f->state >= MCNP_CTS_COUNT || now_ns - f->last_ns > p->timeout_ns[f->state])
+        return 0;
+    if (q->proto[i] == P_TCP && (fl & TCP_SYN) && !(fl & TCP_ACK) && from_opener &&
+        (f->state == MCNP_CTS_TCP_CLOSED || f->state == MCNP_CTS_TCP_CLOSING))
+        *reopen = 1;
+    if (q->proto[i] == P_SCTP && chunk == 1 && from_opener &&
+        (f->state == MCNP_CTS_SCTP_CLOSED || f->state == MCNP_CTS_SCTP_CLOSING))
+        *reopen = 1;
+    return !*reopen;
+}
+
+static int is_vip(const struct mcnp_pipe *p, const uint8_t *dst, uint8_t proto, uint16_t port)
+{
+    uint8_t key[20];
+    uint32_t lo = 0, hi = p->n_vips;
+
+    memcpy(key, dst, 16);
+    key[16] = proto;
+    key[17] = 0;
+    key[18] = (uint8_t)(port >> 8);
+    key[19] = (uint8_t)port;
     while (lo < hi) {
         uint32_t mid = lo + (hi - lo) / 2;
-        if (p->mac_keys[mid] < mac)
+        int c = memcmp(p->vips + 20 * (size_t)mid, key, 20);
+        if (c == 0)
+            return 1;
+        if (c < 0)
             lo = mid + 1;
         else
             hi = mid;
     }
-    return lo < p->mac_n && p->mac_keys[lo] == mac ? (int)lo : -1;
+    return 0;
 }
 
-/* The conntrack state input: TCP flags, ICMP type, or the first SCTP chunk type. */
-static uint8_t aux_of(const struct mcnp_parsed *q, uint32_t i, const uint8_t *buf,
-                      uint64_t buf_len, uint64_t addr)
+/* Gather row n_judge for frame i: the flow's opening direction as the matcher
+ * sees it.  opener_is_pod: the pod opened the flow (judged on its egress). */
+static void gather(struct mcnp_pipe *p, uint32_t i, const struct mcnp_flow_key *k,
+                   const struct mcnp_hook_info *h, int opener_is_pod, int recheck)
 {
-    uint8_t a = q->tcp_flags[i] | q->icmp_type[i];
+    uint32_t r = p->n_judge++;
+    const uint8_t *pod = pod_address(h, k->pod_addr);
 
-    if (q->proto[i] == P_SCTP && q->status[i] == MCNP_OK_IP && q->frag[i] == 0 &&
-        q->l4_len[i] >= 16) {
-        uint64_t at = addr + q->l4_off[i] + 12;
-        if (at < buf_len)
-            a = buf[at];
+    p->judge_idx[r] = i;
+    p->judge_proto[r] = k->proto;
+    p->judge_recheck[r] = (uint8_t)recheck;
+    if (opener_is_pod) {
+        memcpy(p->judge_src + 16 * (size_t)r, pod, 16);
+        memcpy(p->judge_dst + 16 * (size_t)r, k->peer_addr, 16);
+        p->judge_dport[r] = k->peer_port;
+        p->judge_kind[r] = is_vip(p, k->peer_addr, k->proto, k->peer_port) ? MCNP_J_SERVICE
+                                                                         : MCNP_J_EGRESS;
+    } else {
+        memcpy(p->judge_src + 16 * (size_t)r, k->peer_addr, 16);
+        memcpy(p->judge_dst + 16 * (size_t)r, pod, 16);
+        p->judge_dport[r] = k->pod_port;
+        p->judge_kind[r] = MCNP_J_BOTH;
     }
-    return a;
+}
+
+static void classify_one(struct mcnp_pipe *p, uint8_t *buf, uint64_t buf_len, uint64_t addr,
+                         uint32_t i, int16_t port, uint64_t now_ns)
+{
+    const struct mcnp_parsed *q = p->parsed;
+    const struct mcnp_hook_info *h;
+    uint8_t st = q->status[i], chunk;
+    int reopen, from_opener;
+
+    p->alive[i] = 0;
+    if (port < 0 || (uint32_t)port >= p->n_ports) {
+        p->reason[i] = MCNP_R_UNKNOWN_PORT;
+        return;
+    }
+    h = &p->hooks[port];
+    if (st >= MCNP_MALFORMED_MIN) {
+        p->reason[i] = p->start_reason[st];
+        return;
+    }
+    if (st == MCNP_NON_IP || st == MCNP_ND) {
+        p->reason[i] = MCNP_R_NON_IP; /* the hooks decide these; here only if malformed */
+        return;
+    }
+    if (p->revision == 0) {
+        p->reason[i] = MCNP_R_NO_TABLES;
+        return;
+    }
+    if (!h->ready) {
+        p->reason[i] = MCNP_R_POD_NOT_READY;
+        return;
+    }
+    if (h->role == MCNP_ROLE_EGRESS && !owns(h, q->src + 16 * (size_t)i)) {
+        p->reason[i] = MCNP_R_SPOOFED;
+        return;
+    }
+    flow_key(q, i, h, &p->keys[i]);
+    chunk = sctp_chunk(q, i, buf, buf_len, addr);
+    if (mcnp_flows_lookup(p->kernel, &p->keys[i], 1, &p->cached[i], &p->found[i]) < 0)
+        p->found[i] = 0;
+    if (p->found[i]) {
+        const struct mcnp_flow *f = &p->cached[i];
+        from_opener = f->opener == h->role;
+        if (usable(p, f, q, i, chunk, from_opener, now_ns, &reopen)) {
+            if (f->revision == p->revision) {
+                p->alive[i] = 1;
+                p->reason[i] = from_opener ? MCNP_R_ESTABLISHED : MCNP_R_REPLY;
+                return;
+            }
+            /* admitted under older tables: judge its opening direction again */
+            p->reason[i] = MCNP_R_RECHECKED;
+            gather(p, i, &p->keys[i], h, f->opener == MCNP_ROLE_EGRESS, 1);
+            return;
+        }
+    }
+    p->found[i] = 0;
+    p->reason[i] = MCNP_R_ALLOWED; /* provisional: the verdict decides */
+    gather(p, i, &p->keys[i], h, h->role == MCNP_ROLE_EGRESS, 0);
 }
 
 uint32_t mcnp_pipe_classify(struct mcnp_pipe *p, uint8_t *buf, uint64_t buf_len,
                             const uint64_t *addrs, const uint32_t *lens,
                             const int16_t *in_port, uint32_t n, uint64_t now_ns)
 {
-    const struct mcnp_parsed *q = p->parsed;
     uint32_t i;
 
     if (n > p->capacity)
         n = p->capacity;
-    mcnp_parse_batch(buf, buf_len, addrs, lens, n, q);
+    mcnp_parse_batch(buf, buf_len, addrs, lens, n, p->parsed);
     p->n_judge = 0;
-    p->n_learn = 0;
-    for (i = 0; i < n; i++) {
-        uint8_t st = q->status[i];
-        int16_t r = p->start_reason[st];
-        int alive = p->reason_pass[r];
-        int ip = st == MCNP_OK_IP || st == MCNP_FRAGMENT;
-        int port = in_port[i], m, judge = 0;
-
-        p->ct_result[i] = MCNP_CT_SKIPPED;
-        if (port < 0 || (uint32_t)port >= p->n_ports) {
-            /* a caller bug, not traffic: never index with it */
-            r = p->start_reason[MCNP_BAD_DESCRIPTOR];
-            alive = 0;
-        }
-        /* 2. a multicast source MAC is never legitimate */
-        if (alive && (q->eth_src[i] & MCAST_BIT)) {
-            r = MCNP_R_BAD_SRC_MAC;
-            alive = 0;
-        }
-        /* 3. fail closed before the first tables; anti-spoofing on pod ports */
-        if (alive && ip) {
-            if (!p->have_tables) {
-                r = MCNP_R_NO_TABLES;
-                alive = 0;
-            } else if (p->is_pod[port] && !bound_to(p, port, q->src + (size_t)i * 16)) {
-                r = MCNP_R_SPOOFED;
-                alive = 0;
-            }
-        }
-        /* 4. MAC learning: refresh known MACs; a pod's MAC does not move */
-        if (alive) {
-            m = mac_find(p, q->eth_src[i]);
-            if (m >= 0 && p->mac_ports[m] == port) {
-                p->mac_seen[m] = (int64_t)now_ns;
-            } else if (m >= 0 && p->is_pod[p->mac_ports[m]]) {
-                r = MCNP_R_MAC_CONFLICT;
-                alive = 0;
-            } else {
-                p->learn_idx[p->n_learn++] = i;
-            }
-        }
-        /* 5a. conntrack; what it does not know needs a verdict */
-        if (alive && ip) {
-            if (st == MCNP_OK_IP) {
-                uint8_t a = aux_of(q, i, buf, buf_len, addrs[i]);
-                uint8_t res = mcnp_ct_lookup_one(p->ct, q->src + (size_t)i * 16,
-                                                 q->dst + (size_t)i * 16, q->proto[i],
-                                                 q->sport[i], q->dport[i], a, lens[i], now_ns);
-                p->aux[i] = a;
-                p->ct_result[i] = res;
-                if (res == MCNP_CT_ORIG)
-                    r = MCNP_R_ESTABLISHED;
-                else if (res == MCNP_CT_REPLY)
-                    r = MCNP_R_REPLY;
-                else
-                    judge = 1;
-            } else {
-                judge = 1;  /* non-first fragment: judged with port 0 */
-            }
-        }
-        if (judge) {
-            uint32_t k = p->n_judge++;
-            p->judge_idx[k] = i;
-            memcpy(p->judge_src + (size_t)k * 16, q->src + (size_t)i * 16, 16);
-            memcpy(p->judge_dst + (size_t)k * 16, q->dst + (size_t)i * 16, 16);
-            p->judge_proto[k] = q->proto[i];
-            p->judge_dport[k] = q->dport[i];
-        }
-        p->reason[i] = r;
-        p->alive[i] = (uint8_t)alive;
-    }
+    for (i = 0; i < n; i++)
+        classify_one(p, buf, buf_len, addrs[i], i, in_port[i], now_ns);
     return p->n_judge;
 }
 
-static inline void rule_hit(struct mcnp_pipe *p, int32_t rule)
+static uint8_t opening_state(uint8_t proto, int frag)
 {
-    if (rule >= 0)
-        p->rule_hits[(uint32_t)rule < p->max_rules ? (uint32_t)rule : p->max_rules]++;
+    if (frag == 2)
+        return MCNP_CTS_OTHER;
+    switch (proto) {
+    case P_TCP: return MCNP_CTS_TCP_OPENING;
+    case P_UDP: return MCNP_CTS_UDP;
+    case P_SCTP: return MCNP_CTS_SCTP_OPENING;
+    case P_ICMP:
+    case P_ICMPV6: return MCNP_CTS_ICMP;
+    default: return MCNP_CTS_OTHER;
+    }
+}
+
+static void log_verdict(struct mcnp_pipe *p, uint32_t r, const struct mcnp_hook_info *h,
+                        int allowed, uint8_t reason, int32_t eg, int32_t in, uint64_t now_ns)
+{
+    struct mcnp_verdict *v;
+    uint64_t seq;
+
+    if (!p->log || !p->log_size)
+        return;
+    seq = (*p->log_seq)++;
+    v = &p->log[seq & (p->log_size - 1)];
+    v->seq = seq;
+    v->time_ns = now_ns;
+    v->zone = h->zone;
+    memcpy(v->src, p->judge_src + 16 * (size_t)r, 16);
+    memcpy(v->dst, p->judge_dst + 16 * (size_t)r, 16);
+    v->sport = 0;
+    v->dport = p->judge_dport[r];
+    v->proto = p->judge_proto[r];
+    v->role = h->role;
+    v->allowed = (uint8_t)allowed;
+    v->reason = reason;
+    v->rule_egress = eg;
+    v->rule_ingress = in;
+    v->revision = p->revision;
+}
+
+static void count_rule(struct mcnp_pipe *p, int32_t rule)
+{
+    if (rule >= 0 && (uint32_t)rule < p->max_rules)
+        p->rule_hits[rule]++;
+}
+
+/* Apply row r's verdict to its frame; admitted flows are queued for the cache. */
+static void apply(struct mcnp_pipe *p, uint32_t r, const uint32_t *lens, const int16_t *in_port,
+                  uint64_t now_ns, int ok, int32_t eg, int32_t in, uint32_t *n_new,
+                  uint32_t *n_old)
+{
+    const struct mcnp_parsed *q = p->parsed;
+    uint32_t i = p->judge_idx[r];
+    const struct mcnp_hook_info *h = &p->hooks[in_port[i]];
+    int recheck = p->judge_recheck[r];
+
+    if (!ok) {
+        p->reason[i] = eg == -1 ? MCNP_R_DENIED_EGRESS : MCNP_R_DENIED_INGRESS;
+        if (recheck)
+            p->old_keys[(*n_old)++] = p->keys[i];
+        log_verdict(p, r, h, 0, (uint8_t)p->reason[i], eg, in, now_ns);
+        return;
+    }
+    p->alive[i] = 1;
+    struct mcnp_flow *f = &p->new_vals[*n_new];
+    p->new_keys[*n_new] = p->keys[i];
+    if (recheck) {
+        *f = p->cached[i];   /* keeps its state, counters and opener */
+    } else {
+        memset(f, 0, sizeof(*f));
+        f->created_ns = now_ns;
+        f->state = opening_state(q->proto[i], q->frag[i]);
+        f->opener = h->role;
+        f->packets[0] = 1;
+        f->bytes[0] = lens[i];
+        count_rule(p, eg);
+        count_rule(p, in);
+    }
+    f->last_ns = now_ns;
+    f->revision = p->revision;
+    f->rule_egress = eg;
+    f->rule_ingress = in;
+    (*n_new)++;
+    log_verdict(p, r, h, 1, (uint8_t)p->reason[i], eg, in, now_ns);
 }
 
 void mcnp_pipe_finish(struct mcnp_pipe *p, uint8_t *buf, uint64_t buf_len,
                       const uint64_t *addrs, const uint32_t *lens,
                       const int16_t *in_port, uint32_t n, uint64_t now_ns,
-                      const uint8_t *allowed, const int32_t *egress,
-                      const int32_t *ingress, uint32_t revision)
+                      const uint8_t *ok, const int32_t *egress, const int32_t *ingress)
 {
-    const struct mcnp_parsed *q = p->parsed;
-    uint32_t i, k, fix = 0;
+    uint32_t i, r, n_new = 0, n_old = 0;
+    int any_fix = 0;
 
     if (n > p->capacity)
         n = p->capacity;
-    /* 5b. verdicts of the judged frames; admitted new flows are recorded.
-     * Without verdicts (a caller that did not judge) they are dropped: the
-     * loop fails closed. */
-    for (k = 0; k < p->n_judge; k++) {
-        i = p->judge_idx[k];
-        if (!allowed || !egress || !ingress) {
-            p->reason[i] = MCNP_R_NO_TABLES;
-            p->alive[i] = 0;
+    for (r = 0; r < p->n_judge; r++) {
+        if (!ok) {
+            uint32_t fi = p->judge_idx[r];
+            p->reason[fi] = MCNP_R_NO_TABLES;
             continue;
         }
-        if (!allowed[k]) {
-            p->reason[i] = egress[k] == -1 ? MCNP_R_DENIED_EGRESS : MCNP_R_DENIED_INGRESS;
-            p->alive[i] = 0;
-            continue;
-        }
-        rule_hit(p, egress[k]);
-        rule_hit(p, ingress[k]);
-        if (p->ct_result[i] == MCNP_CT_NEW)
-            mcnp_ct_commit_one(p->ct, q->src + (size_t)i * 16, q->dst + (size_t)i * 16,
-                               q->proto[i], q->sport[i], q->dport[i], p->aux[i], lens[i],
-                               egress[k], ingress[k], revision, now_ns);
+        apply(p, r, lens, in_port, now_ns, ok[r], egress[r], ingress[r], &n_new, &n_old);
     }
     *p->gauge_judged += p->n_judge;
+    /* The cache first: a frame sent on must find its flow when it comes back. */
+    if (n_new && mcnp_flows_update(p->kernel, p->new_keys, p->new_vals, n_new) < 0) {
+        (*p->gauge_cache_errors)++;
+        for (r = 0; r < p->n_judge; r++) /* not recorded: not sent (it would loop) */
+            if (p->alive[p->judge_idx[r]]) {
+                p->alive[p->judge_idx[r]] = 0;
+                p->reason[p->judge_idx[r]] = MCNP_R_CACHE_ERROR;
+            }
+    }
+    if (n_old)
+        mcnp_flows_delete(p->kernel, p->old_keys, n_old);
+
     memset(p->tx_count, 0, sizeof(uint32_t) * p->n_ports);
-    p->n_flood = 0;
     p->n_drop = 0;
     for (i = 0; i < n; i++) {
-        int16_t r = p->reason[i];
-        int out = MCNP_FLOOD;
-
-        p->fix_mask[i] = 0;
-        if (p->alive[i]) {
-            /* 6. forwarding: group addresses and unknown MACs flood */
-            if (!(q->eth_dst[i] & MCAST_BIT)) {
-                int m = mac_find(p, q->eth_dst[i]);
-                if (m >= 0)
-                    out = p->mac_ports[m];
-            }
-            if (out == in_port[i]) {
-                r = MCNP_R_HAIRPIN;
-                p->alive[i] = 0;
-            } else if (out == MCNP_FLOOD && p->n_ports < 2) {
-                r = MCNP_R_NO_DESTINATION;
-                p->alive[i] = 0;
-            }
-        }
-        if (p->alive[i]) {
-            /* 7. checksums of what leaves (CHECKSUM_PARTIAL only, below) */
-            if (p->fix_checksums && q->status[i] == MCNP_OK_IP) {
-                p->fix_mask[i] = 1;
-                fix++;
-            }
-            /* 8. unicast per port; floods are copied by the caller */
-            if (out >= 0 && (uint32_t)out < p->n_ports) {
-                uint32_t c = p->tx_count[out]++;
-                p->tx_addrs[(size_t)out * p->capacity + c] = addrs[i];
-                p->tx_lens[(size_t)out * p->capacity + c] = lens[i];
-            } else {
-                p->flood_idx[p->n_flood++] = i;
-            }
-        } else {
-            /* 9. drops go back to the pool */
+        int16_t port = in_port[i];
+        int32_t peer = p->alive[i] ? p->hooks[port].peer : -1;
+        int pass = p->alive[i] && peer >= 0 && (uint32_t)peer < p->n_ports;
+        if (p->alive[i] && !pass)
+            p->reason[i] = MCNP_R_NO_PEER;
+        p->fix_mask[i] = (uint8_t)(pass && p->fix_checksums);
+        any_fix |= p->fix_mask[i];
+        p->verdicts[(pass ? 0 : p->n_reasons) + (uint32_t)p->reason[i]]++;
+        if (!pass) {
             p->drop_addrs[p->n_drop++] = addrs[i];
+            continue;
         }
-        p->reason[i] = r;
-        p->verdicts[p->reason_pass[r] ? (uint32_t)r : p->n_reasons + (uint32_t)r]++;
+        uint32_t c = p->tx_count[peer]++;
+        p->tx_addrs[(size_t)peer * p->capacity + c] = addrs[i];
+        p->tx_lens[(size_t)peer * p->capacity + c] = lens[i];
     }
-    if (fix)
-        mcnp_fix_l4_checksums(buf, buf_len, addrs, lens, n, q, p->fix_mask, 1);
+    if (any_fix)
+        mcnp_fix_l4_checksums(buf, buf_len, addrs, lens, n, p->parsed, p->fix_mask, 1);
     *p->gauge_batches += 1;
     *p->gauge_frames += n;
 }
 
-/* ---- the whole batch in one call ------------------------------------------ */
+/* ---- the whole batch over the rings ------------------------------------------ */
 
-static void ring_error(struct mcnp_rings *r, int rc, uint32_t port)
+uint32_t mcnp_pipe_receive(struct mcnp_pipe *p, struct mcnp_port **ports, uint64_t *addrs,
+                           uint32_t *lens, int16_t *in_port, uint32_t max, uint32_t start)
 {
-    r->error = rc;
-    r->error_port = (int32_t)port;
+    uint32_t got = 0, k;
+
+    if (max > p->capacity)
+        max = p->capacity;
+    for (k = 0; k < p->n_ports && got < max; k++) {
+        uint32_t port = (start + k) % p->n_ports, j;
+        int r;
+        if (!ports[port])
+            continue;
+        r = mcnp_port_rx(ports[port], addrs + got, lens + got, max - got);
+        if (r <= 0)
+            continue;
+        for (j = 0; j < (uint32_t)r; j++)
+            in_port[got + j] = (int16_t)port;
+        got += (uint32_t)r;
+    }
+    return got;
 }
 
-uint32_t mcnp_pipe_receive(struct mcnp_pipe *p, struct mcnp_rings *r)
+void mcnp_pipe_send(struct mcnp_pipe *p, struct mcnp_port **ports, struct mcnp_umem *umem)
 {
-    uint32_t n = 0, i, nfull = 0, share = r->batch / (r->n_ports ? r->n_ports : 1);
-    uint32_t full[64];
-    int got;
+    uint32_t port;
 
-    if (share == 0)
-        share = 1;
-    for (i = 0; i < r->n_ports; i++) {
-        uint32_t want = share < r->batch - n ? share : r->batch - n, j;
-        got = r->rx(r->ports[i], r->addrs + n, r->lens + n, want);
-        if (got < 0) {
-            ring_error(r, got, i);
+    for (port = 0; port < p->n_ports; port++) {
+        uint32_t c = p->tx_count[port];
+        if (!c)
             continue;
-        }
-        for (j = 0; j < (uint32_t)got; j++)
-            r->in_port[n + j] = (int16_t)i;
-        n += (uint32_t)got;
-        if ((uint32_t)got == want && want > 0 && nfull < 64)
-            full[nfull++] = i;
+        if (ports[port])
+            mcnp_port_tx(ports[port], p->tx_addrs + (size_t)port * p->capacity,
+                         p->tx_lens + (size_t)port * p->capacity, c);
+        else
+            mcnp_pool_free(umem, p->tx_addrs + (size_t)port * p->capacity, c);
     }
-    for (i = 0; i < nfull && n < r->batch; i++) {
-        uint32_t j;
-        got = r->rx(r->ports[full[i]], r->addrs + n, r->lens + n, r->batch - n);
-        if (got < 0) {
-            ring_error(r, got, full[i]);
-            continue;
-        }
-        for (j = 0; j < (uint32_t)got; j++)
-            r->in_port[n + j] = (int16_t)full[i];
-        n += (uint32_t)got;
-    }
-    return n;
+    if (p->n_drop)
+        mcnp_pool_free(umem, p->drop_addrs, p->n_drop);
+    p->n_drop = 0;
 }
 
-void mcnp_pipe_send(struct mcnp_pipe *p, struct mcnp_rings *r)
+int32_t mcnp_pipe_step(struct mcnp_pipe *p, struct mcnp_port **ports, struct mcnp_umem *umem,
+                       uint8_t *buf, uint64_t buf_len, uint64_t *addrs, uint32_t *lens,
+                       int16_t *in_port, uint32_t start, uint64_t now_ns, uint32_t *received)
 {
-    uint32_t q;
+    uint32_t n = mcnp_pipe_receive(p, ports, addrs, lens, in_port, p->capacity, start);
 
-    for (q = 0; q < p->n_ports && q < r->n_ports; q++) {
-        int rc;
-        if (!p->tx_count[q])
-            continue;
-        rc = r->tx(r->ports[q], p->tx_addrs + (size_t)q * p->capacity,
-                   p->tx_lens + (size_t)q * p->capacity, p->tx_count[q]);
-        if (rc < 0)
-            ring_error(r, rc, q);
-    }
-}
-
-int32_t mcnp_pipe_step(struct mcnp_pipe *p, struct mcnp_rings *r, uint8_t *buf,
-                       uint64_t buf_len, uint64_t now_ns)
-{
-    uint32_t n = mcnp_pipe_receive(p, r);
-
+    *received = n;
     if (n == 0)
         return 0;
-    mcnp_pipe_classify(p, buf, buf_len, r->addrs, r->lens, r->in_port, n, now_ns);
-    if (p->n_judge || p->n_learn)
-        return -(int32_t)n;
-    mcnp_pipe_finish(p, buf, buf_len, r->addrs, r->lens, r->in_port, n, now_ns,
-                     NULL, NULL, NULL, 0);
-    mcnp_pipe_send(p, r);
-    if (p->n_drop) {
-        r->free(r->umem, p->drop_addrs, p->n_drop);
-        p->n_drop = 0;
-    }
-    return (int32_t)n;
+    if (mcnp_pipe_classify(p, buf, buf_len, addrs, lens, in_port, n, now_ns) > 0)
+        return 1; /* rows to judge: the caller completes the batch */
+    mcnp_pipe_finish(p, buf, buf_len, addrs, lens, in_port, n, now_ns, NULL, NULL, NULL);
+    mcnp_pipe_send(p, ports, umem);
+    return 0;
 }

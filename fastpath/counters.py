@@ -26,19 +26,19 @@ VERDICT_NAMES = ("pass", "drop")
 #: Why a frame was passed or dropped.  Parser statuses >= MALFORMED_MIN are
 #: reasons too (frames dropped as malformed), under their parser names.
 REASONS = (
-    "l2",              # pass: non-IP frame (ARP, LLDP, ...), switched without policy
-    "nd",              # pass: IPv6 neighbour discovery / MLD, without policy
-    "established",     # pass: a tracked flow, original direction
-    "reply",           # pass: a tracked flow, reply direction
-    "allowed",         # pass: judged and admitted by the tables (new flow or untracked)
+    "established",     # pass: a cached flow that raced its own installation
+    "reply",           # pass: the same, reply direction
+    "allowed",         # pass: judged and admitted by the tables (a new flow)
+    "rechecked",       # pass: a flow of an older revision, admitted again
     "no_tables",       # drop: IP before the first tables were published (fail closed)
-    "spoofed",         # drop: source IP is not the pod's own on a pod port
-    "bad_src_mac",     # drop: multicast/broadcast source MAC
-    "mac_conflict",    # drop: source MAC belongs to another pod port
+    "pod_not_ready",   # drop: the pod's addresses are not in the tables yet (fail closed)
+    "spoofed",         # drop: the source IP is not the pod's own
     "denied_egress",   # drop: the source pod's egress policy denies it
     "denied_ingress",  # drop: the destination pod's ingress policy denies it
-    "hairpin",         # drop: destination MAC is behind the port the frame came in on
-    "no_destination",  # drop: flooding found no other port
+    "non_ip",          # drop: a non-IP frame the hooks did not decide (malformed ARP/ND)
+    "no_peer",         # drop: the other end of the pod's veth has no socket
+    "unknown_port",    # drop: a frame from a socket the loop does not know
+    "cache_error",     # drop: the flow cache refused the admitted flow (not sent: it would loop)
 ) + tuple(name for code, name in sorted(parse.STATUS_NAMES.items())
           if code >= parse.MALFORMED_MIN)
 REASON = {name: i for i, name in enumerate(REASONS)}
@@ -49,66 +49,69 @@ for _code, _name in parse.STATUS_NAMES.items():
         STATUS_REASON[_code] = REASON[_name]
 STATUS_REASON[parse.MALFORMED_MIN:][STATUS_REASON[parse.MALFORMED_MIN:] < 0] = REASON["truncated"]
 
-GAUGES = ("batches", "frames", "revision", "flows", "flood_copies", "rechecks",
-          "flows_cut", "rx_empty_polls", "heartbeat_ns", "judged",
-          "flood_copy_failures")
+GAUGES = ("batches", "frames", "revision", "flows", "rechecks", "flows_cut",
+          "rx_empty_polls", "heartbeat_ns", "judged", "cache_errors", "pods",
+          "recheck_ns", "expired")
 GAUGE = {name: i for i, name in enumerate(GAUGES)}
 
-DEFAULT_MAX_RULES = 65536
+#: Judged rows kept for observers (a ring; a power of two).
+LOG_SIZE = 4096
+VERDICT_LOG = np.dtype([("seq", "<u8"), ("time_ns", "<u8"), ("zone", "<u8"), ("src", "u1", 16),
+                        ("dst", "u1", 16), ("sport", "<u2"), ("dport", "<u2"), ("proto", "u1"),
+                        ("role", "u1"), ("allowed", "u1"), ("reason", "u1"),
+                        ("rule_egress", "<i4"), ("rule_ingress", "<i4"), ("revision", "<u4"),
+                        ("pad", "<u4")])
 
 
 class Counters:
-    """The loop's counters, over a private buffer or a shared one.
+    """The loop's counters and verdict log, over a private buffer or a shared one.
 
-    ``size_for(max_rules)`` says how many bytes a buffer needs.  The layout
-    is: verdicts int64[2, len(REASONS)], gauges int64[len(GAUGES)],
-    rule_hits int64[max_rules + 1] (the last cell counts rule ids beyond
-    ``max_rules``).
+    ``size_for()`` says how many bytes a buffer needs.  The layout is:
+    verdicts int64[2, len(REASONS)], gauges int64[len(GAUGES)], the log's next
+    sequence number, then the verdict log (``LOG_SIZE`` rows of
+    ``VERDICT_LOG``).  Rule hits live beside the tables they count
+    (:mod:`fastpath.shm`), so they always name the rule of their revision.
     """
 
-    def __init__(self, buffer=None, max_rules: int = DEFAULT_MAX_RULES):
-        self.max_rules = max_rules
+    def __init__(self, buffer=None):
         nv, ng = 2 * len(REASONS), len(GAUGES)
-        total = nv + ng + max_rules + 1
+        cells_n = nv + ng + 1
         if buffer is None:
-            cells = np.zeros(total, dtype=np.int64)
-        else:
-            cells = np.frombuffer(buffer, dtype=np.int64, count=total)
+            buffer = bytearray(self.size_for())
+        cells = np.frombuffer(buffer, dtype=np.int64, count=cells_n)
         self.cells = cells
         self.verdicts = cells[:nv].reshape(2, len(REASONS))
         self.verdict_cells = cells[:nv]  # flat view: pass reasons, then drop reasons
         self.gauges = cells[nv:nv + ng]
-        self.rule_hits = cells[nv + ng:]
+        self.log_seq = np.frombuffer(buffer, dtype=np.uint64, count=1, offset=8 * (nv + ng))
+        self.log = np.frombuffer(buffer, dtype=VERDICT_LOG, count=LOG_SIZE, offset=8 * cells_n)
 
     @staticmethod
-    def size_for(max_rules: int = DEFAULT_MAX_RULES) -> int:
-        return 8 * (2 * len(REASONS) + len(GAUGES) + max_rules + 1)
+    def size_for() -> int:
+        return 8 * (2 * len(REASONS) + len(GAUGES) + 1) + VERDICT_LOG.itemsize * LOG_SIZE
 
     def add(self, verdict: int, reason: str, count: int) -> None:
         if count:
             self.verdicts[verdict, REASON[reason]] += count
 
-    def add_rule_hits(self, rule_ids: np.ndarray) -> None:
-        """Count one hit per entry of ``rule_ids`` (negative ids are ignored)."""
-        ids = rule_ids[rule_ids >= 0]
-        if len(ids):
-            ids = np.minimum(ids, self.max_rules)
-            np.add.at(self.rule_hits, ids, 1)
-
     def total(self) -> int:
         return int(self.verdicts.sum())
 
-    def snapshot(self, rules: list | None = None, top: int = 100) -> dict:
-        """JSON-able view for ``/v1/stats``: non-zero verdict counters, gauges, rule hits."""
-        out = {
+    def recent(self, after_seq: int, limit: int) -> np.ndarray:
+        """Log rows with seq > after_seq (at most ``limit``, oldest first) still in the ring."""
+        end = int(self.log_seq[0])
+        start = max(after_seq + 1, end - LOG_SIZE + 1, 0)
+        start = max(start, end - limit)
+        if start >= end:
+            return self.log[:0].copy()
+        idx = np.arange(start, end) & (LOG_SIZE - 1)
+        rows = self.log[idx].copy()
+        return rows[rows["seq"] == np.arange(start, end)]  # skip rows overwritten meanwhile
+
+    def snapshot(self) -> dict:
+        """JSON-able view for ``/v1/stats``: non-zero verdict counters and gauges."""
+        return {
             "verdicts": {VERDICT_NAMES[v]: {REASONS[r]: int(c) for r, c in enumerate(row) if c}
                          for v, row in enumerate(self.verdicts)},
             **{name: int(self.gauges[i]) for name, i in GAUGE.items()},
         }
-        hits = np.nonzero(self.rule_hits)[0]
-        hits = hits[np.argsort(self.rule_hits[hits])[::-1]][:top]
-        out["rule_hits"] = [
-            {"rule": int(i), "hits": int(self.rule_hits[i]),
-             **({"name": rules[i]} if rules and i < len(rules) else {})}
-            for i in hits if i < self.max_rules]
-        return out

@@ -1,36 +1,30 @@
-"""The packet loop: receive a batch, decide every frame, transmit or drop.
+"""The packet loop: the frames the hooks hand to userspace, judged in batches.
 
-Stages, per batch (as in ``csrc/pipeline.c``, which does the per-frame work):
+mcnp filters beside the node's CNI (docs/architecture.md, "Node model"): every
+local pod has a hook on both ends of its veth, the node-side end (egress: what
+the pod sends) and the pod's eth0 (ingress: what it receives), each with an
+AF_XDP socket.  The hooks pass the flows userspace admitted, in the kernel;
+the loop sees the rest:
 
-1. parse the whole batch; malformed frames are dropped with the parser's
-   reason;
-2. L2 sanity: a multicast source MAC is dropped;
-3. fail closed before the first tables; anti-spoofing: an IP frame from a
-   pod port must carry its pod's address;
-4. MAC learning (a MAC held by a pod port does not move);
-5. policy for IP frames: conntrack classifies the batch, frames of known
-   flows pass, the rest are judged by ONE tables revision, and allowed new
-   flows are recorded;
-6. forwarding: MAC table lookup, hairpins dropped;
-7. L4 checksums of forwarded IP frames fixed (veth sends CHECKSUM_PARTIAL);
-8. unicast grouped per output port; broadcast/multicast/unknown flooded to
-   every other port (copies in fresh frames);
-9. dropped frames go back to the pool; every frame is counted exactly once
-   in ``counters.verdicts``.
+1. receive from every socket (one C call, fair start);
+2. classify (C): parse; fail closed before the first tables and for a pod whose
+   addresses are not known yet; anti-spoofing on the egress end; the flow
+   cache's word (a flow that raced its own installation passes, a flow of an
+   older revision is judged again in its opening direction);
+3. judge the gathered rows with ONE tables revision (the matcher, once per
+   batch; Services in Python);
+4. finish (C): write admitted flows to the cache in one batch, fix L4
+   checksums, and send each allowed frame into the *other* end of its pod's
+   veth, so it crosses the hook again, finds its flow and continues on the
+   path the CNI built; count every frame once;
+5. transmit (one ring call per socket) and free the drops.
 
-The per-frame work is C (``csrc/pipeline.c``): ``mcnp_pipe_classify``
-(stages 1-5a) and ``mcnp_pipe_finish`` (5b-9).  Between them Python does only
-what belongs in Python: the matcher (``judge``, numpy, once per batch and only
-when a frame needs a verdict) and inserting newly seen MACs into the switch's
-table.  Flooding copies stay in Python too; they are rare (ARP, unknown
-unicast).  Over AF_XDP, :meth:`Loop.step` is one C call (``mcnp_pipe_step``:
-receive, classify, finish, transmit, free the drops) for every batch that
-needs neither.
+A batch nobody needs to judge is one C call (``mcnp_pipe_step``).
 
-:class:`Pipeline` holds the decisions and works on any byte buffer with a
-frame pool (``copy``/``free``), so it runs unchanged over a UMEM or over a
-plain numpy buffer (:class:`BufferFrames`: fuzzing, tests, replay).
-:class:`Loop` adds the AF_XDP ports: poll, gather, process, transmit.
+:class:`Loop` owns the UMEM, the sockets and the pipeline; pods come and go
+with :meth:`Loop.add_pod` / :meth:`Loop.remove_pod` between batches.  The
+flow cache's upkeep (re-checking on new tables, expiry, listing) is
+:mod:`fastpath.flows`.
 """
 
 from __future__ import annotations
@@ -39,36 +33,33 @@ import logging
 import os
 import select
 import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from fastpath import parse
-from fastpath._ct import ffi, lib
-from fastpath.conntrack import ConnTrack
+from fastpath import kernel as K
+from fastpath._dp import ffi, lib
 from fastpath.counters import GAUGE, REASON, REASONS, STATUS_REASON, Counters
-from fastpath.switch import Switch
+from fastpath.match import DENIED, NOT_ENFORCED, judge
+from fastpath.netns import Namespace
+from fastpath.parse import ParsedBatch
+from fastpath.rings import Port, Umem
 
 logger = logging.getLogger(__name__)
 
-# Per parser status: the reason a frame starts with (provisional for IP).
-_START_REASON = STATUS_REASON.copy()
-_START_REASON[parse.NON_IP] = REASON["l2"]
-_START_REASON[parse.ND] = REASON["nd"]
-_START_REASON[parse.OK_IP] = REASON["allowed"]     # provisional, decided in stage 5
-_START_REASON[parse.FRAGMENT] = REASON["allowed"]
-_START_REASON[_START_REASON < 0] = REASON["truncated"]  # codes the parser never writes
-_PASS_REASON = np.array([r in ("l2", "nd", "established", "reply", "allowed") for r in REASONS],
-                        dtype=np.uint8)
+#: The packet loop's defaults, in one place (docs/dataplane.md).
+DEFAULTS = dict(batch=256, frames=8192, frame_size=4096, ring_size=512, fill=32,
+                spin_us=200, poll_ms=10, xdp_mode="generic")
+MAX_PORTS = lib.MCNP_XSKS_MAX
+J_EGRESS, J_BOTH, J_SERVICE = lib.MCNP_J_EGRESS, lib.MCNP_J_BOTH, lib.MCNP_J_SERVICE
 
 
 def _check_reason_codes() -> None:
     """The C pipeline names reasons by number: they must be counters.REASONS' order."""
-    for name in ("l2", "nd", "established", "reply", "allowed", "no_tables", "spoofed",
-                 "bad_src_mac", "mac_conflict", "denied_egress", "denied_ingress", "hairpin",
-                 "no_destination"):
+    for name in REASONS[:13]:
         if getattr(lib, "MCNP_R_" + name.upper()) != REASON[name]:
-            raise RuntimeError(f"csrc/mcnp_ct.h and fastpath/counters.py disagree on {name!r}")
+            raise RuntimeError(f"csrc/mcnp_pipeline.h and fastpath/counters.py disagree on {name!r}")
 
 
 _check_reason_codes()
@@ -78,442 +69,395 @@ def _ptr(ctype: str, arr: np.ndarray):
     return ffi.cast(ctype, arr.ctypes.data)
 
 
-class BufferFrames:
-    """A frame pool over a plain numpy buffer: what :class:`Pipeline` needs of a UMEM."""
-
-    def __init__(self, buf: np.ndarray, free_addrs, frame_size: int = 2048):
-        self.buf = buf
-        self.frame_size = frame_size
-        self._free = [int(a) for a in free_addrs]
-        self.freed: list[int] = []
-
-    def copy(self, addrs: np.ndarray, lens: np.ndarray) -> np.ndarray:
-        k = min(len(addrs), len(self._free))
-        out = np.array([self._free.pop() for _ in range(k)], dtype=np.uint64)
-        for dst, src, ln in zip(out.tolist(), addrs[:k].tolist(), lens[:k].tolist()):
-            self.buf[dst:dst + ln] = self.buf[src:src + ln]
-        return out
-
-    def free(self, addrs: np.ndarray) -> None:
-        self.freed.extend(int(a) for a in addrs)
+@dataclass
+class PodHooks:
+    """One attached pod: its sandbox, zone and the two sockets' port indices."""
+    sandbox: str
+    zone: int
+    egress: int
+    ingress: int
+    host_ifname: str
+    pod_ifname: str
+    netns: str
+    ips: list[str] = field(default_factory=list)
+    mac: bytes | None = None
 
 
-class _Arg:
-    """A cffi pointer to a caller's array, remade only when the array object changes
-    (the packet loop passes the same arrays every batch)."""
+class Services:
+    """Service addresses as the egress end sees them (rule S11), sorted for C.
 
-    __slots__ = ("obj", "ptr", "size")
+    ``defer`` VIPs send to pods of the local cluster only: the backend's
+    ingress end judges the source's egress there, after the node's NAT chose it
+    (every node of the cluster enforces its pods' egress). Other VIPs are judged
+    here against every endpoint address; the connection passes only if all
+    would (the backend kube-proxy picks is not known yet)."""
 
-    def __init__(self):
-        self.obj = None
-        self.ptr = ffi.NULL
-        self.size = 0
+    def __init__(self, entries: list[dict] | None = None):
+        self.by_key: dict[bytes, dict] = {}
+        for e in entries or ():
+            self.by_key[self.key(e["ip"], e["protocol"], e["port"])] = e
+        keys = sorted(self.by_key)
+        self.vips = np.frombuffer(b"".join(keys), dtype=np.uint8).copy() if keys else \
+            np.zeros(20, dtype=np.uint8)
+        self.n = len(keys)
 
-    def get(self, arr, ctype: str, dtype, what: str):
-        if arr is not self.obj:
-            if not isinstance(arr, np.ndarray) or arr.dtype != dtype or not arr.flags.c_contiguous:
-                raise TypeError(f"{what} must be a C-contiguous {np.dtype(dtype).name} array")
-            self.ptr = ffi.from_buffer(ctype, arr)
-            self.obj, self.size = arr, len(arr)
-        return self.ptr
+    @staticmethod
+    def key(ip: str, proto: int, port: int) -> bytes:
+        return K.addr16(ip) + bytes([proto, 0]) + int(port).to_bytes(2, "big")
 
 
 class Pipeline:
-    """Every decision of the packet loop, for one batch at a time.
+    """The C pipeline's state (struct mcnp_pipe) and the arrays it points at."""
 
-    ``judge`` is :func:`fastpath.match.judge` (injected for tests).  Tables
-    change only through :meth:`set_tables`, between batches.
-    """
-
-    def __init__(self, switch: Switch, judge: Callable | None = None,
-                 conntrack: ConnTrack | None = None, counters: Counters | None = None,
-                 batch: int = 256, clock: Callable[[], int] = time.monotonic_ns,
-                 fix_checksums: bool = True):
-        if judge is None:
-            from fastpath.match import judge
-        self.judge = judge
-        self.switch = switch
-        self.clock = clock
+    def __init__(self, kern: K.Kernel, counters: Counters, batch: int, max_ports: int = 64):
         self.batch = batch
-        self.ct = conntrack or ConnTrack(clock=clock, batch=batch)
-        self.counters = counters or Counters()
-        self.parsed = parse.ParsedBatch(batch)
+        self.counters = counters
+        self.parsed = ParsedBatch(batch)
         self.tables = None
-        self.fix_checksums = fix_checksums
-        self._args = {name: _Arg() for name in ("buf", "addrs", "lens", "in_port")}
-        self._c = self._make_c(batch)
-        self._mac_refs = self._bound_ref = None
-        self._last_n = 0
-        self._sync_switch()
-
-    def _make_c(self, batch: int):
-        """The C pipeline's state: pointers into arrays this object keeps alive."""
-        nports = self.switch.n_ports
-        c = ffi.new("struct mcnp_pipe *")
-        keep = self._keep = {}
-
-        def arr(name, ctype, shape, dtype, fill=0):
-            a = np.full(shape, fill, dtype=dtype)
-            keep[name] = a
-            setattr(c, name, _ptr(ctype, a))
-            return a
-
-        c.capacity, c.n_ports = batch, nports
-        c.ct = self.ct._ct
-        c.parsed = ffi.cast("struct mcnp_parsed *", self.parsed.c_address())
-        c.fix_checksums = int(self.fix_checksums)
-        counters = self.counters
+        self.judge = judge
+        self.services = Services()
+        c = self._c = ffi.new("struct mcnp_pipe *")
+        self._keep = []
+        c.capacity = batch
+        c.kernel = kern.c
+        c.parsed = ffi.cast("struct mcnp_parsed *", self.parsed._c)
+        c.fix_checksums = 1
+        self.hooks = ffi.new("struct mcnp_hook_info[]", MAX_PORTS)
+        c.hooks = self.hooks
+        self.start_reason = np.where(STATUS_REASON >= 0, STATUS_REASON, REASON["truncated"]).astype(np.int16)
+        c.start_reason = _ptr("int16_t *", self.start_reason)
         c.verdicts = _ptr("int64_t *", counters.verdict_cells)
         c.n_reasons = len(REASONS)
-        c.rule_hits = _ptr("int64_t *", counters.rule_hits)
-        c.max_rules = counters.max_rules
-        gauges = counters.gauges
-        for field, name in (("gauge_batches", "batches"), ("gauge_frames", "frames"),
-                            ("gauge_judged", "judged")):
-            setattr(c, field, ffi.cast("int64_t *", gauges.ctypes.data + 8 * GAUGE[name]))
-        keep["counters"] = counters
-        keep["start_reason"] = _START_REASON
-        keep["reason_pass"] = _PASS_REASON
-        c.start_reason = _ptr("int16_t *", _START_REASON)
-        c.reason_pass = _ptr("uint8_t *", _PASS_REASON)
-        arr("reason", "int16_t *", batch, np.int16)
-        arr("alive", "uint8_t *", batch, np.uint8)
-        arr("ct_result", "uint8_t *", batch, np.uint8)
-        arr("aux", "uint8_t *", batch, np.uint8)
-        arr("fix_mask", "uint8_t *", batch, np.uint8)
-        self._judge_idx = arr("judge_idx", "uint32_t *", batch, np.uint32)
-        self._judge_src = arr("judge_src", "uint8_t *", (batch, 16), np.uint8)
-        self._judge_dst = arr("judge_dst", "uint8_t *", (batch, 16), np.uint8)
-        self._judge_proto = arr("judge_proto", "uint8_t *", batch, np.uint8)
-        self._judge_dport = arr("judge_dport", "uint16_t *", batch, np.uint16)
-        self._learn_idx = arr("learn_idx", "uint32_t *", batch, np.uint32)
-        self.tx_addrs = arr("tx_addrs", "uint64_t *", (nports, batch), np.uint64)
-        self.tx_lens = arr("tx_lens", "uint32_t *", (nports, batch), np.uint32)
-        self.tx_count = arr("tx_count", "uint32_t *", nports, np.uint32)
-        self._flood_idx = arr("flood_idx", "uint32_t *", batch, np.uint32)
-        self._drop_addrs = arr("drop_addrs", "uint64_t *", batch, np.uint64)
-        return c
+        for name in ("batches", "frames", "judged", "cache_errors"):
+            setattr(c, f"gauge_{name}", _ptr("int64_t *", counters.gauges[GAUGE[name]:]))
+        c.log = ffi.cast("struct mcnp_verdict *", counters.log.ctypes.data)
+        c.log_size = len(counters.log)
+        c.log_seq = _ptr("uint64_t *", counters.log_seq)
+        self._no_hits = np.zeros(1, dtype=np.int64)
+        self.set_rule_hits(self._no_hits)
+        self._alloc_frames(batch)
+        self._alloc_ports(max_ports)
+        self.set_services([])
 
-    def _sync_switch(self) -> None:
-        """Point the C pipeline at the switch's current bindings and MAC table
-        (both are replaced, never edited in place, when they change)."""
-        sw, c = self.switch, self._c
-        if sw.bound is not self._bound_ref:
-            bound = np.ascontiguousarray(sw.bound)
-            is_pod = np.ascontiguousarray(sw.is_pod, dtype=np.uint8)
-            self._bound_ref, self._bound_keep = sw.bound, (bound, is_pod)
-            c.bound = _ptr("uint8_t *", bound)
-            c.is_pod = _ptr("uint8_t *", is_pod)
-            c.max_ips = bound.shape[1]
-        m, refs = sw.macs, self._mac_refs
-        if refs is None or m.macs is not refs[0] or m.ports is not refs[1] or m.seen is not refs[2]:
-            refs = (m.macs, m.ports, m.seen)
-            if (m.macs.dtype, m.ports.dtype, m.seen.dtype) != (np.uint64, np.int16, np.int64):
-                raise TypeError("MAC table arrays must be uint64 MACs, int16 ports, int64 times")
-            if not (m.macs.flags.c_contiguous and m.ports.flags.c_contiguous
-                    and m.seen.flags.c_contiguous):
-                m.macs, m.ports, m.seen = (np.ascontiguousarray(a) for a in refs)
-                refs = (m.macs, m.ports, m.seen)
-            self._mac_refs = refs
-            c.mac_keys = _ptr("uint64_t *", m.macs)
-            c.mac_ports = _ptr("int16_t *", m.ports)
-            c.mac_seen = _ptr("int64_t *", m.seen)
-            c.mac_n = len(m.macs)
+    def _arr(self, field_name: str, ctype: str, shape, dtype) -> np.ndarray:
+        a = np.zeros(shape, dtype=dtype)
+        self._keep.append(a)
+        setattr(self._c, field_name, ffi.cast(ctype, a.ctypes.data))
+        setattr(self, field_name, a)
+        return a
 
-    # -- policy hand-over ------------------------------------------------------
+    def _alloc_frames(self, n: int) -> None:
+        for name, ctype, shape, dtype in (
+                ("reason", "int16_t *", n, np.int16), ("alive", "uint8_t *", n, np.uint8),
+                ("fix_mask", "uint8_t *", n, np.uint8), ("found", "uint8_t *", n, np.uint8),
+                ("keys", "struct mcnp_flow_key *", n, K.FLOW_KEY),
+                ("cached", "struct mcnp_flow *", n, K.FLOW),
+                ("judge_idx", "uint32_t *", n, np.uint32), ("judge_src", "uint8_t *", (n, 16), np.uint8),
+                ("judge_dst", "uint8_t *", (n, 16), np.uint8), ("judge_proto", "uint8_t *", n, np.uint8),
+                ("judge_dport", "uint16_t *", n, np.uint16), ("judge_kind", "uint8_t *", n, np.uint8),
+                ("judge_recheck", "uint8_t *", n, np.uint8), ("drop_addrs", "uint64_t *", n, np.uint64),
+                ("new_keys", "struct mcnp_flow_key *", n, K.FLOW_KEY),
+                ("new_vals", "struct mcnp_flow *", n, K.FLOW),
+                ("old_keys", "struct mcnp_flow_key *", n, K.FLOW_KEY)):
+            self._arr(name, ctype, shape, dtype)
 
-    def set_tables(self, tables, bindings: dict[str, list[str]] | None = None) -> int:
-        """Switch to a new tables revision (between batches).  Tracked flows are
-        re-judged by the new revision and those it denies are cut; returns how many."""
-        if bindings is not None:
-            self.switch.bind(bindings)
-        cut = 0
-        if tables is not None:
-            cut = self.ct.recheck(tables, self.judge)
-            g = self.counters.gauges
-            g[GAUGE["rechecks"]] += 1
-            g[GAUGE["flows_cut"]] += cut
-            g[GAUGE["revision"]] = tables.revision
-        else:
-            self.ct.clear()
+    def _alloc_ports(self, max_ports: int) -> None:
+        """TX lists for max_ports sockets (grown when pods come)."""
+        self._c.max_ports = max_ports
+        self._arr("tx_addrs", "uint64_t *", (max_ports, self.batch), np.uint64)
+        self._arr("tx_lens", "uint32_t *", (max_ports, self.batch), np.uint32)
+        self._arr("tx_count", "uint32_t *", max_ports, np.uint32)
+
+    def ensure_ports(self, n_ports: int) -> None:
+        if n_ports > self._c.max_ports:
+            self._alloc_ports(min(MAX_PORTS, max(n_ports, 2 * self._c.max_ports)))
+        self._c.n_ports = n_ports
+
+    def set_rule_hits(self, hits: np.ndarray) -> None:
+        """Where admitted flows count their rules: the array of the tables in force."""
+        self._hits = hits
+        self._c.rule_hits = _ptr("int64_t *", hits)
+        self._c.max_rules = max(len(hits) - 1, 0)
+
+    def set_tables(self, tables, timeouts: dict[str, float]) -> None:
         self.tables = tables
-        self._c.have_tables = int(tables is not None)
-        return cut
+        self._c.revision = tables.revision if tables is not None else 0
+        for i, name in enumerate(K.STATES):
+            self._c.timeout_ns[i] = int(timeouts[name] * 1e9)
 
-    # -- one batch ---------------------------------------------------------------
+    def set_services(self, entries: list[dict]) -> None:
+        self.services = Services(entries)
+        self._vips = self.services.vips
+        self._c.vips = _ptr("uint8_t *", self._vips)
+        self._c.n_vips = self.services.n
 
-    def process(self, buf: np.ndarray, addrs: np.ndarray, lens: np.ndarray,
-                in_port: np.ndarray, n: int, pool) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        """Decide frames ``[0, n)``; returns ``[(port, addrs, lens), ...]`` to transmit.
+    def set_hook(self, index: int, zone: int, peer: int, role: int, ips: list[str],
+                 ready: bool) -> None:
+        h = self.hooks[index]
+        h.zone, h.peer, h.role, h.ready = zone, peer, role, int(ready)
+        h.n_ips = min(len(ips), 4)
+        for i, ip in enumerate(ips[:4]):
+            ffi.memmove(h.ips[i], K.addr16(ip), 16)
 
-        ``addrs`` is uint64, ``lens`` uint32, ``in_port`` int16 (the port index
-        each frame came in on).  Frames not returned were dropped and handed
-        back to ``pool``; copies for flooding come from ``pool``.  The caller
-        owns the returned frames; the returned arrays are valid until the next
-        call.
-        """
-        if n == 0:
-            return []
-        floods = self.decide(buf, addrs, lens, in_port, n, pool)
-        return [(q, self.tx_addrs[q, :cnt], self.tx_lens[q, :cnt])
-                for q, cnt in enumerate(self.tx_count.tolist()) if cnt] + floods
+    def clear_hook(self, index: int) -> None:
+        h = self.hooks[index]
+        h.zone, h.peer, h.ready, h.n_ips = 0, -1, 0, 0
 
-    def decide(self, buf: np.ndarray, addrs: np.ndarray, lens: np.ndarray,
-               in_port: np.ndarray, n: int, pool) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        """:meth:`process` without assembling the unicast lists: afterwards port
-        ``q`` has ``tx_count[q]`` frames to send in ``tx_addrs[q]``/``tx_lens[q]``
-        (rows of arrays this object reuses).  Returns the flooded sends."""
-        args, c = self._args, self._c
-        p_buf, buf_len = self._buffer(buf)
-        p_addrs = args["addrs"].get(addrs, "uint64_t[]", np.uint64, "addrs")
-        p_lens = args["lens"].get(lens, "uint32_t[]", np.uint32, "lens")
-        p_in = args["in_port"].get(in_port, "int16_t[]", np.int16, "in_port")
-        if not 0 < n <= min(self.batch, args["addrs"].size, args["lens"].size,
-                            args["in_port"].size):
-            raise ValueError(f"n={n} exceeds the batch capacity or the descriptor arrays")
-        self._sync_switch()
-        now = self.clock()
-        # 1-5a in C: parse, sanity, anti-spoofing, MAC learning, conntrack
-        lib.mcnp_pipe_classify(c, p_buf, buf_len, p_addrs, p_lens, p_in, n, now)
-        floods = self.complete(buf, addrs, lens, in_port, n, now, pool)
-        if c.n_drop:
-            pool.free(self._drop_addrs[:c.n_drop])
-        return floods
+    # -- the part Python keeps ---------------------------------------------------------
 
-    def _buffer(self, buf) -> tuple:
-        """cffi pointer and length of the frame buffer, remade only when it changes."""
-        a_buf = self._args["buf"]
-        if buf is not a_buf.obj:
-            a_buf.ptr = ffi.from_buffer("uint8_t[]", buf, require_writable=self.fix_checksums)
-            a_buf.obj, a_buf.size = buf, len(a_buf.ptr)
-        return a_buf.ptr, a_buf.size
+    def verdicts(self, n_judge: int):
+        """Verdicts of the gathered rows: (ok, egress rule, ingress rule)."""
+        c = self._c
+        src, dst = self.judge_src[:n_judge], self.judge_dst[:n_judge]
+        proto, dport = self.judge_proto[:n_judge], self.judge_dport[:n_judge]
+        kind = self.judge_kind[:n_judge]
+        j = self.judge(self.tables, src, dst, proto, dport)
+        eg = np.array(j.egress, dtype=np.int32)
+        ing = np.array(j.ingress, dtype=np.int32)
+        ok = np.array(j.allowed, dtype=np.uint8)
+        egress_only = kind == J_EGRESS
+        ok[egress_only] = eg[egress_only] != DENIED
+        ing[egress_only] = NOT_ENFORCED
+        for r in np.nonzero(kind == J_SERVICE)[0]:
+            ok[r], eg[r] = self._service(int(r))
+            ing[r] = NOT_ENFORCED
+        c.n_judge = n_judge
+        return ok, eg, ing
 
-    def complete(self, buf, addrs, lens, in_port, n: int, now: int, pool) -> list:
-        """After ``mcnp_pipe_classify``: insert new MACs, judge, run
-        ``mcnp_pipe_finish`` (5b-9) and make the flooding copies; returns the
-        flooded sends.  Drops are left in ``drop_addrs`` for the caller."""
-        c, args = self._c, self._args
-        p_buf, buf_len = self._buffer(buf)
-        p_addrs = args["addrs"].get(addrs, "uint64_t[]", np.uint64, "addrs")
-        p_lens = args["lens"].get(lens, "uint32_t[]", np.uint32, "lens")
-        p_in = args["in_port"].get(in_port, "int16_t[]", np.int16, "in_port")
-        if c.n_learn:
-            self._learn(in_port, c.n_learn, now)
-        k = c.n_judge
-        if k:
-            # 5b. one revision judges every frame of the batch that needs it
-            j = self.judge(self.tables, self._judge_src[:k], self._judge_dst[:k],
-                           self._judge_proto[:k], self._judge_dport[:k])
-            allowed = np.ascontiguousarray(j.allowed, dtype=np.uint8)
-            eg = np.ascontiguousarray(j.egress, dtype=np.int32)
-            ing = np.ascontiguousarray(j.ingress, dtype=np.int32)
-            if min(len(allowed), len(eg), len(ing)) < k:
-                raise ValueError("judge returned fewer verdicts than frames")
-            lib.mcnp_pipe_finish(c, p_buf, buf_len, p_addrs, p_lens, p_in, n, now,
-                                 ffi.from_buffer("uint8_t[]", allowed),
-                                 ffi.from_buffer("int32_t[]", eg),
-                                 ffi.from_buffer("int32_t[]", ing),
-                                 self.tables.revision & 0xFFFFFFFF)
-        else:
-            lib.mcnp_pipe_finish(c, p_buf, buf_len, p_addrs, p_lens, p_in, n, now,
-                                 ffi.NULL, ffi.NULL, ffi.NULL, 0)
-        self._last_n = n
-        return self.floods(addrs, lens, in_port, pool)
+    def _service(self, r: int) -> tuple[int, int]:
+        """Rule S11 for a row leaving a pod towards a Service address."""
+        key = bytes(self.judge_dst[r]) + bytes([int(self.judge_proto[r]), 0]) + \
+            int(self.judge_dport[r]).to_bytes(2, "big")
+        svc = self.services.by_key.get(key)
+        if svc is None:
+            return 0, DENIED
+        if svc.get("defer"):
+            return 1, NOT_ENFORCED
+        eps = svc.get("endpoints") or []
+        if not eps:
+            return 0, DENIED  # kube-proxy rejects it too
+        n = len(eps)
+        src = np.repeat(self.judge_src[r:r + 1], n, axis=0)
+        dst = np.stack([np.frombuffer(K.addr16(ip), dtype=np.uint8) for ip, _ in eps])
+        proto = np.full(n, self.judge_proto[r], dtype=np.uint8)
+        dport = np.array([port for _, port in eps], dtype=np.uint16)
+        j = self.judge(self.tables, src, dst, proto, dport)
+        if bool(np.all(j.egress != DENIED)):
+            return 1, int(j.egress[0])
+        return 0, DENIED
 
-    def floods(self, addrs, lens, in_port, pool) -> list:
-        """The flooded sends of the last finished batch (copies made from ``pool``)."""
-        count = self._c.n_flood
-        return self._flood(addrs, lens, in_port, count, pool) if count else []
-
-    @property
-    def reasons(self) -> np.ndarray:
-        """The last batch's reason (index into ``counters.REASONS``) per frame."""
-        return self._keep["reason"][:self._last_n]
-
-    def _learn(self, in_port: np.ndarray, count: int, now: int) -> None:
-        """Slow path: insert the MACs classify found new (or moved off the uplink)."""
-        idx = self._learn_idx[:count]
-        entries = dict(zip(self.parsed.eth_src[idx].tolist(), in_port[idx].tolist()))
-        self.switch.macs.update(entries, now)
-        self._sync_switch()
-
-    def _flood(self, addrs, lens, in_port, count: int, pool) -> list:
-        """Send each flooded frame to every port but its own: the original to the
-        first such port, copies to the others (the C side dropped floods when
-        there is no other port)."""
-        nports = self.switch.n_ports
-        idx = self._flood_idx[:count].astype(np.intp)
-        first = np.where(in_port[idx] == 0, 1, 0)
-        sends = []
-        for q in range(nports):
-            to_q = in_port[idx] != q
-            orig = idx[to_q & (first == q)]
-            if len(orig):
-                sends.append((q, addrs[orig], lens[orig]))
-            need = idx[to_q & (first != q)]
-            if len(need):
-                copies = pool.copy(np.ascontiguousarray(addrs[need]), np.ascontiguousarray(lens[need]))
-                g = self.counters.gauges
-                g[GAUGE["flood_copies"]] += len(copies)
-                g[GAUGE["flood_copy_failures"]] += len(need) - len(copies)
-                if len(copies):
-                    sends.append((q, copies, lens[need][:len(copies)].copy()))
-        return sends
+    def finish(self, buf_c, buf_len, addrs_c, lens_c, in_port_c, n: int, now: int,
+               n_judge: int) -> None:
+        if self.tables is None:
+            lib.mcnp_pipe_finish(self._c, buf_c, buf_len, addrs_c, lens_c, in_port_c, n, now,
+                                 ffi.NULL, ffi.NULL, ffi.NULL)
+            return
+        ok, eg, ing = self.verdicts(n_judge)
+        fb = ffi.from_buffer
+        lib.mcnp_pipe_finish(self._c, buf_c, buf_len, addrs_c, lens_c, in_port_c, n, now,
+                             fb("uint8_t[]", ok), fb("int32_t[]", eg), fb("int32_t[]", ing))
 
 
 class Loop:
-    """The pipeline over AF_XDP ports sharing one UMEM.
+    """The pods' sockets over one UMEM, and the pipeline over them (see the module)."""
 
-    ``ifnames`` are the ports in pipeline order; ``uplink`` names the uplink
-    among them (or None).  Use as a context manager, or call :meth:`close`:
-    ports detach their XDP programs and sockets close on every exit path.
-    ``between_batches`` (if given) is called after every batch and after
-    every idle poll, and is where a worker picks up new tables; it must be
-    cheap.  On empty rings the loop spins for ``spin_us`` before sleeping in
-    ``poll()`` for at most ``poll_ms``.
-    """
-
-    def __init__(self, ifnames: list[str], uplink: str | None = None, *,
-                 judge: Callable | None = None, batch: int = 256, frames: int = 8192,
-                 frame_size: int = 2048, ring_size: int = 2048, xdp_mode: str = "auto",
-                 counters: Counters | None = None, ct_capacity: int = 65536,
-                 ct_timeouts: dict | None = None, poll_ms: int = 10, spin_us: int = 200):
-        from fastpath.xsk import Port, Umem
-        self.ifnames = list(ifnames)
-        self.batch = batch
-        self.poll_ms = poll_ms
-        self.spin_s = spin_us / 1e6
-        up = self.ifnames.index(uplink) if uplink is not None else None
-        switch = Switch(self.ifnames, uplink=up)
-        self.pipeline = Pipeline(switch, judge=judge, counters=counters, batch=batch,
-                                 conntrack=ConnTrack(ct_capacity, ct_timeouts, batch=batch))
-        fill = min(ring_size, max(64, (frames // 2) // max(len(self.ifnames), 1)))
-        self.umem = Umem(frames=frames, frame_size=frame_size, ring_size=ring_size)
-        self.ports = []
-        try:
-            for name in self.ifnames:
-                self.ports.append(Port(self.umem, name, xdp_mode=xdp_mode, fill=fill))
-        except BaseException:
-            self.close()
-            raise
-        self._addrs = np.empty(batch, dtype=np.uint64)
-        self._lens = np.empty(batch, dtype=np.uint32)
-        self._in_port = np.empty(batch, dtype=np.int16)
+    def __init__(self, kern: K.Kernel, counters: Counters | None = None, *,
+                 node_ns: Namespace | None = None, **options):
+        unknown = set(options) - set(DEFAULTS)
+        if unknown:
+            raise TypeError(f"unknown loop options: {', '.join(sorted(unknown))}")
+        self.opt = {**DEFAULTS, **options}
+        self.kernel = kern
+        self.node_ns = node_ns
+        self.counters = counters or Counters()
+        self.umem = Umem(self.opt["frames"], self.opt["frame_size"], self.opt["ring_size"])
+        self.pipeline = Pipeline(kern, self.counters, self.opt["batch"])
+        self.ports: list[Port | None] = []
+        self._cports = ffi.new("struct mcnp_port *[]", MAX_PORTS)
+        self.pods: dict[str, PodHooks] = {}
         self._poll = select.poll()
-        for port in self.ports:
-            self._poll.register(port.fd, select.POLLIN)
-        self._rings = _Rings(self.ports, self.umem, self._addrs, self._lens, self._in_port)
-        self._buf, self._buf_len = self.pipeline._buffer(self.umem.buf)
-        self.closed = False
+        b = self.opt["batch"]
+        self.addrs = np.zeros(b, dtype=np.uint64)
+        self.lens = np.zeros(b, dtype=np.uint32)
+        self.in_port = np.zeros(b, dtype=np.int16)
+        fb = ffi.from_buffer
+        self._c_addrs, self._c_lens = fb("uint64_t[]", self.addrs), fb("uint32_t[]", self.lens)
+        self._c_in_port = fb("int16_t[]", self.in_port)
+        self._c_buf = fb("uint8_t[]", self.umem.buf)
+        self._received = ffi.new("uint32_t *")
+        self._start = 0
 
-    @property
-    def counters(self) -> Counters:
-        return self.pipeline.counters
+    # -- pods ---------------------------------------------------------------------------
 
-    def step(self) -> int:
-        """Receive one batch from all ports, decide it, transmit; returns frames received.
+    def _free_index(self) -> int:
+        for i, p in enumerate(self.ports):
+            if p is None:
+                return i
+        if len(self.ports) >= MAX_PORTS:
+            raise K.KernelError(28, f"no socket slot left (at most {MAX_PORTS})")
+        self.ports.append(None)
+        return len(self.ports) - 1
 
-        One C call does the whole batch unless a frame needs Python (a verdict
-        from the matcher, a new MAC); floods are always copied here."""
-        pipeline, rings, umem = self.pipeline, self._rings, self.umem
-        pipeline._sync_switch()
-        now = pipeline.clock()
-        n = lib.mcnp_pipe_step(pipeline._c, rings.c, self._buf, self._buf_len, now)
-        if n < 0:
-            n = -n
-            floods = pipeline.complete(umem.buf, self._addrs, self._lens, self._in_port, n, now,
-                                       umem)
-            lib.mcnp_pipe_send(pipeline._c, rings.c)
-            if pipeline._c.n_drop:
-                umem.free(pipeline._drop_addrs[:pipeline._c.n_drop])
-        elif n:
-            pipeline._last_n = n
-            floods = pipeline.floods(self._addrs, self._lens, self._in_port, umem)
-        else:
-            floods = ()
-        if rings.c.error:
-            rings.fail()
-        for port_index, addrs, lens in floods:
-            self.ports[port_index].tx(addrs, lens)
+    def _open(self, ifname: str) -> int:
+        i = self._free_index()
+        port = Port(self.umem, ifname, fill=self.opt["fill"])
+        self.ports[i] = port
+        self._cports[i] = port._c
+        self.kernel.register(i, port.fd)
+        self._poll.register(port.fd, select.POLLIN)
+        self.pipeline.ensure_ports(len(self.ports))
+        return i
+
+    def _close(self, i: int) -> None:
+        port = self.ports[i]
+        if port is None:
+            return
+        self.kernel.unregister(i)
+        self._poll.unregister(port.fd)
+        self.pipeline.clear_hook(i)
+        self._cports[i] = ffi.NULL
+        self.ports[i] = None
+        port.close()
+        while self.ports and self.ports[-1] is None:
+            self.ports.pop()
+        self.pipeline.ensure_ports(len(self.ports))
+
+    def add_pod(self, sandbox: str, netns: str, pod_ifname: str, host_ifname: str,
+                ips: list[str], mac: bytes | None, ready: bool = False,
+                isolated: bool = True) -> PodHooks:
+        """Hook both ends of a pod's veth; fail closed until :meth:`set_pod` says
+        the pod is known.  Sockets first, then the hooks: by the time a frame is
+        redirected, a socket is waiting.  Raises (leaving nothing behind) on failure."""
+        if sandbox in self.pods:
+            self.remove_pod(sandbox)
+        zone = K.zone_of(sandbox)
+        pod_ns = Namespace.from_path(netns)
+        opened: list[int] = []
+        try:
+            self.kernel.set_pod(zone, ips, mac, False, True)
+            eg = self._open(host_ifname)
+            opened.append(eg)
+            with pod_ns.entered():
+                ing = self._open(pod_ifname)
+                opened.append(ing)
+            hooks = PodHooks(sandbox, zone, eg, ing, host_ifname, pod_ifname, netns, list(ips), mac)
+            self.pipeline.set_hook(eg, zone, ing, K.EGRESS, ips, False)
+            self.pipeline.set_hook(ing, zone, eg, K.INGRESS, ips, False)
+            mode = self.opt["xdp_mode"]
+            self.kernel.attach(host_ifname, zone, eg, K.EGRESS, mode)
+            with pod_ns.entered():
+                self.kernel.attach(pod_ifname, zone, ing, K.INGRESS, mode)
+        except Exception:
+            for i in opened:
+                self._close(i)
+            self.kernel.delete_pod(zone)
+            raise
+        finally:
+            pod_ns.close()
+        self.pods[sandbox] = hooks
+        self.set_pod(sandbox, ips, ready, isolated)
+        return hooks
+
+    def set_pod(self, sandbox: str, ips: list[str], ready: bool, isolated: bool) -> None:
+        """The pod's addresses as the tables in force know them, and whether it is isolated."""
+        h = self.pods[sandbox]
+        h.ips = list(ips)
+        self.pipeline.set_hook(h.egress, h.zone, h.ingress, K.EGRESS, ips, ready)
+        self.pipeline.set_hook(h.ingress, h.zone, h.egress, K.INGRESS, ips, ready)
+        self.kernel.set_pod(h.zone, ips, h.mac, ready, isolated)
+
+    def remove_pod(self, sandbox: str) -> bool:
+        """Detach a pod's hooks and close its sockets; its cached flows go with the
+        next sweep (:mod:`fastpath.flows`).  A vanished veth is fine."""
+        h = self.pods.pop(sandbox, None)
+        if h is None:
+            return False
+        self.kernel.detach(h.host_ifname)
+        try:
+            pod_ns = Namespace.from_path(h.netns)
+        except OSError:
+            pod_ns = None  # the pod's namespace is gone, and its veth with it
+        if pod_ns is not None:
+            try:
+                with pod_ns.entered():
+                    self.kernel.detach(h.pod_ifname)
+            finally:
+                pod_ns.close()
+        self._close(h.egress)
+        self._close(h.ingress)
+        self.kernel.delete_pod(h.zone)
+        return True
+
+    # -- batches --------------------------------------------------------------------------
+
+    def set_tables(self, tables, timeouts: dict[str, float], hits: np.ndarray) -> None:
+        self.pipeline.set_tables(tables, timeouts)
+        self.pipeline.set_rule_hits(hits)
+
+    def step(self, now: int | None = None) -> int:
+        """One batch from every socket; returns the frames received."""
+        if not self.ports:
+            return 0
+        now = K.now_ns() if now is None else now
+        p = self.pipeline
+        self._start = (self._start + 1) % len(self.ports)
+        need = lib.mcnp_pipe_step(p._c, self._cports, self.umem._c, self._c_buf, len(self.umem.buf),
+                                  self._c_addrs, self._c_lens, self._c_in_port, self._start, now,
+                                  self._received)
+        n = int(self._received[0])
+        if need:
+            p.finish(self._c_buf, len(self.umem.buf), self._c_addrs, self._c_lens, self._c_in_port,
+                     n, now, int(p._c.n_judge))
+            lib.mcnp_pipe_send(p._c, self._cports, self.umem._c)
         return n
 
     def run(self, should_stop: Callable[[], bool], between_batches: Callable[[], None] | None = None,
             max_frames: int | None = None) -> int:
-        """Run until ``should_stop()`` is true (checked between batches) or
-        ``max_frames`` were received; returns frames received."""
+        """Process batches until ``should_stop()`` (or ``max_frames`` received); sleeps
+        in poll() when the rings stay empty for spin_us.  Returns frames processed."""
         total = 0
-        gauges = self.counters.gauges
+        spin_ns = self.opt["spin_us"] * 1000
         idle_since = None
         while not should_stop():
-            got = self.step()
-            total += got
+            n = self.step()
+            total += n
             if between_batches is not None:
                 between_batches()
-            if got:
-                idle_since = None
-                continue
-            # Spin briefly on empty rings before sleeping in poll(): a wake-up
-            # from poll costs scheduler latency on every packet at low load.
-            now = time.monotonic()
-            if idle_since is None:
-                idle_since = now
-            if now - idle_since > self.spin_s:
-                gauges[GAUGE["rx_empty_polls"]] += 1
-                self._poll.poll(self.poll_ms)
             if max_frames is not None and total >= max_frames:
                 break
+            if n:
+                idle_since = None
+                continue
+            now = time.monotonic_ns()
+            if idle_since is None:
+                idle_since = now
+            elif now - idle_since > spin_ns:
+                self.counters.gauges[GAUGE["rx_empty_polls"]] += 1
+                self._poll.poll(self.opt["poll_ms"])
+                idle_since = None
         return total
 
+    def port_stats(self) -> dict:
+        out = {}
+        for h in self.pods.values():
+            for role, i in (("egress", h.egress), ("ingress", h.ingress)):
+                port = self.ports[i]
+                if port is not None:
+                    out[f"{h.sandbox[:12]}/{role}"] = {"ifname": port.ifname, **port.stats()}
+        return out
+
     def close(self) -> None:
-        """Detach programs, close sockets and the UMEM.  Idempotent."""
-        for port in getattr(self, "ports", []):
-            port.close()
-        if getattr(self, "umem", None) is not None:
-            self.umem.close()
-        self.closed = True
+        """Close the sockets; the hooks stay attached (fail static: a restarted
+        daemon takes them over).  :meth:`remove_pod` is what takes a pod off."""
+        for i in range(len(self.ports)):
+            if self.ports[i] is not None:
+                self.kernel.unregister(i)
+                self.ports[i].close()
+                self.ports[i] = None
+        self.umem.close()
 
     def __enter__(self) -> "Loop":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class _Rings:
-    """The AF_XDP side of one batch for ``mcnp_pipe_step``: the ports, the UMEM
-    and the ring functions of ``fastpath._xsk`` as C pointers, made once.
-
-    ``Port.rx_into``/``Port.tx``/``Umem.free`` wrap the same C functions and
-    check their arguments on every call (~3 us each here); the loop's arrays
-    never change, so the C pipeline calls them directly, with the semantics of
-    those methods.
-    """
-
-    def __init__(self, ports, umem, addrs: np.ndarray, lens: np.ndarray, in_port: np.ndarray):
-        from fastpath._xsk import ffi as xffi, lib as xlib
-
-        def address(cdata) -> int:
-            return int(xffi.cast("uintptr_t", cdata))
-
-        self._ports = ports
-        c = self.c = ffi.new("struct mcnp_rings *")
-        self._port_array = ffi.new("struct mcnp_port *[]",
-                                   [ffi.cast("struct mcnp_port *", p.c_address()) for p in ports])
-        c.n_ports = len(ports)
-        c.ports = self._port_array
-        c.umem = ffi.cast("struct mcnp_umem *", umem.c_address())
-        c.rx = ffi.cast("mcnp_rx_fn", address(xffi.addressof(xlib, "mcnp_rx_batch")))
-        c.tx = ffi.cast("mcnp_tx_fn", address(xffi.addressof(xlib, "mcnp_tx_batch")))
-        c.free = ffi.cast("mcnp_free_fn", address(xffi.addressof(xlib, "mcnp_pool_free")))
-        c.addrs = _ptr("uint64_t *", addrs)
-        c.lens = _ptr("uint32_t *", lens)
-        c.in_port = _ptr("int16_t *", in_port)
-        c.batch = min(len(addrs), len(lens), len(in_port))
-        self._keep = (addrs, lens, in_port, ports, umem)
-
-    def fail(self) -> None:
-        """Raise the error a ring call reported (and clear it)."""
-        from fastpath.xsk import XskError
-        rc, port = -self.c.error, self.c.error_port
-        self.c.error = 0
-        raise XskError(rc, f"ring operation on {self._ports[port].ifname}: {os.strerror(rc)}")

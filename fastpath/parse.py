@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastpath._xsk import ffi, lib
+from fastpath._dp import ffi, lib
 
 OK_IP = lib.MCNP_OK_IP
 NON_IP = lib.MCNP_NON_IP

@@ -4,7 +4,9 @@ Two things cross the process boundary without pickling arrays:
 
 * **Policy tables.**  Every :meth:`TablesPublisher.publish` writes a whole new
   segment named ``<prefix>-t<generation>`` (JSON header with the tables'
-  layout and the port bindings, then the packed arrays) and only *then*
+  layout and what the loop needs besides — the pods' addresses, the Service
+  addresses —, the packed arrays, and room for the rule hits of this
+  revision) and only *then*
   stores the generation number in the control block.  The worker polls that
   one integer between batches; when it changes, it maps the named segment,
   which is complete by construction, and swaps it in.  A segment is never
@@ -13,9 +15,13 @@ Two things cross the process boundary without pickling arrays:
   are unlinked once the worker reports a newer generation in force.
 * **Counters** (:class:`fastpath.counters.Counters`) live in a segment
   ``<prefix>-c`` that the worker writes and the control process reads.
+* **Rule hits** live in the segment of the tables they count: rule ids are
+  numbers of one revision, so hits are folded into totals keyed by what the
+  rule *is* (policy, direction, rule, peer, port) when their segment goes, and
+  a policy's counters follow it across any number of compiles.
 
 The control block (``<prefix>-ctl``, int64 cells, see ``CTL_*``) also carries
-the worker's readiness, its pid, a stop request and a heartbeat.
+the worker's readiness and its pid.
 
 The control process creates every segment with
 ``multiprocessing.shared_memory`` (so they are cleaned up even if it dies);
@@ -35,10 +41,19 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-CTL_PUBLISHED, CTL_IN_FORCE, CTL_READY, CTL_PID, CTL_STOP, CTL_HEARTBEAT = range(6)
+CTL_PUBLISHED, CTL_IN_FORCE, CTL_READY, CTL_PID = range(4)
 CTL_CELLS = 16
 _HEAD = struct.Struct("<QQ")  # header length, data length
 _ALIGN = 64
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def _named_hits(rules: list, hits: np.ndarray):
+    for i in np.nonzero(hits[:len(rules)])[0]:
+        yield json.dumps(rules[i], sort_keys=True), int(hits[i])
 
 
 def new_prefix() -> str:
@@ -66,36 +81,56 @@ class TablesPublisher:
         self.counters_shm = shared_memory.SharedMemory(f"{prefix}-c", create=True,
                                                        size=max(counters_size, 8))
         np.ndarray(counters_size // 8, dtype=np.int64, buffer=self.counters_shm.buf)[:] = 0
-        self._segments: dict[int, shared_memory.SharedMemory] = {}
+        self._segments: dict[int, tuple[shared_memory.SharedMemory, list, np.ndarray]] = {}
+        #: hits of reclaimed revisions, by the rule's identity (JSON of its name)
+        self.folded: dict[str, int] = {}
         self.generation = 0
 
-    def publish(self, tables, bindings: dict[str, list[str]]) -> int:
+    def publish(self, tables, extra: dict) -> int:
         """Write a new generation and announce it; returns its number."""
         header, data = tables.pack()
-        head = json.dumps({"tables": header, "bindings": bindings}).encode()
-        start = -(-(_HEAD.size + len(head)) // _ALIGN) * _ALIGN
+        head = json.dumps({"tables": header, "extra": extra}).encode()
+        start = _aligned(_HEAD.size + len(head))
+        hits_at = _aligned(start + len(data))
+        n_hits = len(tables.rules) + 1
         gen = self.generation + 1
         seg = shared_memory.SharedMemory(f"{self.prefix}-t{gen}", create=True,
-                                         size=start + max(len(data), 1))
+                                         size=hits_at + 8 * n_hits)
         _HEAD.pack_into(seg.buf, 0, len(head), len(data))
         seg.buf[_HEAD.size:_HEAD.size + len(head)] = head
         seg.buf[start:start + len(data)] = data
-        self._segments[gen] = seg
+        hits = np.ndarray(n_hits, dtype=np.int64, buffer=seg.buf, offset=hits_at)
+        hits[:] = 0
+        self._segments[gen] = (seg, list(tables.rules), hits)
         self.generation = gen
         self.ctl[CTL_PUBLISHED] = gen  # announce only once the segment is complete
         self.reclaim()
         return gen
 
     def reclaim(self) -> None:
-        """Unlink segments older than the generation the worker has in force."""
+        """Unlink segments older than the generation the worker has in force, folding
+        their rule hits into the totals first."""
         in_force = int(self.ctl[CTL_IN_FORCE])
         for gen in [g for g in self._segments if g < in_force]:
-            seg = self._segments.pop(gen)
+            seg, rules, hits = self._segments.pop(gen)
+            for name, count in _named_hits(rules, hits):
+                self.folded[name] = self.folded.get(name, 0) + count
+            del hits
             seg.close()
             seg.unlink()
 
+    def rule_hits(self) -> list[dict]:
+        """Admitted flows per rule, across every revision so far, by what the rule is."""
+        totals = dict(self.folded)
+        for _, rules, hits in self._segments.values():
+            for name, count in _named_hits(rules, hits):
+                totals[name] = totals.get(name, 0) + count
+        return [{"name": json.loads(name), "hits": count}
+                for name, count in sorted(totals.items(), key=lambda kv: -kv[1]) if count]
+
     def close(self) -> None:
-        for seg in self._segments.values():
+        for seg, _, hits in self._segments.values():
+            del hits
             seg.close()
             seg.unlink()
         self._segments.clear()
@@ -121,20 +156,24 @@ class TablesReader:
         return self.ctl[CTL_PUBLISHED] != self.generation
 
     def take(self):
-        """Map the newest generation; returns ``(generation, tables_header, data, bindings)``.
+        """Map the newest generation; returns ``(generation, tables_header, data, extra,
+        hits)``.
 
         ``data`` is a memoryview of the mapped segment; the caller builds the
-        tables from it (``PolicyTables.unpack``) and keeps it alive while in use.
+        tables from it (``PolicyTables.unpack``) and keeps it alive while in use;
+        ``hits`` is the revision's rule-hit array (int64, one per rule + 1).
         """
         gen = int(self.ctl[CTL_PUBLISHED])
         m = attach(f"{self.prefix}-t{gen}")
         head_len, data_len = _HEAD.unpack_from(m, 0)
         head = json.loads(bytes(m[_HEAD.size:_HEAD.size + head_len]))
-        start = -(-(_HEAD.size + head_len) // _ALIGN) * _ALIGN
+        start = _aligned(_HEAD.size + head_len)
         data = memoryview(m)[start:start + data_len]
+        hits_at = _aligned(start + data_len)
+        hits = np.ndarray((len(m) - hits_at) // 8, dtype=np.int64, buffer=m, offset=hits_at)
         self._maps.append(m)
         self.generation = gen
-        return gen, head["tables"], data, head["bindings"]
+        return gen, head["tables"], data, head["extra"], hits
 
     def in_force(self, gen: int) -> None:
         """Report the generation now used, and release mappings of older ones."""

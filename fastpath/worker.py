@@ -1,23 +1,25 @@
 """The dataplane worker: the packet loop in a process of its own.
 
 The control loop compiles tables in Python; were the packet loop a thread of
-the same process, every compile would take the GIL from it (this machine has
-two cores: one for the loop, one for everything else).  So :class:`Dataplane`
-starts the loop in a separate process (``spawn``: no inherited threads or
-event loop), which enters the node's network namespace before it opens a
-single socket, and talks to it through shared memory (tables, counters; see
-:mod:`fastpath.shm`) and a pipe (flows, port statistics, errors).
+the same process, every compile would take the GIL from it (two cores: one for
+the loop, one for everything else).  So :class:`Dataplane` starts the loop in a
+separate process (``spawn``: no inherited threads or event loop), which enters
+the node's network namespace before it opens anything, and talks to it through
+shared memory (tables, counters, the verdict log; :mod:`fastpath.shm`) and a
+pipe (attach and detach pods, flows, port statistics; every request carries an
+id and its reply names it, so a late reply is never taken for another's).
 
-Fail closed: until the first :meth:`Dataplane.publish`, the loop drops every
-IP frame.  The XDP programs are attached through BPF links owned by the
-worker: if it dies, the kernel detaches them and the ports' frames go to the
-node's own stack, which (in the node model of DESIGN.md section 4) neither
-bridges nor routes between pod ports — pods are cut off, not unfiltered.
+Fail closed and fail static: until the first :meth:`Dataplane.publish` every IP
+frame is dropped, and a pod's frames until its addresses are in the tables.
+The hooks are attached by netlink and their state pinned (:mod:`fastpath.kernel`):
+when the worker dies they stay, keep passing the flows already admitted, and
+drop everything else, until a new worker takes them over.
 """
 
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import multiprocessing
 import os
@@ -25,63 +27,46 @@ import signal
 import threading
 import time
 
+from fastpath import flows as F
+from fastpath import kernel as K
 from fastpath import shm
 from fastpath.counters import GAUGE, Counters
+from fastpath.netns import Namespace
 
 logger = logging.getLogger(__name__)
 
-CLONE_NEWNET = 0x40000000
 PR_SET_PDEATHSIG = 1
-NETNS_DIR = "/var/run/netns"
 
 
 class DataplaneError(RuntimeError):
-    """The worker could not start (its message names the cause)."""
-
-
-def enter_netns(name: str) -> None:
-    """setns(2) this process into the network namespace ``name`` (as ``ip netns`` names it)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(os.path.join(NETNS_DIR, name), os.O_RDONLY)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns into {name}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
+    """The worker could not do what was asked (its message names the cause)."""
 
 
 class Dataplane:
     """The packet loop in its own process (docs/seams.md).
 
-    ``ports`` maps pod-port interface names to pod references, ``uplink``
-    names the uplink interface, ``netns`` the namespace holding them (None:
-    the current one).  Keyword options: ``cpu`` pins the worker to one CPU;
-    ``batch``, ``frames``, ``ct_capacity``, ``ct_timeouts`` (state name ->
-    seconds), ``xdp_mode`` tune the loop; ``max_rules`` sizes per-rule hit
-    counters.  Further keywords (``spin_us``, ``poll_ms``) go to
+    ``netns`` names the node's network namespace (None: the current one);
+    ``pin_dir`` the bpffs directory of the maps that outlive the daemon (None:
+    nothing pinned, for tests).  Keywords: ``cpu`` pins the worker;
+    ``flow_capacity``; ``timeouts`` (flow state -> idle seconds); further ones
+    (``batch``, ``frames``, ``spin_us``, ``poll_ms``, ``xdp_mode``, ...) go to
     :class:`fastpath.loop.Loop`.
     """
 
-    def __init__(self, ports: dict[str, str], uplink: str | None = None,
-                 netns: str | None = None, *, cpu: int | None = None, batch: int = 256,
-                 frames: int = 8192, ct_capacity: int = 65536,
-                 ct_timeouts: dict[str, float] | None = None, xdp_mode: str = "auto",
-                 max_rules: int = 65536, **loop_options):
-        self.ports = dict(ports)
-        self.uplink = uplink
+    def __init__(self, netns: str | None = None, *, pin_dir: str | None = None,
+                 cpu: int | None = None, flow_capacity: int = 131072,
+                 timeouts: dict[str, float] | None = None, **loop_options):
         self.netns = netns
         self.prefix = shm.new_prefix()
-        self.max_rules = max_rules
-        self._pub = shm.TablesPublisher(self.prefix, Counters.size_for(max_rules))
-        self._counters = Counters(self._pub.counters_shm.buf, max_rules)
+        self._pub = shm.TablesPublisher(self.prefix, Counters.size_for())
+        self._counters = Counters(self._pub.counters_shm.buf)
         self._tables = None
         self._lock = threading.Lock()
+        self._ids = itertools.count(1)
         self._error: str | None = None
-        ifnames = list(self.ports) + ([uplink] if uplink else [])
-        config = dict(prefix=self.prefix, ifnames=ifnames, uplink=uplink, netns=netns, cpu=cpu,
-                      batch=batch, frames=frames, ct_capacity=ct_capacity,
-                      ct_timeouts=ct_timeouts, xdp_mode=xdp_mode, max_rules=max_rules,
+        config = dict(prefix=self.prefix, netns=netns, pin_dir=pin_dir, cpu=cpu,
+                      flow_capacity=flow_capacity,
+                      timeouts={**K.DEFAULT_TIMEOUTS, **(timeouts or {})},
                       log_level=logging.getLogger().getEffectiveLevel(),
                       loop_options=loop_options)
         ctx = multiprocessing.get_context("spawn")
@@ -90,80 +75,105 @@ class Dataplane:
                                  name="mcnp-dataplane", daemon=True)
         self._proc.start()
         child.close()
-        logger.info("Dataplane worker %d started for ports %s (netns %s).",
-                    self._proc.pid, ", ".join(ifnames), netns or "current")
+        logger.info("Dataplane worker %d started (netns %s).", self._proc.pid, netns or "current")
 
     # -- control side ---------------------------------------------------------
 
-    def publish(self, tables, bindings: dict[str, list[str]]) -> None:
-        """Hand over a new tables revision and the pod ports' addresses."""
-        self._pub.publish(tables, bindings)
+    def attach(self, sandbox: dict, timeout: float = 10.0) -> dict:
+        """Hook a pod's veth (``sandbox``: id, netns, ifname, host_ifname, ips, mac).
+        Returns what was attached; raises DataplaneError when it cannot be."""
+        return self._ask("attach", sandbox, timeout=timeout)
+
+    def detach(self, sandbox_id: str, timeout: float = 10.0) -> bool:
+        return bool(self._ask("detach", sandbox_id, timeout=timeout))
+
+    def pods(self) -> list[str]:
+        """Sandbox ids the worker has hooked."""
+        return list(self._ask("pods", None) or [])
+
+    def publish(self, tables, pods: dict[str, dict], services: list[dict] | None = None) -> None:
+        """Hand over a tables revision, what each attached pod is in it (``{sandbox:
+        {"ref", "ips", "ready", "isolated"}}``) and the Service addresses."""
+        self._pub.publish(tables, {"pods": pods, "services": services or []})
         self._tables = tables
 
     def ready(self) -> bool:
-        """True once every port is open and the loop runs."""
-        self._drain_errors()
-        return self._error is None and self._proc.is_alive() and \
+        """True once the maps are open and the loop runs."""
+        self._drain()
+        return self._error is None and self._proc is not None and self._proc.is_alive() and \
             bool(self._pub.ctl[shm.CTL_READY])
 
     def failure(self) -> str | None:
-        """Why the worker is gone (None while it runs): its last error, or its exit."""
-        self._drain_errors()
-        if self._proc.is_alive():
+        """Why the worker is gone (None while it runs)."""
+        self._drain()
+        if self._proc is not None and self._proc.is_alive():
             return None
-        return self._error or f"dataplane worker exited (exit code {self._proc.exitcode})"
+        code = self._proc.exitcode if self._proc is not None else None
+        return self._error or f"dataplane worker exited (exit code {code})"
 
     def wait_ready(self, timeout: float = 10.0) -> None:
-        """Block until :meth:`ready`; raise DataplaneError if the worker failed."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.ready():
                 return
-            if self._error or not self._proc.is_alive():
-                break
+            if self.failure():
+                raise DataplaneError(self.failure())
             time.sleep(0.02)
-        self._drain_errors()
-        raise DataplaneError(self._error or
-                             f"dataplane worker not ready after {timeout:.0f} s "
-                             f"(exit code {self._proc.exitcode})")
+        raise DataplaneError(f"dataplane worker not ready after {timeout:.0f} s")
 
     def revision_in_force(self) -> int | None:
-        """Tables revision the loop judges with now (None before the first)."""
-        return int(self._counters.gauges[GAUGE["revision"]]) if self._pub.ctl[shm.CTL_IN_FORCE] else None
+        if not self._pub.ctl[shm.CTL_IN_FORCE]:
+            return None
+        return int(self._counters.gauges[GAUGE["revision"]])
 
     def stats(self) -> dict:
-        """Counters (from shared memory) plus port statistics (asked of the worker)."""
-        rules = self._tables.rules if self._tables is not None else None
-        out = self._counters.snapshot(rules)
+        """Counters (shared memory), rule hits by rule, the hooks' and the ports' counters."""
+        self._pub.reclaim()
+        out = self._counters.snapshot()
+        out["rule_hits"] = self._pub.rule_hits()
         out["ready"] = self.ready()
         out["published_generation"] = self._pub.generation
         out["generation_in_force"] = int(self._pub.ctl[shm.CTL_IN_FORCE])
-        reply = self._ask(("ports",))
-        if reply is not None:
-            out["ports"] = reply
+        try:
+            out.update(self._ask("stats", None, timeout=1.0))
+        except DataplaneError as e:
+            out["error"] = str(e)
         if self._error:
             out["error"] = self._error
         return out
 
     def flows(self, limit: int = 1000) -> list[dict]:
-        """Tracked flows, most recent first (empty if the worker does not answer)."""
-        return self._ask(("flows", limit)) or []
+        """Cached flows, most recently active first."""
+        try:
+            return self._ask("flows", limit, timeout=2.0)
+        except DataplaneError:
+            return []
+
+    def verdicts(self, after_seq: int = -1, limit: int = 1000) -> list[dict]:
+        """Judged rows recorded by the loop after ``after_seq`` (numbers only)."""
+        rows = self._counters.recent(after_seq, limit)
+        return [{"seq": int(r["seq"]), "time_ns": int(r["time_ns"]), "zone": int(r["zone"]),
+                 "src": K.addr_str(r["src"]), "dst": K.addr_str(r["dst"]),
+                 "dport": int(r["dport"]), "proto": int(r["proto"]),
+                 "direction": K.ROLE_NAMES.get(int(r["role"]), "?"),
+                 "allowed": bool(r["allowed"]), "reason": int(r["reason"]),
+                 "rule_egress": int(r["rule_egress"]), "rule_ingress": int(r["rule_ingress"]),
+                 "revision": int(r["revision"])} for r in rows]
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop the worker (it detaches programs and closes sockets), free shared memory."""
-        if self._proc is not None:
-            self._pub.ctl[shm.CTL_STOP] = 1
+        """Stop the worker (its sockets close; the hooks stay, fail static), free shared memory."""
+        if self._proc is None:
+            return
+        if self._proc.is_alive():
+            self._proc.terminate()
             self._proc.join(timeout)
-            if self._proc.is_alive():
-                self._proc.terminate()
-                self._proc.join(timeout)
-            if self._proc.is_alive():
-                self._proc.kill()
-                self._proc.join(timeout)
-            self._proc = None
-            self._conn.close()
-            del self._counters
-            self._pub.close()
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(timeout)
+        self._proc = None
+        self._conn.close()
+        del self._counters
+        self._pub.close()
 
     def __enter__(self) -> "Dataplane":
         return self
@@ -171,38 +181,46 @@ class Dataplane:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _ask(self, request: tuple, timeout: float = 1.0):
+    def _ask(self, kind: str, payload, timeout: float = 1.0):
         if self._proc is None or not self._proc.is_alive():
-            return None
+            raise DataplaneError(self.failure() or "dataplane worker is not running")
         with self._lock:
-            self._drain_errors()
-            self._conn.send(request)
+            rid = next(self._ids)
+            self._conn.send((rid, kind, payload))
             deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                if not self._conn.poll(max(0.0, deadline - time.monotonic())):
-                    break
-                kind, payload = self._conn.recv()
-                if kind == "error":
-                    self._error = payload
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._conn.poll(left):
+                    raise DataplaneError(f"the dataplane worker did not answer {kind!r} in {timeout:.0f} s")
+                reply_id, ok, value = self._conn.recv()
+                if reply_id == 0:  # an error report of the worker's own
+                    self._error = value
                     continue
-                return payload
-        return None
+                if reply_id != rid:
+                    continue  # the late answer to an earlier request that timed out
+                if not ok:
+                    raise DataplaneError(value)
+                return value
 
-    def _drain_errors(self) -> None:
+    def _drain(self) -> None:
+        if self._proc is None or not self._lock.acquire(blocking=False):
+            return
         try:
-            while self._proc is not None and self._conn.poll(0) and not self._lock.locked():
-                kind, payload = self._conn.recv()
-                if kind == "error":
-                    self._error = payload
+            while self._conn.poll(0):
+                reply_id, _, value = self._conn.recv()
+                if reply_id == 0:
+                    self._error = value
         except (EOFError, OSError):
             pass
+        finally:
+            self._lock.release()
 
 
 # -- worker side ------------------------------------------------------------------
 
 
 def _worker_main(config: dict, conn) -> None:
-    """Entry of the worker process: namespace, ports, then the loop until stopped."""
+    """Entry of the worker process: namespace, maps, then the loop until stopped."""
     logging.basicConfig(level=config["log_level"],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -210,53 +228,59 @@ def _worker_main(config: dict, conn) -> None:
         if config["cpu"] is not None:
             os.sched_setaffinity(0, {config["cpu"]})
         if config["netns"]:
-            enter_netns(config["netns"])
+            Namespace.from_name(config["netns"]).enter()
         _Worker(config, conn).run()
     except Exception as e:  # reported to the control process, which decides
         logger.exception("Dataplane worker failed.")
         try:
-            conn.send(("error", f"{type(e).__name__}: {e}"))
+            conn.send((0, False, f"{type(e).__name__}: {e}"))
         except OSError:
             pass
         raise SystemExit(1)
 
 
 class _Worker:
-    """The loop plus its hand-over duties, run between batches."""
+    """The loop plus its duties between batches."""
 
     SLOW_EVERY_S = 0.01
+    SWEEP_EVERY_S = 2.0
 
     def __init__(self, config: dict, conn):
         from fastpath.loop import Loop
         from fastpath.tables import PolicyTables
         self._unpack = PolicyTables.unpack
         self.conn = conn
+        self.timeouts = config["timeouts"]
         self.reader = shm.TablesReader(config["prefix"])
-        self.counters = Counters(self.reader.counters_map, config["max_rules"])
+        self.counters = Counters(self.reader.counters_map)
         self.stop = False
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        self.loop = Loop(config["ifnames"], config["uplink"], batch=config["batch"],
-                         frames=config["frames"], counters=self.counters,
-                         ct_capacity=config["ct_capacity"], ct_timeouts=config["ct_timeouts"],
-                         xdp_mode=config["xdp_mode"], **config.get("loop_options", {}))
+        pin_dir = config["pin_dir"]
+        if pin_dir:
+            K.ensure_bpffs(os.path.dirname(pin_dir.rstrip("/")) or "/")
+        self.kernel = K.Kernel(pin_dir, flow_capacity=config["flow_capacity"])
+        if self.kernel.reused:
+            logger.info("Found the flow cache of an earlier run: its flows wait for the first tables.")
+        self.loop = Loop(self.kernel, self.counters, **config.get("loop_options", {}))
+        self.pods_extra: dict[str, dict] = {}
         self._next_slow = 0.0
         self._next_sweep = 0.0
+        self._node_addrs: list[str] = []
+        self._refresh_node_addrs()
 
     def _on_signal(self, signum, frame) -> None:
         self.stop = True
 
-    def _should_stop(self) -> bool:
-        return self.stop or bool(self.reader.ctl[shm.CTL_STOP])
-
     def run(self) -> None:
-        with self.loop:
-            self.reader.ctl[shm.CTL_PID] = os.getpid()
-            self.reader.ctl[shm.CTL_READY] = 1
-            try:
-                self.loop.run(self._should_stop, self._between_batches)
-            finally:
-                self.reader.ctl[shm.CTL_READY] = 0
+        self.reader.ctl[shm.CTL_PID] = os.getpid()
+        self.reader.ctl[shm.CTL_READY] = 1
+        try:
+            self.loop.run(lambda: self.stop, self._between_batches)
+        finally:
+            self.reader.ctl[shm.CTL_READY] = 0
+            self.loop.close()
+            self.kernel.close()
 
     def _between_batches(self) -> None:
         if self.reader.changed():
@@ -266,22 +290,78 @@ class _Worker:
             return
         self._next_slow = now + self.SLOW_EVERY_S
         self.counters.gauges[GAUGE["heartbeat_ns"]] = time.monotonic_ns()
-        pipeline = self.loop.pipeline
         if now >= self._next_sweep:
-            self._next_sweep = now + 1.0
-            pipeline.ct.sweep(slots=8192)
-            pipeline.switch.macs.expire(time.monotonic_ns())
-            self.counters.gauges[GAUGE["flows"]] = pipeline.ct.count()
+            self._next_sweep = now + self.SWEEP_EVERY_S
+            self._sweep()
         while self.conn.poll(0):
-            request = self.conn.recv()
-            if request[0] == "flows":
-                self.conn.send(("flows", pipeline.ct.flows(int(request[1]))))
-            elif request[0] == "ports":
-                self.conn.send(("ports", {
-                    p.ifname: {**p.stats(), "xdp_mode": p.xdp_mode} for p in self.loop.ports}))
+            self._serve(self.conn.recv())
+
+    def _sweep(self) -> None:
+        self._refresh_node_addrs()
+        pods = self._zones()
+        if self.loop.pipeline.tables is not None:  # before the first tables nothing is judged yet
+            self.counters.gauges[GAUGE["expired"]] += F.expire(self.kernel, self.timeouts, pods)
+        self.counters.gauges[GAUGE["flows"]] = len(self.kernel.dump()[0])
+
+    def _refresh_node_addrs(self) -> None:
+        from fastpath.netlink import local_addresses
+        addrs = sorted(local_addresses())
+        if addrs != self._node_addrs:
+            self.kernel.set_node_addrs(addrs)
+            self._node_addrs = addrs
+
+    def _zones(self) -> dict[int, list[str]]:
+        return {h.zone: h.ips for h in self.loop.pods.values()}
+
+    def _serve(self, request) -> None:
+        rid, kind, payload = request
+        try:
+            value = getattr(self, f"_do_{kind}")(payload)
+            self.conn.send((rid, True, value))
+        except Exception as e:  # one request's failure is its own, never the loop's
+            logger.warning("Dataplane request %s failed: %s", kind, e)
+            self.conn.send((rid, False, f"{type(e).__name__}: {e}"))
+
+    def _do_attach(self, sb: dict) -> dict:
+        extra = self.pods_extra.get(sb["id"], {})
+        mac = bytes.fromhex(sb["mac"].replace(":", "")) if sb.get("mac") else None
+        hooks = self.loop.add_pod(sb["id"], sb["netns"], sb["ifname"], sb["host_ifname"],
+                                  extra.get("ips") or sb.get("ips") or [], mac,
+                                  ready=bool(extra.get("ready")) and self.loop.pipeline.tables is not None,
+                                  isolated=extra.get("isolated", True))
+        self.counters.gauges[GAUGE["pods"]] = len(self.loop.pods)
+        return {"zone": hooks.zone, "egress_socket": hooks.egress, "ingress_socket": hooks.ingress}
+
+    def _do_detach(self, sandbox_id: str) -> bool:
+        done = self.loop.remove_pod(sandbox_id)
+        self.counters.gauges[GAUGE["pods"]] = len(self.loop.pods)
+        return done
+
+    def _do_pods(self, _) -> list[str]:
+        return list(self.loop.pods)
+
+    def _do_flows(self, limit) -> list[dict]:
+        refs = {h.zone: self.pods_extra.get(h.sandbox, {}).get("ref") for h in self.loop.pods.values()}
+        return F.listing(self.kernel, int(limit), refs)
+
+    def _do_stats(self, _) -> dict:
+        return {"ports": self.loop.port_stats(), "hooks": self.kernel.kstats(),
+                "flow_capacity": self.kernel.flow_capacity, "node_addresses": self._node_addrs}
 
     def _take_tables(self) -> None:
-        gen, header, data, bindings = self.reader.take()
+        gen, header, data, extra, hits = self.reader.take()
         tables = self._unpack(header, data)
-        self.loop.pipeline.set_tables(tables, bindings)
+        self.pods_extra = extra.get("pods", {})
+        self.loop.pipeline.set_services(extra.get("services", []))
+        self.loop.set_tables(tables, self.timeouts, hits)
+        for sandbox, h in self.loop.pods.items():
+            info = self.pods_extra.get(sandbox, {})
+            self.loop.set_pod(sandbox, info.get("ips") or h.ips, bool(info.get("ready")),
+                              bool(info.get("isolated", True)))
+        done = F.recheck(self.kernel, tables, self.timeouts, self._zones(), self.loop.pipeline.services)
+        g = self.counters.gauges
+        g[GAUGE["revision"]] = tables.revision
+        g[GAUGE["rechecks"]] += 1
+        g[GAUGE["flows_cut"]] += done["cut"]
+        g[GAUGE["recheck_ns"]] = done["ns"]
         self.reader.in_force(gen)

@@ -1,14 +1,16 @@
-"""End to end: real TCP, UDP and crafted SCTP through the dataplane worker.
+"""End to end: real TCP, UDP and crafted frames through hooks beside a routed CNI.
 
-Topology (fresh namespaces, 198.18.0.0/15 on-link, no routes out)::
+Topology (fresh namespaces, 198.18.0.0/15 only, no routes out), wired the way the
+reference ``ptp`` CNI plugin wires pods: each pod's eth0 holds its /32 and a default
+route via the gateway 198.18.10.254, which every host-side veth holds too::
 
-    [pod a] eth0 198.18.10.1 ==veth== pa \\
-    [pod b] eth0 198.18.10.2 ==veth== pb  [node ns: mcnp Dataplane]  upl ==veth== eth0 198.18.20.1 [remote r]
+    [pod a] eth0 198.18.10.1 ==veth== pa \
+    [pod b] eth0 198.18.10.2 ==veth== pb  [node: routes, ip_forward; mcnp]  upl 198.18.20.254 ==veth== 198.18.20.1 [r]
     [pod c] eth0 198.18.10.3 ==veth== pc /
 
-Policy (revision 1), on pod b, ingress only: from pods app=a on TCP 8080 and
-UDP 5353; from ipBlock 198.18.20.0/24 on SCTP 3868.  Pod a's egress and pod
-c are not isolated.  Revision 2 drops the TCP rule: an established
+mcnp hooks both ends of each pod's veth; the node routes.  Policy (revision 1), on
+pod b, ingress only: from pods app=a on TCP 8080 and UDP 5353; from ipBlock
+198.18.20.0/24 on SCTP 3868.  Revision 2 drops the TCP rule: an established
 connection from a to b must then be cut.
 """
 
@@ -46,30 +48,54 @@ def tables(revision: int, tcp: bool):
     from tests.builders import make_clusterset, make_pod
     pods = [make_pod("default", name, IPS[name], {"app": name}) for name in "abc"]
     cset = make_clusterset({"c1": pods + policies(tcp)})
-    return compile_tables(cset, lambda pod: pod.node == "node-1", revision)
+    return compile_tables(cset, lambda pod: pod.cluster == "c1", revision)
+
+
+GATEWAY = "198.18.10.254"
+
+
+def wire_ptp(node: str, pod_ns: str, host_if: str, ip: str) -> None:
+    """What the ptp plugin does for one pod."""
+    nu.veth_pair("eth0", pod_ns, host_if, node)
+    nu.add_address(pod_ns, "eth0", f"{ip}/32")
+    nu.ip("route", "add", GATEWAY, "dev", "eth0", "scope", "link", ns=pod_ns)
+    nu.ip("route", "add", "198.18.0.0/15", "via", GATEWAY, "dev", "eth0", ns=pod_ns)
+    nu.add_address(node, host_if, f"{GATEWAY}/32")
+    nu.ip("route", "add", f"{ip}/32", "dev", host_if, "scope", "link", ns=node)
+
+
+def sandbox(hosts, name) -> dict:
+    mac = nu.ip("-br", "link", "show", "eth0", ns=hosts[name]).stdout.split()[2]
+    return {"id": f"sandbox-{name}", "netns": f"{nu.NETNS_DIR}/{hosts[name]}", "ifname": "eth0",
+            "host_ifname": f"p{name}", "ips": [IPS[name]], "mac": mac}
 
 
 @pytest.fixture(scope="module")
 def net():
-    """Namespaces, veths and a running Dataplane; torn down whatever happens."""
+    """Namespaces, veths, routes and a running Dataplane; torn down whatever happens."""
     from fastpath.worker import Dataplane
     with contextlib.ExitStack() as stack:
         node = stack.enter_context(nu.netns("node"))
         hosts = {name: stack.enter_context(nu.netns(name)) for name in "abcr"}
+        nu.run_in(node, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
         for name in "abc":
-            nu.veth_pair("eth0", hosts[name], f"p{name}", node)
+            wire_ptp(node, hosts[name], f"p{name}", IPS[name])
         nu.veth_pair("eth0", hosts["r"], "upl", node)
-        for name, ns in hosts.items():
-            nu.add_address(ns, "eth0", f"{IPS[name]}/15")
-        dp = Dataplane({"pa": "c1/default/a", "pb": "c1/default/b", "pc": "c1/default/c"},
-                       uplink="upl", netns=node)
+        nu.add_address(node, "upl", "198.18.20.254/24")
+        nu.add_address(hosts["r"], "eth0", f"{IPS['r']}/24")
+        nu.ip("route", "add", "198.18.10.0/24", "via", "198.18.20.254", ns=hosts["r"])
+        dp = Dataplane(netns=node)
         stack.callback(dp.close)
         dp.wait_ready(15)
+        for name in "abc":
+            dp.attach(sandbox(hosts, name))
         yield dp, hosts, node
 
 
 def publish(dp, revision, tcp=True):
-    dp.publish(tables(revision, tcp), {f"p{n}": [IPS[n]] for n in "abc"})
+    dp.publish(tables(revision, tcp), {f"sandbox-{n}": {"ref": f"c1/default/{n}", "ips": [IPS[n]],
+                                                       "ready": True, "isolated": n == "b"}
+                                       for n in "abc"})
     deadline = time.monotonic() + 5
     while dp.revision_in_force() != revision:
         assert time.monotonic() < deadline, "worker did not take the new tables"
@@ -192,7 +218,8 @@ def test_tcp_and_udp_allowed_denied_and_replies(net):
         c.close()
     stats = dp.stats()
     assert stats["verdicts"]["drop"]["denied_ingress"] >= 3
-    assert stats["verdicts"]["pass"]["reply"] >= 2
+    # replies and later packets pass in the kernel, on the flows userspace admitted
+    assert stats["hooks"]["pass_flow"] >= 4
     assert any(f["dport"] == 5353 and f["packets"][1] >= 1 for f in dp.flows())
 
 
@@ -209,7 +236,9 @@ def test_policy_change_cuts_an_established_connection(net):
         finally:
             c.close()
     assert dp.stats()["flows_cut"] >= 1
-    assert not any(f["dport"] == 8080 and f["revision"] == 11 for f in dp.flows())
+    flows = [f for f in dp.flows() if f["dport"] == 8080 and f["revision"] == 11]
+    # a's egress is not isolated: its side of the flow stands; b's side is gone
+    assert flows and not any(f["pod"] == "c1/default/b" for f in flows)
 
 
 def sctp_frame(dst_mac, dport, chunk=1):
@@ -222,7 +251,8 @@ def test_sctp_judged_from_crafted_frames(net):
     """This kernel has no SCTP sockets: raw frames from r, captured at b."""
     dp, hosts, _ = net
     publish(dp, 20)
-    b_mac = nu.ip("-br", "link", "show", "eth0", ns=hosts["b"]).stdout.split()[2]
+    dp, hosts, node = net
+    gw_mac = nu.ip("-br", "link", "show", "upl", ns=node).stdout.split()[2]  # r's next hop
     with nu.in_netns(hosts["b"]):
         cap = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
     with nu.in_netns(hosts["r"]):
@@ -232,7 +262,7 @@ def test_sctp_judged_from_crafted_frames(net):
         cap.settimeout(0.2)
         tx.bind(("eth0", 0))
         for dport in (3868, 3869):
-            tx.send(sctp_frame(b_mac, dport))
+            tx.send(sctp_frame(gw_mac, dport))
         seen = set()
         deadline = time.monotonic() + 2
         while time.monotonic() < deadline:

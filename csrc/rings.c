@@ -11,11 +11,13 @@
  * what lets a frame received on one port be transmitted on another without a
  * userspace copy.
  *
- * Kernel facts this code relies on (DESIGN.md section 3): copy mode only;
- * libxdp must not load its dispatcher, so the XDP program is loaded with
- * libbpf and attached per port; bind fails with EBUSY for a while after a
- * socket on the same queue closed; copy-mode TX sends at most 32 frames per
- * sendto() kick.
+ * Kernel facts this code relies on (docs/dataplane.md, "Kernel facts"):
+ * copy mode only on veth; libxdp must not load its dispatcher (sockets are
+ * made with XSK_LIBXDP_FLAGS__INHIBIT_PROG_LOAD; csrc/kernel.c loads and
+ * attaches the hooks); bind fails with EBUSY for a while after a socket on
+ * the same queue closed; copy-mode TX sends at most 32 frames per sendto()
+ * kick.  A socket belongs to the network namespace it was made in: the
+ * caller enters a pod's namespace before opening its port there.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -33,7 +35,7 @@
 #include <linux/if_link.h>
 #include <xdp/xsk.h>
 
-#include "mcnp_xsk.h"
+#include "mcnp_rings.h"
 
 #define BIND_RETRIES 100        /* x BIND_RETRY_NS: up to 2 s of EBUSY */
 #define BIND_RETRY_NS 20000000L
@@ -67,14 +69,8 @@ struct mcnp_port {
     struct xsk_ring_prod tx;
     struct xsk_ring_prod fill;
     struct xsk_ring_cons comp;
-    struct bpf_object *obj;
-    int prog_fd;
-    int xsks_map_fd;
-    int stats_map_fd;
-    int link_fd;
     int ifindex;
     uint32_t queue_id;
-    int xdp_mode;
     uint32_t fill_target;
     uint32_t tx_per_kick;       /* frames one sendto() may send in copy mode */
     struct mcnp_port_stats st;
@@ -246,86 +242,9 @@ void mcnp_pool_free(struct mcnp_umem *u, const uint64_t *addrs, uint32_t n)
         pool_put(u, addrs[i]);
 }
 
-uint32_t mcnp_frames_copy(struct mcnp_umem *u, const uint64_t *src, const uint32_t *lens,
-                          uint64_t *dst, uint32_t n)
-{
-    uint32_t i;
-    for (i = 0; i < n && u->pool_n > 0; i++) {
-        uint32_t len = lens[i];
-        if (src[i] >= u->size || len > u->frame_size ||
-            len > u->frame_size - (src[i] & (u->frame_size - 1)))
-            len = 0; /* invalid source: hand out an empty frame, never overrun */
-        dst[i] = pool_take(u);
-        memcpy(u->area + dst[i], u->area + src[i], len);
-    }
-    return i;
-}
-
 /* ---- ports --------------------------------------------------------------- */
 
 static int kick(struct mcnp_port *p);
-
-static int load_program(struct mcnp_port *p, const char *path)
-{
-    struct bpf_program *prog;
-    int err;
-
-    p->obj = bpf_object__open_file(path, NULL);
-    if (!p->obj) {
-        err = -errno;
-        p->obj = NULL;
-        return err ? err : -ENOENT;
-    }
-    err = bpf_object__load(p->obj);
-    if (err)
-        return err;
-    prog = bpf_object__find_program_by_name(p->obj, MCNP_XDP_PROG_NAME);
-    if (!prog)
-        return -ENOENT;
-    p->prog_fd = bpf_program__fd(prog);
-    p->xsks_map_fd = bpf_object__find_map_fd_by_name(p->obj, MCNP_XSKS_MAP_NAME);
-    p->stats_map_fd = bpf_object__find_map_fd_by_name(p->obj, MCNP_STATS_MAP_NAME);
-    if (p->prog_fd < 0 || p->xsks_map_fd < 0 || p->stats_map_fd < 0)
-        return -ENOENT;
-    return 0;
-}
-
-/* Attach through a BPF link: it holds the device, so detaching works from any
- * network namespace, and the kernel detaches it when the last fd closes, so a
- * crashed daemon leaves no program behind. */
-static int attach_program(struct mcnp_port *p, int mode)
-{
-    static const int order[][2] = {
-        { MCNP_XDP_NATIVE, XDP_FLAGS_DRV_MODE },
-        { MCNP_XDP_GENERIC, XDP_FLAGS_SKB_MODE },
-    };
-    int err = -EINVAL;
-    unsigned k;
-
-    for (k = 0; k < 2; k++) {
-        LIBBPF_OPTS(bpf_link_create_opts, opts, .flags = (uint32_t)order[k][1]);
-        if (mode != MCNP_XDP_AUTO && mode != order[k][0])
-            continue;
-        p->link_fd = bpf_link_create(p->prog_fd, p->ifindex, BPF_XDP, &opts);
-        if (p->link_fd >= 0) {
-            p->xdp_mode = order[k][0];
-            return 0;
-        }
-        err = -errno;
-    }
-    p->link_fd = -1;
-    return err;
-}
-
-static void detach_program(struct mcnp_port *p)
-{
-    if (p->link_fd >= 0) {
-        bpf_link_detach(p->link_fd);
-        close(p->link_fd);
-    }
-    p->link_fd = -1;
-    p->xdp_mode = 0;
-}
 
 /* Copy-mode TX sends at most 32 frames per sendto() by default, so a batch of
  * 256 frames for one port took 8 kicks, each a system call with its own
@@ -425,47 +344,32 @@ static void drain_rings(struct mcnp_port *p)
 }
 
 int mcnp_port_open(struct mcnp_port **out, struct mcnp_umem *u, const char *ifname,
-                   const char *bpf_obj_path, uint32_t queue_id, int xdp_mode,
-                   uint32_t fill_target)
+                   uint32_t queue_id, uint32_t fill_target)
 {
     struct mcnp_port *p;
     int err;
 
     *out = NULL;
-    if (queue_id >= MCNP_XSKS_MAX || xdp_mode < MCNP_XDP_AUTO || xdp_mode > MCNP_XDP_GENERIC)
-        return -EINVAL;
     p = calloc(1, sizeof(*p));
     if (!p)
         return -ENOMEM;
     p->u = u;
     p->queue_id = queue_id;
-    p->prog_fd = p->xsks_map_fd = p->stats_map_fd = p->link_fd = -1;
     p->fill_target = fill_target < u->ring_size ? fill_target : u->ring_size;
     p->ifindex = (int)if_nametoindex(ifname);
     if (!p->ifindex) {
-        err = -ENODEV;
-        goto fail;
+        free(p);
+        return -ENODEV;
     }
-    err = load_program(p, bpf_obj_path);
-    if (err)
-        goto fail;
     err = create_socket(p, ifname);
-    if (err)
-        goto fail;
+    if (err) {
+        free(p);
+        return err < 0 ? err : -err;
+    }
     u->nports++;
     refill(p);
-    err = xsk_socket__update_xskmap(p->xsk, p->xsks_map_fd);
-    if (err)
-        goto fail;
-    /* Attach last: by the time frames are redirected, a socket is waiting. */
-    err = attach_program(p, xdp_mode);
-    if (err)
-        goto fail;
     *out = p;
     return 0;
-fail:
-    mcnp_port_close(p);
-    return err < 0 ? err : -err;
 }
 
 void mcnp_port_close(struct mcnp_port *p)
@@ -474,57 +378,25 @@ void mcnp_port_close(struct mcnp_port *p)
         return;
     if (p->xsk && p->st.tx_outstanding)
         kick(p); /* let queued frames go out and come back to the pool */
-    detach_program(p);
     if (p->xsk) {
-        uint32_t key = p->queue_id;
-        bpf_map_delete_elem(p->xsks_map_fd, &key);
         drain_rings(p);
         xsk_socket__delete(p->xsk);
         p->xsk = NULL;
         p->u->nports--;
     }
-    if (p->obj)
-        bpf_object__close(p->obj);
     free(p);
 }
 
 int mcnp_port_fd(struct mcnp_port *p) { return xsk_socket__fd(p->xsk); }
-int mcnp_port_xdp_mode(struct mcnp_port *p) { return p->xdp_mode; }
 
 void mcnp_port_get_stats(struct mcnp_port *p, struct mcnp_port_stats *out)
 {
     *out = p->st;
 }
 
-int mcnp_port_xdp_counters(struct mcnp_port *p, uint64_t *out, uint32_t n)
-{
-    int ncpu = libbpf_num_possible_cpus();
-    uint64_t *vals;
-    uint32_t key;
-    int c, err = 0;
-
-    if (ncpu <= 0)
-        return ncpu ? ncpu : -EINVAL;
-    vals = calloc((size_t)ncpu, sizeof(uint64_t));
-    if (!vals)
-        return -ENOMEM;
-    for (key = 0; key < n && key < MCNP_STATS_MAX; key++) {
-        out[key] = 0;
-        err = bpf_map_lookup_elem(p->stats_map_fd, &key, vals);
-        if (err) {
-            err = -errno;
-            break;
-        }
-        for (c = 0; c < ncpu; c++)
-            out[key] += vals[c];
-    }
-    free(vals);
-    return err;
-}
-
 /* ---- batch RX / TX ---------------------------------------------------- */
 
-int mcnp_rx_batch(struct mcnp_port *p, uint64_t *addrs, uint32_t *lens, uint32_t max)
+int mcnp_port_rx(struct mcnp_port *p, uint64_t *addrs, uint32_t *lens, uint32_t max)
 {
     uint32_t idx, got, i;
 
@@ -559,12 +431,11 @@ static int kick(struct mcnp_port *p)
     return 0;
 }
 
-int mcnp_tx_batch(struct mcnp_port *p, const uint64_t *addrs, const uint32_t *lens,
+int mcnp_port_tx(struct mcnp_port *p, const uint64_t *addrs, const uint32_t *lens,
                   uint32_t n)
 {
     struct mcnp_umem *u = p->u;
     uint32_t idx = 0, got, i, q = 0;
-    int err;
 
     mcnp_port_reap(p);
     /* reserve() is all-or-nothing: ask for what fits. */
@@ -592,6 +463,8 @@ int mcnp_tx_batch(struct mcnp_port *p, const uint64_t *addrs, const uint32_t *le
     xsk_ring_prod__submit(&p->tx, q);
     p->st.tx_queued += q;
     p->st.tx_outstanding += q;
-    err = kick(p);
-    return err ? err : (int)q;
+    /* A kick that fails is this port's fault, counted in kick_errors; the
+     * frames stay queued for the next kick, and the other ports go on. */
+    kick(p);
+    return (int)q;
 }

@@ -1,46 +1,40 @@
-"""AF_XDP ports over one shared UMEM: the packet loop's only view of the rings.
+"""AF_XDP sockets over one shared UMEM: the packet loop's view of the rings.
 
 Model
 -----
 A :class:`Umem` is one block of frames (``frames`` x ``frame_size`` bytes)
 shared by the sockets of every :class:`Port`, plus a pool of free frames.
-Because all ports share it, a frame received on one port can be transmitted
-on another by address, without a copy.  Frames are named by their UMEM
-address (uint64); ``umem.buf`` is the whole UMEM as a writable uint8 numpy
-array, so ``buf[addr:addr+len]`` is a frame.
+Because all ports share it, a frame received on one end of a pod's veth is
+sent on the other end by address, without a copy.  Frames are named by their
+UMEM address (uint64); ``umem.buf`` is the whole UMEM as a writable uint8
+numpy array, so ``buf[addr:addr+len]`` is a frame.
 
 Ownership of a frame is explicit and moves, never shared:
 
 * :meth:`Port.rx` / :meth:`Port.rx_into` hand received frames to the caller;
 * the caller then passes each to exactly one of :meth:`Port.tx` (the port
-  owns it until its completion returns it to the pool), :meth:`Umem.free`
-  (dropped), or keeps it (and frees it later);
-* :meth:`Umem.copy` makes fresh frames holding the same bytes (for flooding
-  one frame to several ports: copy for all destinations but one).
+  owns it until its completion returns it to the pool) or :meth:`Umem.free`
+  (dropped).
 
 Each method crosses the FFI once per batch.  Completions are reaped and fill
-rings refilled inside ``rx``/``tx``; nothing needs a timer.
+rings refilled inside ``rx``/``tx``; nothing needs a timer.  The pool has no
+lock: one thread (the packet loop) uses a Umem and its ports.
 
 Lifetime
 --------
-Use ``with Umem(...) as umem, Port(umem, "veth0") as p:`` or call
-``close()``.  Closing a port detaches its XDP program, removes the socket
-from the XSKMAP, returns its frames to the pool and closes the socket;
-closing a Umem closes its remaining ports first.  Every live Umem is also
-closed at interpreter exit (atexit).  SIGTERM does not run atexit handlers:
-the loop owner should turn SIGTERM/SIGINT into a normal exit (e.g.
-``loop.add_signal_handler(SIGTERM, stop)``, then let the ``with`` blocks
-unwind).  The program is attached through a BPF link, so if the process dies
-anyway the kernel detaches it; nothing stale is left on the interface.
+A Port is only a socket: the hook that hands it frames is attached apart
+(:mod:`fastpath.kernel`), and the socket receives once its fd is registered
+in the hooks' XSKMAP.  Closing a port returns every frame the kernel still
+held for it to the pool and closes the socket; closing a Umem closes its
+remaining ports first.  Every live Umem is also closed at interpreter exit.
 
-Namespaces: a Port must be opened while the calling thread is in the network
-namespace of its interface; afterwards it works from any thread and
-namespace.  The Umem itself does not care where it is made (its own socket is
-parked on a loopback device, in a private namespace when allowed), so ports
-can be opened and closed in any order, also on the same interface again.
+Namespaces: a Port is opened while the calling thread is in the network
+namespace of its interface (a pod's eth0 lives in the pod's); the socket
+stays bound there.  The Umem's own socket is parked on a loopback device, in
+a private namespace when allowed, so ports open and close in any order.
 
 Errors: every C failure becomes :class:`XskError` (an ``OSError`` with the
-errno) in :func:`_check`, the only place that interprets C return codes.
+errno) in :func:`_check`, the only place that interprets these return codes.
 """
 
 from __future__ import annotations
@@ -53,18 +47,9 @@ import os
 
 import numpy as np
 
-from fastpath._xsk import ffi, lib
+from fastpath._dp import ffi, lib
 
 logger = logging.getLogger(__name__)
-
-#: The XDP object built from csrc/xdp_redirect.bpf.c, shipped in the package.
-BPF_OBJECT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "xdp_redirect.bpf.o")
-
-XDP_MODES = {"auto": lib.MCNP_XDP_AUTO, "native": lib.MCNP_XDP_NATIVE,
-             "generic": lib.MCNP_XDP_GENERIC}
-_MODE_NAMES = {lib.MCNP_XDP_NATIVE: "native", lib.MCNP_XDP_GENERIC: "generic", 0: "detached"}
-XDP_ACTIONS = ("aborted", "drop", "pass", "tx", "redirect")
-
 
 class XskError(OSError):
     """A failed AF_XDP/BPF operation; ``errno`` holds the kernel's error."""
@@ -156,19 +141,6 @@ class Umem:
         """Return frames the caller owns to the pool (any address inside a frame)."""
         lib.mcnp_pool_free(self._c, _u64(addrs), len(addrs))
 
-    def copy(self, addrs: np.ndarray, lens: np.ndarray) -> np.ndarray:
-        """Duplicate frames into fresh pool frames; returns the new addresses.
-
-        The result is shorter than ``addrs`` when the pool runs dry; the new
-        frames hold the same ``lens`` bytes and belong to the caller.
-        """
-        if len(lens) < len(addrs):
-            raise ValueError("lens is shorter than addrs")
-        out = np.empty(len(addrs), dtype=np.uint64)
-        got = lib.mcnp_frames_copy(self._c, _u64(addrs), _u32(lens),
-                                   ffi.from_buffer("uint64_t[]", out), len(addrs))
-        return out[:got]
-
     def close(self) -> None:
         """Close every port of this UMEM, then unregister it.  Idempotent."""
         if not self._c:
@@ -189,41 +161,24 @@ class Umem:
 
 
 class Port:
-    """One interface: the XDP program attached to it and its AF_XDP socket.
+    """One AF_XDP socket on queue ``queue`` of ``ifname``, sharing ``umem``.
 
-    Opening loads ``bpf_object`` (default: the package's
-    ``xdp_redirect.bpf.o``), creates the socket on ``queue`` sharing
-    ``umem`` (copy mode, need-wakeup; bind retried on EBUSY for up to 2 s),
-    pre-fills the fill ring with ``fill`` frames (default ring_size / 2),
-    registers the socket in the program's XSKMAP, and attaches the program
-    (``xdp_mode`` "auto": native, else generic).  Raises XskError on failure,
-    leaving nothing attached.
-
-    ``fd`` is the socket's file descriptor, readable when frames wait (for
-    ``select``/``poll``/``loop.add_reader``).
+    Made in copy mode with need-wakeup (bind retried on EBUSY for up to 2 s),
+    its fill ring kept at ``fill`` frames (default 32).  ``fd`` is the socket's
+    file descriptor (register it in the XSKMAP; poll it for frames).
     """
 
-    def __init__(self, umem: Umem, ifname: str, *, queue: int = 0, xdp_mode: str = "auto",
-                 fill: int | None = None, bpf_object: str | None = None):
-        if xdp_mode not in XDP_MODES:
-            raise ValueError(f"xdp_mode must be one of {sorted(XDP_MODES)}")
+    def __init__(self, umem: Umem, ifname: str, *, queue: int = 0, fill: int = 32):
         self.umem = umem
         self.ifname = ifname
         self.queue = queue
         out = ffi.new("struct mcnp_port **")
-        fill = umem.ring_size // 2 if fill is None else fill
-        _check(lib.mcnp_port_open(out, umem._c, ifname.encode(),
-                                  (bpf_object or BPF_OBJECT).encode(), queue,
-                                  XDP_MODES[xdp_mode], fill),
-               f"opening AF_XDP port {ifname} queue {queue}")
+        _check(lib.mcnp_port_open(out, umem._c, ifname.encode(), queue, fill),
+               f"opening an AF_XDP socket on {ifname} queue {queue}")
         self._c = out[0]
         self.fd = lib.mcnp_port_fd(self._c)
-        self.xdp_mode = _MODE_NAMES[lib.mcnp_port_xdp_mode(self._c)]
         self._stats = ffi.new("struct mcnp_port_stats *")
-        self._counters = ffi.new("uint64_t[]", len(XDP_ACTIONS))
         umem._ports.add(self)
-        logger.info("Port %s queue %d opened with %s XDP.", ifname, queue, self.xdp_mode)
-
 
     def c_address(self) -> int:
         """Address of the C ``struct mcnp_port`` (see :meth:`Umem.c_address`)."""
@@ -241,7 +196,7 @@ class Port:
         if room < 0:
             raise ValueError("offset beyond the arrays")
         want = room if max is None else min(max, room)
-        return _check(lib.mcnp_rx_batch(self._c, _u64(addrs) + offset, _u32(lens) + offset,
+        return _check(lib.mcnp_port_rx(self._c, _u64(addrs) + offset, _u32(lens) + offset,
                                         want), f"receiving on {self.ifname}")
 
     def rx(self, max: int = 256) -> tuple[np.ndarray, np.ndarray]:
@@ -264,7 +219,7 @@ class Port:
             raise ValueError("addrs and lens differ in length")
         if n == 0:
             return 0
-        return _check(lib.mcnp_tx_batch(self._c, _u64(addrs), _u32(lens), n),
+        return _check(lib.mcnp_port_tx(self._c, _u64(addrs), _u32(lens), n),
                       f"transmitting on {self.ifname}")
 
     def reap(self) -> int:
@@ -277,24 +232,17 @@ class Port:
         return {name: int(getattr(self._stats, name))
                 for name, _ in ffi.typeof("struct mcnp_port_stats").fields}
 
-    def xdp_counters(self) -> dict[str, int]:
-        """Frames per XDP action of this port's program (summed over CPUs)."""
-        _check(lib.mcnp_port_xdp_counters(self._c, self._counters, len(XDP_ACTIONS)),
-               f"reading XDP counters of {self.ifname}")
-        return dict(zip(XDP_ACTIONS, (int(v) for v in self._counters)))
-
     @property
     def closed(self) -> bool:
         return self._c is None
 
     def close(self) -> None:
-        """Detach the program, close the socket, give frames back.  Idempotent."""
+        """Close the socket and give its frames back.  Idempotent."""
         if getattr(self, "_c", None) is None:
             return
         lib.mcnp_port_close(self._c)
         self._c = None
         self.umem._ports.discard(self)
-        logger.info("Port %s queue %d closed.", self.ifname, self.queue)
 
     def __enter__(self) -> "Port":
         return self
@@ -303,14 +251,4 @@ class Port:
         self.close()
 
 
-def rx(port: Port, max: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Receive up to ``max`` frames from ``port`` (see :meth:`Port.rx`)."""
-    return port.rx(max)
-
-
-def tx(port: Port, addrs: np.ndarray, lens: np.ndarray) -> int:
-    """Transmit frames on ``port`` (see :meth:`Port.tx`)."""
-    return port.tx(addrs, lens)
-
-
-__all__ = ["BPF_OBJECT", "XDP_ACTIONS", "XDP_MODES", "Port", "Umem", "XskError", "rx", "tx"]
+__all__ = ["Port", "Umem", "XskError"]

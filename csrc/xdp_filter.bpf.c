@@ -1,0 +1,443 @@
+// SPDX-License-Identifier: GPL-2.0
+/* The hook on one end of a pod's veth pair.
+ *
+ * mcnp filters beside the node's CNI: every pod gets this program on both ends
+ * of its veth, the node-side end (frames leaving the pod: its egress) and the
+ * pod's eth0 (frames entering it: its ingress).  Each attachment is its own
+ * instance, told at load time which pod (zone) and which end it serves.
+ *
+ * Per frame, in order:
+ *   1. ARP and IPv6 neighbour discovery pass, once the pod is the sender it
+ *      claims to be (rule S12: a pod cannot answer for a neighbour's address);
+ *      other non-IP frames pass only for a pod isolated in no direction.
+ *   2. The node's own traffic to and from its pods passes (rule S10).
+ *   3. A flow userspace admitted under the tables in force passes on the CNI's
+ *      path, with its state, counters and idle time kept here.
+ *   4. Everything else goes to the AF_XDP socket of this end, where userspace
+ *      judges it, records the flow here and sends the frame on through the
+ *      other end of the veth, so it comes back to step 3 and passes.
+ * The default is XDP_DROP: with no socket bound (daemon away) nothing that was
+ * not judged before passes, while admitted flows keep going (fail static).
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "mcnp_proto.h"
+
+/* Set by the loader for each instance (csrc/kernel.c). */
+const volatile struct mcnp_hook_cfg hook = {};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_XSKMAP);
+	__uint(max_entries, MCNP_XSKS_MAX);
+	__type(key, __u32);
+	__type(value, __u32);
+} xsks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1024); /* resized by the loader */
+	__type(key, struct mcnp_flow_key);
+	__type(value, struct mcnp_flow);
+} flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u64);
+	__type(value, struct mcnp_pod);
+} pods SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u8[16]);
+	__type(value, __u8);
+} node_addrs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct mcnp_config);
+} config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MCNP_K_COUNT);
+	__type(key, __u32);
+	__type(value, __u64);
+} kstats SEC(".maps");
+
+#define ETH_P_ARP_ 0x0806
+#define IPPROTO_ICMPV6_ 58
+#define IPPROTO_SCTP_ 132
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_ACK 0x10
+
+struct pkt {
+	struct mcnp_flow_key key;  /* oriented by this hook's pod */
+	__u8 src[16];
+	__u8 dst[16];
+	__u8 tcp_flags;
+	__u8 chunk;                /* SCTP: first chunk type */
+	__u8 icmp_type;
+	__u8 trackable;            /* key computed (no IPv6 extension headers) */
+	__u32 len;
+};
+
+static __always_inline int count(__u32 what, int action)
+{
+	__u64 *c = bpf_map_lookup_elem(&kstats, &what);
+	if (c)
+		*c += 1;
+	return action;
+}
+
+static __always_inline void v4_mapped(__u8 *out, __u32 addr)
+{
+	__builtin_memset(out, 0, 10);
+	out[10] = 0xff;
+	out[11] = 0xff;
+	__builtin_memcpy(out + 12, &addr, 4);
+}
+
+static __always_inline int addr_eq(const __u8 *a, const __u8 *b)
+{
+	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
+	return x[0] == y[0] && x[1] == y[1];
+}
+
+static __always_inline int mac_eq(const __u8 *a, const __u8 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] &&
+	       a[5] == b[5];
+}
+
+static __always_inline int pod_owns(const struct mcnp_pod *pod, const __u8 *addr)
+{
+	int i;
+#pragma unroll
+	for (i = 0; i < MCNP_POD_IPS; i++)
+		if (i < pod->n_ips && addr_eq(pod->ips[i], addr))
+			return 1;
+	return 0;
+}
+
+static __always_inline int is_node(const __u8 *addr)
+{
+	return bpf_map_lookup_elem(&node_addrs, addr) != NULL;
+}
+
+/* Rule S12 for ARP: the sender hardware address is the frame's source and
+ * the pod's MAC, the sender protocol address one of the pod's (0: a probe). */
+static __always_inline int arp_ok(void *data, void *end, const struct mcnp_pod *pod)
+{
+	struct ethhdr *eth = data;
+	__u8 *a = data + sizeof(*eth);
+	__u32 spa;
+	__u8 mapped[16];
+
+	if ((void *)(a + 28) > end)
+		return 0;
+	/* Ethernet/IPv4 ARP only: htype 1, ptype 0x0800, hlen 6, plen 4 */
+	if (a[0] != 0 || a[1] != 1 || a[2] != 0x08 || a[3] != 0 || a[4] != 6 || a[5] != 4)
+		return 0;
+	if (!mac_eq(a + 8, eth->h_source))
+		return 0;
+	if ((pod->flags & MCNP_POD_MAC_KNOWN) && !mac_eq(a + 8, pod->mac))
+		return 0;
+	__builtin_memcpy(&spa, a + 14, 4);
+	if (spa == 0)
+		return 1;
+	v4_mapped(mapped, spa);
+	return pod_owns(pod, mapped);
+}
+
+static __always_inline int link_local6(const __u8 *a)
+{
+	return a[0] == 0xfe && (a[1] & 0xc0) == 0x80;
+}
+
+static __always_inline int unspecified6(const __u8 *a)
+{
+	const __u64 *x = (const __u64 *)a;
+	return x[0] == 0 && x[1] == 0;
+}
+
+/* IPv4: the addresses, and ports or echo identifiers where there are any. */
+static __always_inline int parse_v4(void *data, void *end, struct pkt *p)
+{
+	struct iphdr {
+		__u8 vihl, tos;
+		__u16 tot_len, id, frag_off;
+		__u8 ttl, protocol;
+		__u16 check;
+		__u32 saddr, daddr;
+	} *ip = data + sizeof(struct ethhdr);
+	__u32 ihl;
+	__u8 *l4;
+
+	if ((void *)(ip + 1) > end)
+		return -1;
+	ihl = (ip->vihl & 0x0f) * 4;
+	if ((ip->vihl >> 4) != 4 || ihl < 20)
+		return -1;
+	v4_mapped(p->src, ip->saddr);
+	v4_mapped(p->dst, ip->daddr);
+	p->key.proto = ip->protocol;
+	if (bpf_ntohs(ip->frag_off) & 0x1fff)
+		return 0; /* a non-first fragment: no ports, judged with port 0 */
+	l4 = (__u8 *)ip + ihl;
+	if (ihl > 60)
+		return -1;
+	return (int)((long)l4 - (long)data);
+}
+
+static __always_inline int parse_v6(void *data, void *end, struct pkt *p)
+{
+	__u8 *ip = data + sizeof(struct ethhdr);
+
+	if ((void *)(ip + 40) > end)
+		return -1;
+	if ((ip[0] >> 4) != 6)
+		return -1;
+	__builtin_memcpy(p->src, ip + 8, 16);
+	__builtin_memcpy(p->dst, ip + 24, 16);
+	p->key.proto = ip[6];
+	switch (ip[6]) {
+	case IPPROTO_TCP:
+	case IPPROTO_UDP:
+	case IPPROTO_SCTP_:
+	case IPPROTO_ICMPV6_:
+		return sizeof(struct ethhdr) + 40;
+	}
+	p->trackable = 0; /* extension headers: userspace parses them */
+	return 0;
+}
+
+/* Ports (host order) as the packet carries them: sport, dport. */
+static __always_inline int parse_l4(void *data, void *end, int off, struct pkt *p,
+				    __u16 *sport, __u16 *dport)
+{
+	__u8 *h = data + (off & 0xff);
+
+	*sport = *dport = 0;
+	switch (p->key.proto) {
+	case IPPROTO_TCP:
+		if ((void *)(h + 14) > end)
+			return -1;
+		p->tcp_flags = h[13];
+		break;
+	case IPPROTO_UDP:
+		if ((void *)(h + 8) > end)
+			return -1;
+		break;
+	case IPPROTO_SCTP_:
+		if ((void *)(h + 13) > end)
+			return -1;
+		p->chunk = h[12];
+		break;
+	case IPPROTO_ICMP:
+	case IPPROTO_ICMPV6_:
+		if ((void *)(h + 8) > end)
+			return -1;
+		p->icmp_type = h[0];
+		/* echo request/reply: the identifier is both "ports" */
+		if (h[0] == 8 || h[0] == 0 || h[0] == 128 || h[0] == 129) {
+			*sport = *dport = ((__u16)h[4] << 8) | h[5];
+			return 0;
+		}
+		*sport = *dport = ((__u16)h[0] << 8) | h[1]; /* type and code */
+		return 0;
+	default:
+		return 0;
+	}
+	*sport = ((__u16)h[0] << 8) | h[1];
+	*dport = ((__u16)h[2] << 8) | h[3];
+	return 0;
+}
+
+static __always_inline int is_echo_request(__u8 type) { return type == 8 || type == 128; }
+
+/* Rule S12 for neighbour discovery sent by the pod: its source is one of its
+ * addresses, link-local or unspecified (DAD); an advertisement's target too. */
+static __always_inline int nd_ok(void *data, void *end, struct pkt *p, const struct mcnp_pod *pod)
+{
+	__u8 *icmp = data + sizeof(struct ethhdr) + 40;
+
+	if (!(link_local6(p->src) || unspecified6(p->src) || pod_owns(pod, p->src)))
+		return 0;
+	if (p->icmp_type == 136) {
+		if ((void *)(icmp + 24) > end)
+			return 0;
+		return link_local6(icmp + 8) || pod_owns(pod, icmp + 8);
+	}
+	return 1;
+}
+
+static __always_inline int is_nd(__u8 type)
+{
+	return (type >= 133 && type <= 137) || (type >= 130 && type <= 132) || type == 143;
+}
+
+/* Advance the flow's state with a packet of it; returns 0 when the packet must
+ * be judged again instead (a new connection on the tuple of a closed one). */
+static __always_inline int follow(struct mcnp_flow *f, struct pkt *p, int from_opener)
+{
+	__u8 st = f->state;
+
+	if (p->key.proto == IPPROTO_TCP) {
+		__u8 fl = p->tcp_flags;
+		if ((fl & TCP_SYN) && !(fl & TCP_ACK) && from_opener &&
+		    (st == MCNP_CTS_TCP_CLOSED || st == MCNP_CTS_TCP_CLOSING))
+			return 0;
+		if (fl & TCP_RST) {
+			st = MCNP_CTS_TCP_CLOSED;
+		} else if (fl & TCP_FIN) {
+			f->fin |= from_opener ? 1 : 2;
+			st = f->fin == 3 ? MCNP_CTS_TCP_CLOSED : MCNP_CTS_TCP_CLOSING;
+		} else if (st == MCNP_CTS_TCP_OPENING && !from_opener) {
+			st = MCNP_CTS_TCP_ESTABLISHED;
+		}
+	} else if (p->key.proto == IPPROTO_SCTP_) {
+		__u8 c = p->chunk;
+		if (c == 1 && from_opener && (st == MCNP_CTS_SCTP_CLOSED || st == MCNP_CTS_SCTP_CLOSING))
+			return 0;
+		if (c == 6 || c == 14)
+			st = MCNP_CTS_SCTP_CLOSED;
+		else if (c == 7 || c == 8)
+			st = MCNP_CTS_SCTP_CLOSING;
+		else if (st == MCNP_CTS_SCTP_OPENING && !from_opener)
+			st = MCNP_CTS_SCTP_ESTABLISHED;
+	}
+	f->state = st;
+	return 1;
+}
+
+/* Step 3: a cached flow of the revision in force, not idle past its timeout. */
+static __always_inline int cached(struct pkt *p)
+{
+	__u32 zero = 0;
+	struct mcnp_config *cfg = bpf_map_lookup_elem(&config, &zero);
+	struct mcnp_flow *f;
+	__u64 now;
+	__u32 st;
+	int from_opener, side;
+
+	if (!cfg || cfg->revision == 0)
+		return 0;
+	f = bpf_map_lookup_elem(&flows, &p->key);
+	if (!f || f->revision != cfg->revision)
+		return 0;
+	now = bpf_ktime_get_ns();
+	st = f->state;
+	if (st >= MCNP_CTS_COUNT || now - f->last_ns > cfg->timeout_ns[st])
+		return 0;
+	from_opener = f->opener == hook.role;
+	if (!follow(f, p, from_opener))
+		return 0;
+	side = from_opener ? 0 : 1;
+	f->last_ns = now;
+	__sync_fetch_and_add(&f->packets[side], 1);
+	__sync_fetch_and_add(&f->bytes[side], p->len);
+	return 1;
+}
+
+static __always_inline int to_userspace(void)
+{
+	int action = bpf_redirect_map(&xsks, hook.slot, XDP_DROP);
+	return count(action == XDP_REDIRECT ? MCNP_K_REDIRECT : MCNP_K_DROP_NO_SOCKET, action);
+}
+
+SEC("xdp")
+int mcnp_hook(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct mcnp_pod *pod;
+	struct pkt p = {};
+	__u64 zone = hook.zone;
+	__u16 sport, dport, proto;
+	int egress = hook.role == MCNP_ROLE_EGRESS;
+	int l4;
+
+	if ((void *)(eth + 1) > end)
+		return to_userspace(); /* userspace counts malformed frames */
+	pod = bpf_map_lookup_elem(&pods, &zone);
+	if (!pod)
+		return to_userspace();
+	proto = bpf_ntohs(eth->h_proto);
+	p.len = (__u32)(end - data);
+
+	/* 1. non-IP */
+	if (proto == ETH_P_ARP_) {
+		if (!egress || arp_ok(data, end, pod))
+			return count(MCNP_K_PASS_ARP, XDP_PASS);
+		return count(MCNP_K_DROP_ARP, XDP_DROP);
+	}
+	if (proto == ETH_P_IP) {
+		l4 = parse_v4(data, end, &p);
+		p.trackable = 1;
+	} else if (proto == ETH_P_IPV6) {
+		p.trackable = 1;
+		l4 = parse_v6(data, end, &p);
+	} else {
+		if ((pod->flags & MCNP_POD_READY) && !(pod->flags & MCNP_POD_ISOLATED))
+			return count(MCNP_K_PASS_L2, XDP_PASS);
+		return count(MCNP_K_DROP_L2, XDP_DROP);
+	}
+	if (l4 < 0 || !p.trackable)
+		return to_userspace();
+	if (l4 > 0 && parse_l4(data, end, l4, &p, &sport, &dport) < 0)
+		return to_userspace();
+	if (l4 == 0)
+		sport = dport = 0;
+	if (p.key.proto == IPPROTO_ICMPV6_ && is_nd(p.icmp_type) && l4 > 0) {
+		if (!egress || nd_ok(data, end, &p, pod))
+			return count(MCNP_K_PASS_ND, XDP_PASS);
+		return count(MCNP_K_DROP_ND, XDP_DROP);
+	}
+
+	/* 2. the node's own traffic */
+	if (egress ? is_node(p.dst) : is_node(p.src))
+		return count(MCNP_K_PASS_NODE, XDP_PASS);
+
+	/* 3. a flow admitted under the tables in force; the key is the pod's view */
+	if (!(pod->flags & MCNP_POD_READY))
+		return to_userspace();
+	p.key.zone = zone;
+	if (egress) {
+		if (!pod_owns(pod, p.src))
+			return to_userspace(); /* spoofed: userspace drops and counts it */
+		__builtin_memcpy(p.key.pod_addr, p.src, 16);
+		__builtin_memcpy(p.key.peer_addr, p.dst, 16);
+		p.key.pod_port = sport;
+		p.key.peer_port = dport;
+	} else {
+		__builtin_memcpy(p.key.pod_addr, p.dst, 16);
+		__builtin_memcpy(p.key.peer_addr, p.src, 16);
+		p.key.pod_port = dport;
+		p.key.peer_port = sport;
+	}
+	if ((p.key.proto == IPPROTO_ICMP || p.key.proto == IPPROTO_ICMPV6_) &&
+	    (p.icmp_type == 8 || p.icmp_type == 0 || p.icmp_type == 128 || p.icmp_type == 129)) {
+		/* who asked: the sender of a request, the receiver of a reply */
+		int sender_is_pod = egress;
+		int asked_by_pod = is_echo_request(p.icmp_type) ? sender_is_pod : !sender_is_pod;
+		p.key.initiator = asked_by_pod ? 0 : 1;
+	}
+	if (cached(&p))
+		return count(MCNP_K_PASS_FLOW, XDP_PASS);
+
+	/* 4. userspace judges */
+	return to_userspace();
+}
+
+char LICENSE[] SEC("license") = "GPL";

@@ -1,0 +1,135 @@
+"""The flow cache's upkeep: re-checking flows on new tables, expiry, listing.
+
+The hooks pass cached flows of the revision in force (``config.revision``) by
+themselves.  When tables change, :func:`recheck` first moves the revision in
+force, so from that instant every cached flow goes to userspace instead of
+passing, then judges every cached flow's opening direction with the new
+tables in one batch, removes those now denied and stamps the others with the
+new revision (one batch update).  A denied flow therefore stops at the swap;
+the others resume passing in the kernel once re-stamped.
+
+Rule S6 (connections, not packets) is kept by judging the *opening* direction
+of each flow, as the pod's end saw it: ``opener`` is the end its first packet
+passed (egress: the pod opened it; ingress: the peer did).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from fastpath import kernel as K
+from fastpath.match import DENIED, NOT_ENFORCED, judge
+
+logger = logging.getLogger(__name__)
+
+PROTO_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6", 132: "SCTP"}
+
+
+def _pod_addresses(keys: np.ndarray, pods: dict[int, list[str]]) -> np.ndarray:
+    """The address each flow is judged for on the pod's side: the key's, unless it is
+    not one of the pod's (broadcast, multicast: rule S12), then the pod's first."""
+    out = keys["pod_addr"].copy()
+    for zone, ips in pods.items():
+        if not ips:
+            continue
+        rows = np.nonzero(keys["zone"] == zone)[0]
+        if not len(rows):
+            continue
+        own = np.stack([np.frombuffer(K.addr16(ip), dtype=np.uint8) for ip in ips])
+        mine = (keys["pod_addr"][rows][:, None, :] == own[None, :, :]).all(axis=2).any(axis=1)
+        out[rows[~mine]] = own[0]
+    return out
+
+
+def verdicts(tables, keys: np.ndarray, vals: np.ndarray, pods: dict[int, list[str]],
+             services=None):
+    """Judge the opening direction of flows: (ok, egress rule, ingress rule)."""
+    pod = _pod_addresses(keys, pods)
+    by_pod = vals["opener"] == K.EGRESS
+    src = np.where(by_pod[:, None], pod, keys["peer_addr"])
+    dst = np.where(by_pod[:, None], keys["peer_addr"], pod)
+    dport = np.where(by_pod, keys["peer_port"], keys["pod_port"]).astype(np.uint16)
+    proto = keys["proto"].astype(np.uint8)
+    j = judge(tables, np.ascontiguousarray(src), np.ascontiguousarray(dst), proto, dport)
+    eg = np.asarray(j.egress, dtype=np.int32).copy()
+    ing = np.asarray(j.ingress, dtype=np.int32).copy()
+    ok = np.where(by_pod, eg != DENIED, np.asarray(j.allowed))
+    ing[by_pod] = NOT_ENFORCED
+    if services is not None and services.n:
+        for r in np.nonzero(by_pod)[0]:
+            key = bytes(keys["peer_addr"][r]) + bytes([int(proto[r]), 0]) + \
+                int(dport[r]).to_bytes(2, "big")
+            svc = services.by_key.get(key)
+            if svc is not None:
+                ok[r] = bool(svc.get("defer"))  # endpoint lists are judged on new flows only
+    return ok, eg, ing
+
+
+def recheck(kern: K.Kernel, tables, timeouts: dict[str, float], pods: dict[int, list[str]],
+            services=None) -> dict:
+    """Move the kernel to ``tables``' revision and re-judge every cached flow.
+    Flows of pods no longer attached go too.  Returns what it did."""
+    t0 = time.monotonic_ns()
+    kern.set_config(tables.revision, timeouts)
+    keys, vals = kern.dump()
+    known = np.isin(keys["zone"], np.fromiter(pods, dtype=np.uint64, count=len(pods)))
+    ok = np.zeros(len(keys), dtype=bool)
+    eg = np.full(len(keys), DENIED, dtype=np.int32)
+    ing = np.full(len(keys), NOT_ENFORCED, dtype=np.int32)
+    if known.any():
+        rows = np.nonzero(known)[0]
+        ok[rows], eg[rows], ing[rows] = verdicts(tables, keys[rows], vals[rows], pods, services)
+    cut = kern.delete(keys[~ok])
+    vals["revision"][ok] = tables.revision
+    vals["rule_egress"][ok] = eg[ok]
+    vals["rule_ingress"][ok] = ing[ok]
+    kern.update(keys[ok], vals[ok])
+    return {"flows": int(ok.sum()), "cut": int(cut), "ns": time.monotonic_ns() - t0}
+
+
+def expire(kern: K.Kernel, timeouts: dict[str, float], pods: dict[int, list[str]] | None,
+           now_ns: int | None = None) -> int:
+    """Remove flows idle past their state's timeout (and, given ``pods``, flows of pods
+    no longer attached).  Returns how many went."""
+    keys, vals = kern.dump()
+    if not len(keys):
+        return 0
+    now = K.now_ns() if now_ns is None else now_ns
+    limit = np.array([timeouts[s] * 1e9 for s in K.STATES], dtype=np.float64)
+    state = np.minimum(vals["state"], len(K.STATES) - 1)
+    idle = (now - vals["last_ns"].astype(np.int64)).astype(np.float64)
+    gone = idle > limit[state]
+    if pods is not None:
+        gone |= ~np.isin(keys["zone"], np.fromiter(pods, dtype=np.uint64, count=len(pods)))
+    return kern.delete(keys[gone])
+
+
+def listing(kern: K.Kernel, limit: int, zone_refs: dict[int, str] | None = None) -> list[dict]:
+    """Cached flows as ``/v1/flows`` shows them, newest activity first."""
+    keys, vals = kern.dump()
+    order = np.argsort(vals["last_ns"])[::-1][:limit]
+    now = K.now_ns()
+    out = []
+    for r in order:
+        k, v = keys[r], vals[r]
+        by_pod = int(v["opener"]) == K.EGRESS
+        pod, peer = K.addr_str(k["pod_addr"]), K.addr_str(k["peer_addr"])
+        out.append({
+            "pod": (zone_refs or {}).get(int(k["zone"])),
+            "src": pod if by_pod else peer, "dst": peer if by_pod else pod,
+            "sport": int(k["pod_port"] if by_pod else k["peer_port"]),
+            "dport": int(k["peer_port"] if by_pod else k["pod_port"]),
+            "protocol": PROTO_NAMES.get(int(k["proto"]), str(int(k["proto"]))),
+            "direction": "egress" if by_pod else "ingress",
+            "state": K.STATES[min(int(v["state"]), len(K.STATES) - 1)],
+            "revision": int(v["revision"]),
+            "rule_egress": int(v["rule_egress"]), "rule_ingress": int(v["rule_ingress"]),
+            "age_s": round((now - int(v["created_ns"])) / 1e9, 3),
+            "idle_s": round((now - int(v["last_ns"])) / 1e9, 3),
+            "packets": [int(v["packets"][0]), int(v["packets"][1])],
+            "bytes": [int(v["bytes"][0]), int(v["bytes"][1])],
+        })
+    return out
