@@ -194,6 +194,23 @@ def test_uninstall_keeps_the_binary_unless_asked(node):
     assert not (bin_ / "mcnp-cni").exists()
 
 
+def test_a_hold_keeps_the_watcher_from_putting_mcnp_back_until_an_operator_installs(node, caplog):
+    conf, bin_, plugin = node
+    path = place(conf, "calico.conflist", "10-calico.conflist")
+    original = loaded(path)
+    install(conf, bin_, source=plugin)
+    assert main(["uninstall", "--hold", "--conf-dir", str(conf), "--bin-dir", str(bin_)]) == 0
+    assert loaded(path) == original and (conf / cni_install.HOLD_FILE).exists()
+    caplog.set_level("INFO")
+    cni_install.watch(conf, bin_, cni_install.DEFAULT_SOCKET, plugin, interval=0, passes=2)
+    assert loaded(path) == original, "the watcher respects the hold"
+    assert "held by" in caplog.text
+    assert cni_install.runtime_config(conf) == path, "the hold file is not a configuration"
+    assert main(["install", "--conf-dir", str(conf), "--bin-dir", str(bin_), "--plugin", str(plugin)]) == 0
+    assert not (conf / cni_install.HOLD_FILE).exists()
+    assert loaded(path)["plugins"][-1] == {"type": "mcnp-cni"}
+
+
 def test_a_socket_other_than_the_default_is_written_into_the_entry(node):
     conf, bin_, plugin = node
     path = place(conf, "flannel.conflist", "10-flannel.conflist")

@@ -5,13 +5,19 @@ document parses and is of a kind we mean to ship; the DaemonSet's arguments are 
 ``mcnp run`` accepts and its ConfigMap passes the daemon's own settings validation; the
 RBAC is exactly read-only on the four resources the sources watch; the capabilities
 are the documented set; the probes hit the REST endpoint the config makes the daemon
-listen on; the remote-kubeconfig Secret matches the clusters the config names; the
-Containerfile installs what ./dev installs and names no registry. With the
+listen on; the remote-kubeconfig Secret matches the clusters the config names; objects
+that two files define (the Namespace, the ClusterRole) are the same object in both and
+nothing else is defined twice; the CNI installer's container runs the installer with
+the host directories it edits; the Containerfile installs what ./dev installs and names
+no registry. With the
 ``kubernetes`` client installed, every object is also round-tripped through its model
 class, which catches misspelled fields (the models drop what they do not know).
 
 One privileged test shows that the documented capabilities are enough to open an AF_XDP
-port and that each one is needed.
+port and that each one is needed. A slow one builds the image from Debian packages
+(deploy/build-image.sh: mmdebstrap, podman import, podman build; several minutes, so
+marked slow) and shows that it starts ``mcnp run`` on a manifest directory and answers
+/readyz, and that it carries the CNI plugin and its installer.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 import types
+import uuid
 from pathlib import Path
 
 import pytest
@@ -52,15 +60,23 @@ EXPECTED_KINDS = {
 }
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "Kustomization"}
 
-#: The read access the sources need (control/node/sources.py): list+watch of Namespaces, Pods
-#: and NetworkPolicies, and the ClusterProperty of rule M1.
+#: The read access the sources need (control/node/sources.py): list+watch of Namespaces, Pods,
+#: NetworkPolicies, Services and EndpointSlices (rule S11), and the ClusterProperty of rule M1.
 READ_ONLY = {(group, resource, verb)
-             for group, resource in [("", "pods"), ("", "namespaces"), ("networking.k8s.io", "networkpolicies"),
-                                     ("about.k8s.io", "clusterproperties")]
+             for group, resource in [("", "pods"), ("", "namespaces"), ("", "services"),
+                                     ("networking.k8s.io", "networkpolicies"),
+                                     ("discovery.k8s.io", "endpointslices"), ("about.k8s.io", "clusterproperties")]
              for verb in ("get", "list", "watch")}
 
-#: Debian packages of ./dev that only the tests and the testbed use, not the image build.
-TEST_ONLY_PACKAGES = {"ethtool", "iproute2", "libcap2-bin"}  # capsh: the capability test
+#: Host directories the DaemonSet mounts: path -> the one container that mounts it.
+HOST_PATHS = {"/etc/cni/net.d": "cni-install", "/opt/cni/bin": "cni-install",
+              "/run/mcnp": "mcnp", "/var/lib/mcnp": "mcnp"}
+
+#: Debian packages of ./dev that only the tests and the testbed use, not the image build:
+#: capsh (the capability test), the reference CNI plugins and kube-proxy's tools of the
+#: testbed's nodes, a browser for the status page's test, the image build's own tools.
+TEST_ONLY_PACKAGES = {"ethtool", "iproute2", "libcap2-bin", "containernetworking-plugins", "iptables",
+                      "nftables", "conntrack", "chromium", "mmdebstrap", "podman", "runc"}
 
 
 # --------------------------------------------------------------------------- loading
@@ -81,10 +97,10 @@ def daemonset() -> dict:
     return one("daemonset.yaml", "DaemonSet")
 
 
-def container() -> dict:
+def container(name: str = "mcnp") -> dict:
     containers = daemonset()["spec"]["template"]["spec"]["containers"]
-    assert len(containers) == 1
-    return containers[0]
+    assert sorted(c["name"] for c in containers) == ["cni-install", "mcnp"]
+    return next(c for c in containers if c["name"] == name)
 
 
 def config_text() -> str:
@@ -188,6 +204,25 @@ def test_namespace_admits_a_privileged_pod():
     assert labels["pod-security.kubernetes.io/enforce"] == "privileged"
 
 
+def test_files_applied_to_one_cluster_never_redefine_an_object_differently():
+    """A cluster that runs mcnp and is read by others gets every file but the example
+    Secret: an object two files define must be the same object, or the second apply
+    takes away what the first granted (labels, subjects)."""
+    seen: dict[tuple, tuple[str, dict]] = {}
+    for name in sorted(n for n in EXPECTED_KINDS if n not in ("kustomization.yaml", "remote-kubeconfigs.example.yaml")):
+        for d in load(name):
+            key = (d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"])
+            if key in seen:
+                first, doc = seen[key]
+                assert doc == d, f"{key} is defined differently in {first} and {name}"
+            seen[key] = (name, d)
+    # The two bindings are distinct objects naming distinct accounts.
+    bindings = {one(n, "ClusterRoleBinding")["metadata"]["name"] for n in ("rbac.yaml", "remote-cluster-reader.yaml")}
+    assert len(bindings) == 2
+    # And the remote cluster's Namespace is the one with the Pod Security labels.
+    assert one("remote-cluster-reader.yaml", "Namespace") == one("namespace.yaml", "Namespace")
+
+
 # --------------------------------------------------------------------------- the daemon's command line and config
 
 
@@ -219,7 +254,8 @@ def test_configmap_config_passes_the_daemons_validation(tmp_path):
     for name in settings.remote_clusters:
         s = sources[name]
         assert s.kind == "kubeconfig" and s.path == f"{remote_dir}/{name}", f"{name}: expected kubeconfig:{remote_dir}/{name}"
-    assert settings.attach == {} and settings.uplink is None, "per-node settings do not belong in the shared ConfigMap"
+    assert not getattr(settings, "attach", None) and getattr(settings, "uplink", None) is None, \
+        "per-node settings do not belong in the shared ConfigMap"
     assert settings.default_peer_scope == "local" and settings.multicluster
 
 
@@ -254,9 +290,12 @@ def test_probe_paths_are_served_by_the_api():
 def test_pod_runs_on_the_host_network_with_exactly_the_documented_capabilities():
     spec = daemonset()["spec"]["template"]["spec"]
     assert spec["hostNetwork"] is True
+    for c in spec["containers"]:
+        sc = c["securityContext"]
+        assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False, c["name"]
+        assert sc["capabilities"]["drop"] == ["ALL"] and sc["readOnlyRootFilesystem"] is True, c["name"]
+    assert "add" not in container("cni-install")["securityContext"]["capabilities"], "the installer needs none"
     sc = container()["securityContext"]
-    assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
-    assert sc["capabilities"]["drop"] == ["ALL"]
     added = {f"CAP_{c}" for c in sc["capabilities"]["add"]}
     documented = documented_capabilities()
     assert added == documented, f"manifest adds {sorted(added)}, README documents {sorted(documented)}"
@@ -265,8 +304,40 @@ def test_pod_runs_on_the_host_network_with_exactly_the_documented_capabilities()
     # Nothing that would widen them through the back door.
     for key in ("hostPID", "hostIPC"):
         assert not spec.get(key)
-    for v in spec["volumes"]:
-        assert "hostPath" not in v, f"volume {v['name']}: no host paths are needed"
+
+
+def test_host_directories_are_the_documented_ones_each_mounted_where_it_is_needed():
+    spec = daemonset()["spec"]["template"]["spec"]
+    host = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
+    assert sorted(host.values()) == sorted(HOST_PATHS)
+    for c in spec["containers"]:
+        for m in c["volumeMounts"]:
+            if m["name"] in host:
+                assert HOST_PATHS[host[m["name"]]] == c["name"], f"{c['name']} mounts {host[m['name']]}"
+    section = (DEPLOY / "README.md").read_text().split("## Privileges", 1)[1].split("\n## ", 1)[0]
+    for path in HOST_PATHS:
+        assert f"`{path}`" in section, f"README.md, Privileges: the host directory {path} is not explained"
+    # The daemon's socket and records are where mcnp-cni and a restarted daemon look.
+    cni = pytest.importorskip("control.node.cni")
+    mounts = {m["mountPath"] for m in container()["volumeMounts"]}
+    assert os.path.dirname(cni.DEFAULT_SOCKET) in mounts and cni.DEFAULT_STATE_DIR in mounts
+    assert b'"' + cni.DEFAULT_SOCKET.encode() + b'"' in (ROOT / "csrc" / "mcnp_cni.c").read_bytes(), \
+        "the plugin's default socket is the daemon's"
+
+
+def test_cni_installer_container_runs_the_installer_on_the_mounted_host_directories():
+    from control.node import cni_install
+    c = container("cni-install")
+    assert c["image"] == container()["image"], "one image for both containers"
+    assert c["command"] == ["python3", "-m", "control.node.cni_install"]
+    args = cni_install.build_parser().parse_args(c["args"])
+    assert args.command == "install" and args.watch, "the chain entry is kept in place, not installed once"
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    host = {v["name"]: v["hostPath"]["path"] for v in daemonset()["spec"]["template"]["spec"]["volumes"]
+            if "hostPath" in v}
+    assert host[mounts[str(args.conf_dir)]] == cni_install.DEFAULT_CONF_DIR
+    assert host[mounts[str(args.bin_dir)]] == cni_install.DEFAULT_BIN_DIR
+    assert "preStop" not in c.get("lifecycle", {}), "a restart must not take mcnp-cni out of the chain"
 
 
 def documented_capabilities() -> set[str]:
@@ -323,14 +394,20 @@ def dev_apt_packages() -> set[str]:
 
 
 def containerfile_stages() -> list[tuple[str, set[str]]]:
-    """(base image, apt packages installed) per stage of deploy/Containerfile."""
+    """(base image, apt packages installed) per stage of deploy/Containerfile, with
+    ARG defaults substituted."""
     text = (DEPLOY / "Containerfile").read_text()
     text = re.sub(r"\\\n", " ", text)
     stages: list[tuple[str, set[str]]] = []
+    args: dict[str, str] = {}
     for line in text.splitlines():
         line = line.strip()
+        if line.upper().startswith("ARG ") and "=" in line:
+            name, value = line.split(None, 1)[1].split("=", 1)
+            args[name] = value
         if line.upper().startswith("FROM "):
-            stages.append((line.split()[1], set()))
+            image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], line.split()[1])
+            stages.append((image, set()))
         m = re.search(r"apt-get install ((?:-\S+\s+)*)(.*?)(?:&&|$)", line)
         if m:
             stages[-1][1].update(w for w in m.group(2).split() if not w.startswith("-"))
@@ -433,3 +510,92 @@ def test_documented_capabilities_open_an_af_xdp_port_and_each_is_needed():
             res = attempt(ns, (every - wanted) | {cap})
             assert res.returncode != 0, f"the port opened without {cap}: it is not needed"
             assert "XskError" in res.stderr, res.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- the image, built and run
+
+
+BUILD_SCRIPT = DEPLOY / "build-image.sh"
+
+
+def test_build_script_makes_the_base_from_debian_packages_without_a_registry():
+    subprocess.run(["sh", "-n", str(BUILD_SCRIPT)], check=True)
+    text = BUILD_SCRIPT.read_text()
+    assert os.access(BUILD_SCRIPT, os.X_OK)
+    assert "mmdebstrap" in text and re.search(r"podman \$MCNP_PODMAN_OPTS import", text)
+    assert re.search(r'podman \$MCNP_PODMAN_OPTS build .*--build-arg "BASE=\$BASE_TAG"', text, flags=re.S), \
+        "the Containerfile builds on the made base"
+    opts = subprocess.run([str(BUILD_SCRIPT), "--podman-options"], capture_output=True, text=True, check=True,
+                          timeout=10).stdout.split("\n")
+    assert opts[1].startswith("--ulimit nofile="), opts
+    assert "--network=host" in text, "no container network (and no address outside the test ranges) is created"
+    assert not re.search(r"https?://", text), "packages come from the machine's configured sources"
+    assert "ARG BASE=" in (DEPLOY / "Containerfile").read_text()
+
+
+def _podman_options() -> tuple[list[str], list[str]]:
+    """(global, per-container) podman options for this host, as build-image.sh uses them."""
+    out = subprocess.run([str(BUILD_SCRIPT), "--podman-options"], capture_output=True, text=True, check=True,
+                         timeout=10).stdout.split("\n")
+    return out[0].split(), out[1].split()
+
+
+def _podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = ["podman", *_podman_options()[0], *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=check)
+
+
+@pytest.fixture(scope="module")
+def image():
+    """The image, built by deploy/build-image.sh under a tag of its own; removed after."""
+    if os.geteuid() != 0:
+        pytest.skip("building the image needs root")
+    for tool in ("mmdebstrap", "podman"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} (Debian package {tool}) is not installed")
+    tag = f"localhost/mcnp-test-{uuid.uuid4().hex[:8]}:dev"
+    base = f"localhost/mcnp-test-base-{uuid.uuid4().hex[:8]}:12"
+    res = subprocess.run([str(BUILD_SCRIPT), tag], capture_output=True, text=True, timeout=1800,
+                         env={**os.environ, "MCNP_BASE_TAG": base})
+    try:
+        assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+        yield tag
+    finally:
+        _podman("rmi", "--force", tag, base, check=False)
+
+
+@pytest.mark.slow
+@pytest.mark.privileged
+def test_built_image_runs_mcnp_on_a_manifest_directory_and_answers_readyz(image, tmp_path):
+    manifests = tmp_path / "west"
+    shutil.copytree(ROOT / "control" / "lab" / "examples" / "demo" / "west", manifests)
+    name = f"mcnp-test-{uuid.uuid4().hex[:8]}"
+    # As the DaemonSet runs it: read-only root, every capability dropped but the
+    # documented ones; no network of its own but loopback (--network=none).
+    caps = ",".join(c.removeprefix("CAP_") for c in sorted(documented_capabilities()))
+    _podman("run", *_podman_options()[1], "--detach", "--name", name, "--network=none", "--read-only", "--cap-drop=all",
+            f"--cap-add={caps}", "--tmpfs", "/tmp", "--tmpfs", "/run/mcnp", "--tmpfs", "/var/lib/mcnp",
+            "--volume", f"{manifests}:/manifests:ro", image,
+            "run", "--node-name", "node-1", "--local-cluster", "west", "--cluster", "west=dir:/manifests",
+            "--api-listen", "127.0.0.1:9901")
+    try:
+        ready = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:9901/readyz', timeout=2).status)"
+        deadline, last = time.monotonic() + 90, None
+        while time.monotonic() < deadline:
+            last = _podman("exec", name, "python3", "-c", ready, check=False, timeout=30)
+            if last.returncode == 0 and last.stdout.strip() == "200":
+                break
+            state = _podman("inspect", "--format", "{{.State.Running}}", name, check=False).stdout.strip()
+            assert state == "true", _podman("logs", name, check=False).stderr[-3000:]
+            time.sleep(1)
+        else:
+            pytest.fail(f"/readyz never answered 200: {last.stdout} {last.stderr[-1000:]}\n"
+                        + _podman("logs", name, check=False).stderr[-3000:])
+        # The same image carries the CNI plugin and its installer (the DaemonSet's second container).
+        plugin = _podman("exec", "--env", "CNI_COMMAND=VERSION", name, "python3", "-c",
+                         "import subprocess, control.node.cni_install as c; "
+                         "print(subprocess.run([str(c.BUNDLED_PLUGIN)], capture_output=True, text=True).stdout)")
+        assert "1.0.0" in json.loads(plugin.stdout)["supportedVersions"]
+        _podman("exec", name, "python3", "-m", "control.node.cni_install", "install", "--help")
+    finally:
+        _podman("rm", "--force", "--time", "5", name, check=False)

@@ -23,7 +23,10 @@ waits, saying so, on a node that has no configuration yet.
 Removal (``uninstall``) takes the entry out, restores a converted ``.conf``, and leaves
 the binary in place unless asked (``--remove-binary``): a runtime may still run it for
 the DEL of a pod created while it was in the chain, and a missing binary would make
-that DEL fail.
+that DEL fail. ``uninstall --hold`` also leaves a hold file (HOLD_FILE, hidden, in the
+configuration directory) that makes ``install --watch`` stand still, so that mcnp can be
+taken off a node while its DaemonSet pod still runs; a one-shot ``install`` (an
+operator's) lifts the hold.
 
 Run as ``python -m control.node.cni_install install|uninstall ...`` (or through ``main``).
 """
@@ -55,6 +58,8 @@ CONVERTED_FROM = "mcnpConvertedFrom"
 CONF_EXTENSIONS = (".conf", ".conflist", ".json")
 #: Seconds between passes of ``install --watch``.
 WATCH_INTERVAL = 5.0
+#: In the configuration directory: while it exists, ``install --watch`` does nothing.
+HOLD_FILE = ".mcnp-cni-hold"
 #: Largest configuration file read (CNI configurations are a few KiB).
 MAX_CONF_BYTES = 1024 * 1024
 
@@ -229,7 +234,10 @@ def watch(conf_dir: Path, bin_dir: Path, socket: str, source: Path, interval: fl
     while passes is None or n < passes:
         n += 1
         try:
-            messages = [o.message for o in install(conf_dir, bin_dir, socket, source) if o.changed or o.path is None]
+            if (conf_dir / HOLD_FILE).exists():
+                messages = [f"held by {conf_dir / HOLD_FILE}: mcnp-cni is kept out of the chain"]
+            else:
+                messages = [o.message for o in install(conf_dir, bin_dir, socket, source) if o.changed or o.path is None]
         except (InstallError, OSError) as e:
             messages = [f"not installed: {e}"]
         for m in messages:
@@ -254,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     inst.add_argument("--interval", type=float, default=WATCH_INTERVAL, help="seconds between passes of --watch")
     sub.choices["uninstall"].add_argument("--remove-binary", action="store_true",
                                           help="also delete mcnp-cni from the binary directory")
+    sub.choices["uninstall"].add_argument("--hold", action="store_true",
+                                          help="keep install --watch from putting mcnp-cni back")
     return p
 
 
@@ -269,9 +279,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.command == "install" and args.watch:
             watch(args.conf_dir, args.bin_dir, args.socket, args.plugin, args.interval)
         elif args.command == "install":
+            if (args.conf_dir / HOLD_FILE).exists():
+                (args.conf_dir / HOLD_FILE).unlink()
+                logger.info("%s: hold lifted", args.conf_dir / HOLD_FILE)
             for o in install(args.conf_dir, args.bin_dir, args.socket, args.plugin):
                 logger.info("%s", o.message)
         else:
+            if args.hold:  # first, so the watcher cannot put the entry back in between
+                atomic_write(args.conf_dir / HOLD_FILE, b"mcnp-cni is kept out of this node's CNI chain\n", 0o644)
             outcomes = remove_from_chain(args.conf_dir)
             for o in outcomes or [Outcome(False, f"mcnp-cni is in no configuration of {args.conf_dir}")]:
                 logger.info("%s", o.message)
