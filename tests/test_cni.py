@@ -453,3 +453,34 @@ def test_records_are_written_atomically(tmp_path, monkeypatch):
     assert (tmp_path / "sandboxes" / "c1.json").read_text() == first
     assert records(tmp_path) == ["c1.json"]
     assert load_sandboxes(tmp_path) == [sandbox]
+
+
+def test_requests_about_one_container_run_one_at_a_time(tmp_path):
+    """A DEL that arrives while the ADD of the same sandbox is still being handled waits
+    for it (the runtime may give up on a slow ADD and send DEL at once)."""
+    events: list[str] = []
+
+    class Slow(FakeHandler):
+        async def add(self, sandbox):
+            events.append("add-start")
+            await asyncio.sleep(0.2)
+            events.append("add-end")
+
+        async def delete(self, container_id, sandbox):
+            events.append(f"delete:{sandbox is not None}")
+
+    async def go():
+        server = CniServer(Slow(tmp_path), tmp_path)
+        add = {"command": "ADD", "containerID": "c1", "netns": "/n", "ifname": "eth0", "args": "",
+               "config": config("/unused")}
+        first = asyncio.create_task(server.dispatch(add))
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(server.dispatch({"command": "DEL", "containerID": "c1"}))
+        third = asyncio.create_task(server.dispatch({"command": "DEL", "containerID": "c1"}))
+        results = await asyncio.gather(first, second, third)
+        return results, server._locks
+    results, locks = asyncio.run(go())
+    assert results == [{"ok": True}] * 3
+    assert events == ["add-start", "add-end", "delete:True", "delete:False"]
+    assert locks == {}, "no lock is kept for a container nobody asks about"
+    assert records(tmp_path) == []

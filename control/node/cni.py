@@ -333,7 +333,7 @@ class CniServer:
         self.path: Optional[str] = None
         self._server: Optional[asyncio.base_events.Server] = None
         self._inode: Optional[tuple[int, int]] = None
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}  # container -> (lock, [users])
 
     async def start(self, path: str = DEFAULT_SOCKET) -> None:
         """Listen on path. The socket is bound under a temporary name, given mode 0600
@@ -398,7 +398,8 @@ class CniServer:
         """Run one validated request; the reply as a dict. Requests about the same
         container run one at a time."""
         container_id = container_id_of(req)
-        lock = self._locks.setdefault(container_id, asyncio.Lock())
+        lock, users = self._locks.setdefault(container_id, (asyncio.Lock(), [0]))
+        users[0] += 1
         try:
             async with lock:
                 return await self._run(req["command"], container_id, req)
@@ -408,7 +409,8 @@ class CniServer:
             logger.exception("CNI %s %s: the handler failed", req["command"], container_id)
             raise CniError(CODE_OTHER, "mcnp daemon error", f"{type(e).__name__}: {e}"[:400]) from None
         finally:
-            if not lock.locked() and self._locks.get(container_id) is lock:
+            users[0] -= 1
+            if users[0] == 0:
                 del self._locks[container_id]
 
     async def _run(self, command: str, container_id: str, req: dict) -> dict:
