@@ -48,12 +48,13 @@ def demo_dirs(tmp_path):
 
 @pytest.fixture
 def daemon(demo_dirs, tmp_path):
-    """``mcnp run`` on the demo's directories, on a free loopback port; ended by PID."""
+    """``mcnp run`` on the demo's directories (relative to its working directory, so the
+    page names them as an operator would), on a free loopback port; ended by PID."""
     port = free_port()
     log = open(tmp_path / "daemon.log", "w")
     proc = subprocess.Popen([MCNP, "run", "--node-name", "east-1", "--local-cluster", "east",
-                             "--cluster", f"east=dir:{demo_dirs['east']}", "--cluster", f"west=dir:{demo_dirs['west']}",
-                             "--api-listen", f"127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+                             "--cluster", "east=dir:east", "--cluster", "west=dir:west",
+                             "--api-listen", f"127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(200):
