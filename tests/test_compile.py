@@ -389,3 +389,30 @@ def test_a_changed_policy_keeps_its_named_ports_when_tried_before_older_rules():
     assert allowed and got.rules[egress] == {"policy": "c1/x/a", "direction": "Egress", "rule": 0, "peer": None, "port": 0}
     assert judge_one(got, "198.18.1.1", "198.18.1.2", proto=132, port=80)[0] is True
     same_answers(got, want, packets_touching(cset, ["c1/x/client", "c1/x/server"], random.Random(2)))
+
+
+def test_one_peer_column_evaluation_serves_every_compile_path():
+    """``peer_column`` is the one evaluation of a peer: address intervals first, then
+    pods. An ipBlock matches intervals and the pods whose address falls in it (rule
+    M6); a selector peer matches pods only, within the policy's cluster (rule M4)."""
+    from control.compile.selection import AddressSpace, PodIndex, peer_column, policy_ip_blocks
+
+    cset = make_clusterset({
+        "c1": [make_namespace("x"), make_pod("x", "a", "198.18.0.1", {"app": "a"}), make_pod("x", "b", "198.18.1.1", {"app": "b"}),
+               make_policy("x", "p", {}, ingress=[{"from": [{"ipBlock": {"cidr": "198.18.1.0/24"}}, {"podSelector": {"matchLabels": {"app": "a"}}}]}])],
+        "c2": [make_namespace("x"), make_pod("x", "a", "198.18.2.1", {"app": "a"})],
+    })
+    policy = cset.clusters["c1"].policies[("x", "p")]
+    pods = list(cset.pods())
+    index = PodIndex(cset, pods)
+    space = AddressSpace(policy_ip_blocks(policy))
+    has_ip = np.ones(len(pods), dtype=bool)
+    pod_interval = space.interval_of(ip_keys([p.ip for p in pods]))
+    block_peer, selector_peer = policy.ingress[0].peers
+    by_block = peer_column(index, space, pod_interval, has_ip, policy, block_peer)
+    by_selector = peer_column(index, space, pod_interval, has_ip, policy, selector_peer)
+    assert len(by_block) == space.size + len(pods) == len(by_selector)
+    assert by_block[: space.size].sum() == 1 and not by_selector[: space.size].any()
+    refs = [p.ref for p in pods]
+    assert [r for r, hit in zip(refs, by_block[space.size:]) if hit] == ["c1/x/b"]
+    assert [r for r, hit in zip(refs, by_selector[space.size:]) if hit] == ["c1/x/a"]

@@ -40,7 +40,8 @@ import numpy as np
 from fastpath.tables import PolicyTables, build_ip_hash, ip_key, proto_index_table
 
 from control.compile.direction import Direction, PortSpace, RuleIds
-from control.compile.selection import EGRESS, INGRESS, AddressSpace, PodIndex, policy_ip_blocks, selector_peer_matches
+from control.compile.selection import (EGRESS, INGRESS, AddressSpace, PodIndex, peer_column, policy_ip_blocks,
+                                      selector_peer_matches)
 from control.semantics.model import ClusterSet, Pod, Policy
 
 logger = logging.getLogger(__name__)
@@ -109,48 +110,48 @@ class Compiler:
         in ``cset``, and nothing else changed. Falls back to a full compile when a pod
         brings a named-port number no port atom can express."""
         self.cset = cset
-        m = self.space.size
+        first_pod_slot = self.space.size
         addresses_changed = False
         for ref in refs:
             pod = cset.pod(ref)
             alive = pod is not None and pod.can_take_part
-            i = self.identity_of.get(ref)
-            if i is not None:
-                self.dirty.add(i)
+            identity = self.identity_of.get(ref)
+            if identity is not None:
+                self.dirty.add(identity)
             if not alive:
-                if i is not None:
+                if identity is not None:
                     addresses_changed = True
-                    self.identities[i] = None
-                    self.id_keys[i] = ()
-                    self.is_local[i] = False
-                    self.has_ip[i] = False
-                    for d in self.directions.values():
-                        d.update_slot(self, m + i, None, False)
+                    self.identities[identity] = None
+                    self.id_keys[identity] = ()
+                    self.is_local[identity] = False
+                    self.has_ip[identity] = False
+                    for direction in self.directions.values():
+                        direction.update_slot(self, first_pod_slot + identity, None, False)
                 continue
-            if not self.ports.expresses(pod, [n for d in self.directions.values() for n in d.named]):
+            if not self.ports.expresses(pod, [n for direction in self.directions.values() for n in direction.named]):
                 logger.debug("Pod %s resolves a named port to a new number: full compile", ref)
                 self._build()
                 return
-            if i is None:
-                i = self.identity_of[ref] = len(self.identities)
-                self.dirty.add(i)
+            if identity is None:
+                identity = self.identity_of[ref] = len(self.identities)
+                self.dirty.add(identity)
                 self.identities.append(pod)
                 self.id_keys.append(())
                 self.is_local = np.append(self.is_local, False)
                 self.has_ip = np.append(self.has_ip, False)
                 self.pod_interval = np.append(self.pod_interval, 0)
-                for d in self.directions.values():
-                    d.grow(m + len(self.identities))
-            self.identities[i] = pod
+                for direction in self.directions.values():
+                    direction.grow(first_pod_slot + len(self.identities))
+            self.identities[identity] = pod
             keys, is_local = tuple(ip_key(ip) for ip in pod.ips), self.local(pod)
-            if keys != self.id_keys[i] or is_local != self.is_local[i]:
+            if keys != self.id_keys[identity] or is_local != self.is_local[identity]:
                 addresses_changed = True  # a label change leaves the address table as it is
-            self.id_keys[i] = keys
-            self.is_local[i] = is_local
+            self.id_keys[identity] = keys
+            self.is_local[identity] = is_local
             interval = self.interval_of(pod)
-            self.has_ip[i], self.pod_interval[i] = interval >= 0, max(interval, 0)
-            for d in self.directions.values():
-                d.update_slot(self, m + i, pod, bool(self.is_local[i]))
+            self.has_ip[identity], self.pod_interval[identity] = interval >= 0, max(interval, 0)
+            for direction in self.directions.values():
+                direction.update_slot(self, first_pod_slot + identity, pod, bool(self.is_local[identity]))
         if addresses_changed:
             self._address_table()
         self._count_change()
@@ -178,16 +179,16 @@ class Compiler:
             logger.debug("A policy brings an ipBlock boundary or a named port not compiled yet: full compile")
             self._build()
             return
-        old_of_new = self.ports.add_rules([r for p in fresh for d in self.directions if d in p.types for r in p.rules(d)])
+        old_of_new = self.ports.add_rules([r for p in fresh for direction in self.directions if direction in p.types for r in p.rules(direction)])
         if old_of_new is not None:
-            for d in self.directions.values():
-                d.remap_port_atoms(old_of_new)
+            for direction in self.directions.values():
+                direction.remap_port_atoms(old_of_new)
         namespaces = set()
         for ref, old, new in changes:
-            for d in self.directions.values():
-                d.remove_policy(ref)
-                if new is not None and d.direction in new.types:
-                    d.add_policy(self, new)
+            for direction in self.directions.values():
+                direction.remove_policy(ref)
+                if new is not None and direction.direction in new.types:
+                    direction.add_policy(self, new)
             namespaces.add((old or new).cluster + "/" + (old or new).namespace)
             if new is None:
                 self.policies.pop(ref, None)
@@ -200,8 +201,8 @@ class Compiler:
         """Can these policies be added without recutting the address space or adding
         a named-port context?"""
         for policy in policies:
-            for d in self.directions.values():
-                if d.direction in policy.types and not d.knows_named_ports(policy):
+            for direction in self.directions.values():
+                if direction.direction in policy.types and not direction.knows_named_ports(policy):
                     return False
             for block in policy_ip_blocks(policy):
                 if not self.space.has_boundaries_of(block):
@@ -210,30 +211,25 @@ class Compiler:
 
     def _reclassify(self, namespaces: set[str]) -> None:
         """Re-derive the class of every local endpoint in ``namespaces``."""
-        m = self.space.size
-        for i in np.flatnonzero(self.is_local).tolist():
-            pod = self.identities[i]
+        first_pod_slot = self.space.size
+        for identity in np.flatnonzero(self.is_local).tolist():
+            pod = self.identities[identity]
             if pod is None or f"{pod.cluster}/{pod.namespace}" not in namespaces:
                 continue
             labels = self.cset.effective_pod_labels(pod)
-            for d in self.directions.values():
-                d.class_of_slot[m + i] = d.class_of(self, pod, labels, int(d.ctx_of_slot[m + i]))
+            for direction in self.directions.values():
+                direction.class_of_slot[first_pod_slot + identity] = direction.class_of(self, pod, labels, int(direction.ctx_of_slot[first_pod_slot + identity]))
 
     def column_values(self, policy: Policy, peer) -> np.ndarray:
         """``bool[slots]``: which slots one peer column matches, now. The pod index is
         the last full compile's: identities changed since then are asked one by one."""
-        m, n = self.space.size, len(self.identities)
-        out = np.zeros(m + n, dtype=bool)
+        out = peer_column(self.index, self.space, self.pod_interval, self.has_ip, policy, peer)
         if peer.ip_block is not None:
-            bm = self.space.block_mask(peer.ip_block)
-            out[:m] = bm
-            out[m:] = self.has_ip & bm[self.pod_interval]
-            return out
-        out[m: m + self.index.n] = self.index.selector_peer(policy, peer)
-        cset = self.cset
-        for i in self.dirty:
-            pod = self.identities[i]
-            out[m + i] = pod is not None and selector_peer_matches(
+            return out  # addresses are kept current for every identity, changed or not
+        first_pod_slot, cset = self.space.size, self.cset
+        for identity in self.dirty:
+            pod = self.identities[identity]
+            out[first_pod_slot + identity] = pod is not None and selector_peer_matches(
                 cset, policy, peer, pod, cset.effective_pod_labels(pod), cset.effective_namespace_labels(pod.cluster, pod.namespace))
         return out
 
@@ -253,7 +249,7 @@ class Compiler:
     def _build(self) -> None:
         cset = self.cset
         self.identities: list[Pod | None] = [p for p in cset.pods() if p.can_take_part]
-        self.identity_of = {p.ref: i for i, p in enumerate(self.identities)}
+        self.identity_of = {p.ref: identity for identity, p in enumerate(self.identities)}
         self.id_keys = [tuple(ip_key(ip) for ip in p.ips) for p in self.identities]
         #: Identities changed since this build (the pod index does not know them).
         self.dirty: set[int] = set()
@@ -264,13 +260,13 @@ class Compiler:
         self.pod_interval = np.where(self.has_ip, self.space.interval_of(keys), 0)
         self.is_local = np.fromiter((self.local(p) for p in self.identities), dtype=bool, count=len(self.identities))
         self.rule_ids = RuleIds()
-        self.directions = {d: Direction(d, self) for d in (EGRESS, INGRESS)}
+        self.directions = {name: Direction(name, self) for name in (EGRESS, INGRESS)}
         resolved = [
             (protocol, self.index.named_port(name, protocol))
             for direction in self.directions.values()
             for name, protocol in direction.named
         ]
-        self.ports = PortSpace([r for d in self.directions.values() for _, _, r in d.rules], resolved)
+        self.ports = PortSpace([rule for direction in self.directions.values() for _, _, rule in direction.rules], resolved)
         for direction in self.directions.values():
             direction.build(self)
         self._address_table()
@@ -279,14 +275,14 @@ class Compiler:
 
     def _address_table(self) -> None:
         """Exact IP → slot for every address exactly one identity claims (rule M8)."""
-        m = self.space.size
+        first_pod_slot = self.space.size
         owners: dict[bytes, int] = {}
         conflicted: set[bytes] = set()
-        for i, keys in enumerate(self.id_keys):
+        for identity, keys in enumerate(self.id_keys):
             for key in keys:
-                if key in owners and owners[key] != i:
+                if key in owners and owners[key] != identity:
                     conflicted.add(key)
-                owners.setdefault(key, i)
+                owners.setdefault(key, identity)
         unique = sorted(k for k in owners if k not in conflicted)
         self.conflicts = len(conflicted)
         # A conflicted address that one of this node's pods claims: as a peer it stays
@@ -295,15 +291,15 @@ class Compiler:
         # policies by reporting its IP. ``tables()`` gives each such address a slot of
         # its own (see ``_hybrid_slots``).
         claimants: dict[bytes, list[int]] = {}
-        for i, keys in enumerate(self.id_keys):
-            if self.is_local[i]:
+        for identity, keys in enumerate(self.id_keys):
+            if self.is_local[identity]:
                 for key in keys:
                     if key in conflicted:
-                        claimants.setdefault(key, []).append(i)
+                        claimants.setdefault(key, []).append(identity)
         self.hybrid = sorted(claimants.items())
         keys = np.frombuffer(b"".join(unique), dtype=np.uint8).reshape(-1, 16) if unique else np.zeros((0, 16), np.uint8)
         self.ip_keys = keys.copy()
-        self.ip_slot = np.fromiter((m + owners[k] for k in unique), dtype=np.int32, count=len(unique))
+        self.ip_slot = np.fromiter((first_pod_slot + owners[k] for k in unique), dtype=np.int32, count=len(unique))
         self.ip_hash_keys, self.ip_hash_slot = build_ip_hash(self.ip_keys, self.ip_slot)
         local = sorted([k for k in unique if self.is_local[owners[k]]] + [k for k, _ in self.hybrid])
         self.local_ips = np.frombuffer(b"".join(local), dtype=np.uint8).reshape(-1, 16).copy() if local else np.zeros((0, 16), np.uint8)
@@ -315,19 +311,19 @@ class Compiler:
         ipBlock interval the address falls in, exactly what an unknown address gets."""
         if not self.hybrid:
             return
-        m = self.space.size
+        first_pod_slot = self.space.size
         bounds = self.space.bound_keys.view("S16").ravel()
         first = len(arrays["eg_class"])
         extra_keys, extra_slots = [], []
-        for j, (key, owners) in enumerate(self.hybrid):
+        for extra, (key, owners) in enumerate(self.hybrid):
             interval = int(np.searchsorted(bounds, np.frombuffer(key, dtype="S16"), side="right")[0]) - 1
-            for d in ("eg", "in"):
-                classes = [int(arrays[f"{d}_class"][m + i]) for i in owners]
-                chosen = next((c for c in classes if c != 0), classes[0])
-                arrays[f"{d}_class"] = np.append(arrays[f"{d}_class"], np.int32(chosen))
-                arrays[f"{d}_atom"] = np.append(arrays[f"{d}_atom"], arrays[f"{d}_atom"][interval])
+            for side in ("eg", "in"):
+                classes = [int(arrays[f"{side}_class"][first_pod_slot + owner]) for owner in owners]
+                chosen = next((cls for cls in classes if cls != 0), classes[0])
+                arrays[f"{side}_class"] = np.append(arrays[f"{side}_class"], np.int32(chosen))
+                arrays[f"{side}_atom"] = np.append(arrays[f"{side}_atom"], arrays[f"{side}_atom"][interval])
             extra_keys.append(key)
-            extra_slots.append(first + j)
+            extra_slots.append(first + extra)
         keys = np.concatenate([self.ip_keys, np.frombuffer(b"".join(extra_keys), dtype=np.uint8).reshape(-1, 16)])
         slots = np.concatenate([self.ip_slot, np.asarray(extra_slots, dtype=np.int32)])
         order = np.argsort(keys.view("S16").ravel(), kind="stable")

@@ -30,7 +30,7 @@ import numpy as np
 
 from fastpath.tables import DENIED, NOT_ENFORCED, PORT_SPACE, PROTO_BY_NAME
 
-from control.compile.selection import AddressSpace, PodIndex, policies_for, selector_peer_matches
+from control.compile.selection import AddressSpace, PodIndex, peer_column, policies_for, selector_peer_matches
 from control.semantics.model import Peer, Policy, Rule
 
 ALL_PEERS = -3  # "first matching peer" of a rule without peers: it matches everything
@@ -157,10 +157,9 @@ class Direction:
     def __init__(self, direction: str, compiler):
         self.direction = direction
         self.egress = direction == "Egress"
-        c = compiler
         # Policies are append-only: a removed one stays (no class names it any more), a
         # changed one is removed and appended, so indices and rule numbers stay valid.
-        self.policies: list[Policy] = [p for p in policies_for(c.cset, direction) if c.enforces(p)]
+        self.policies: list[Policy] = [p for p in policies_for(compiler.cset, direction) if compiler.enforces(p)]
         #: Live policies: reference → index.
         self.alive: dict[str, int] = {p.ref: k for k, p in enumerate(self.policies)}
         # Rules in the order they are tried, each with its peer columns.
@@ -168,19 +167,19 @@ class Direction:
         self.rule_start = np.cumsum([0] + [len(p.rules(direction)) for p in self.policies]).tolist()
         self.columns: list[tuple[Policy, Peer]] = []
         self.column_of: dict[tuple, int] = {}
-        self.rule_columns: list[list[int] | None] = [self._columns_of(c, policy, rule) for policy, _, rule in self.rules]
+        self.rule_columns: list[list[int] | None] = [self._columns_of(compiler, policy, rule) for policy, _, rule in self.rules]
         self.named = sorted({(s.port, s.protocol) for _, _, r in self.rules for s in r.ports if isinstance(s.port, str)})
         self.name_idx = {n: k for k, n in enumerate(self.named)}
         #: Per rule, (port entry, named-port column) of its named ports.
         self.named_specs = [self._named_specs_of(r) for _, _, r in self.rules]
 
-    def _columns_of(self, c, policy: Policy, rule: Rule) -> list[int] | None:
+    def _columns_of(self, compiler, policy: Policy, rule: Rule) -> list[int] | None:
         """The peer columns of one rule, adding the columns not seen yet."""
         if not rule.peers:
             return None
         cols = []
         for peer in rule.peers:
-            key = self._column_key(c.index, policy, peer)
+            key = self._column_key(compiler.index, policy, peer)
             if key not in self.column_of:
                 self.column_of[key] = len(self.columns)
                 self.columns.append((policy, peer))
@@ -208,38 +207,32 @@ class Direction:
     def peer_bits(self, index: PodIndex, space: AddressSpace, pod_interval: np.ndarray, has_ip: np.ndarray) -> np.ndarray:
         """``uint8[slots, ceil(columns/8)]``: packed peer-column matches of every slot,
         built in chunks so memory stays at one byte per (slot, 8 columns)."""
-        m, n = space.size, index.n
+        first_pod_slot, n_pods = space.size, index.n
         ncol = len(self.columns)
-        out = np.zeros((m + n, (ncol + 7) // 8), dtype=np.uint8)
+        out = np.zeros((first_pod_slot + n_pods, (ncol + 7) // 8), dtype=np.uint8)
         chunk = 1024
         for start in range(0, ncol, chunk):
             cols = self.columns[start: start + chunk]
-            block = np.zeros((len(cols), m + n), dtype=bool)
-            for k, (policy, peer) in enumerate(cols):
-                if peer.ip_block is not None:
-                    bm = space.block_mask(peer.ip_block)
-                    block[k, :m] = bm
-                    block[k, m:] = has_ip & bm[pod_interval]
-                else:
-                    block[k, m:] = index.selector_peer(policy, peer)
+            block = np.zeros((len(cols), first_pod_slot + n_pods), dtype=bool)
+            for column, (policy, peer) in enumerate(cols):
+                block[column] = peer_column(index, space, pod_interval, has_ip, policy, peer)
             out[:, start // 8: start // 8 + (len(cols) + 7) // 8] = np.packbits(block, axis=0).T
         return out
 
-    def named_values(self, index: PodIndex, m: int) -> np.ndarray:
+    def named_values(self, index: PodIndex, first_pod_slot: int) -> np.ndarray:
         """``int32[slots, len(named)]``: each slot's resolution of every named port as
         a destination (-1: none; intervals are not pods and resolve nothing)."""
-        out = np.full((m + index.n, len(self.named)), -1, dtype=np.int32)
-        for k, (name, protocol) in enumerate(self.named):
-            out[m:, k] = index.named_port(name, protocol)
+        out = np.full((first_pod_slot + index.n, len(self.named)), -1, dtype=np.int32)
+        for column, (name, protocol) in enumerate(self.named):
+            out[first_pod_slot:, column] = index.named_port(name, protocol)
         return out
 
     # ------------------------------------------------------------------ compile
 
     def build(self, compiler) -> None:
-        c = compiler
-        m = c.space.size
-        bits = self.peer_bits(c.index, c.space, c.pod_interval, c.has_ip)
-        named = self.named_values(c.index, m)
+        first_pod_slot = compiler.space.size
+        bits = self.peer_bits(compiler.index, compiler.space, compiler.pod_interval, compiler.has_ip)
+        named = self.named_values(compiler.index, first_pod_slot)
         self.ctx_first, ctx_of_slot = unique_rows(as_bytes(named))
         self.ctx_values = named[self.ctx_first]
         key = bits
@@ -249,39 +242,39 @@ class Direction:
         self.atom_bits = bits[atom_first]
         self.atom_ctx = ctx_of_slot[atom_first]
         # Classes: local endpoints by isolating policies (and, for ingress, named ports).
-        sel = np.zeros((c.index.n, len(self.policies)), dtype=bool)
-        for k, policy in enumerate(self.policies):
-            sel[:, k] = c.index.selected_by(policy)
-        sel &= c.is_local.reshape(-1, 1)
+        sel = np.zeros((compiler.index.n, len(self.policies)), dtype=bool)
+        for column, policy in enumerate(self.policies):
+            sel[:, column] = compiler.index.selected_by(policy)
+        sel &= compiler.is_local.reshape(-1, 1)
         isolated = sel.any(axis=1)
         ckey = np.packbits(sel, axis=1)
         if not self.egress:
-            ckey = np.hstack([ckey, as_bytes(ctx_of_slot[m:].astype(np.int32).reshape(-1, 1))])
-        self.class_of_slot = np.zeros(m + c.index.n, dtype=np.int32)
+            ckey = np.hstack([ckey, as_bytes(ctx_of_slot[first_pod_slot:].astype(np.int32).reshape(-1, 1))])
+        self.class_of_slot = np.zeros(first_pod_slot + compiler.index.n, dtype=np.int32)
         iso = np.flatnonzero(isolated)
         first, inverse = unique_rows(ckey[iso])
-        self.class_of_slot[m + iso] = inverse + 1
-        self.class_policies = [None] + [np.flatnonzero(sel[iso[f]]) for f in first]
-        self.class_ctx = [None] + [int(ctx_of_slot[m + iso[f]]) for f in first]
+        self.class_of_slot[first_pod_slot + iso] = inverse + 1
+        self.class_policies = [None] + [np.flatnonzero(sel[iso[representative]]) for representative in first]
+        self.class_ctx = [None] + [int(ctx_of_slot[first_pod_slot + iso[representative]]) for representative in first]
         self.ctx_of_slot = ctx_of_slot.astype(np.int32)
         # Cells and port sets.
         self.portsets: dict[tuple, int] = {}
         self._segment_cache: dict[tuple, list] = {}
         self.port_rows: list[np.ndarray] = []
-        self._portset_row(c, None)  # 0: not enforced
-        self._portset_row(c, ((), ()))  # 1: isolated, nothing admits
+        self._portset_row(compiler, None)  # 0: not enforced
+        self._portset_row(compiler, ((), ()))  # 1: isolated, nothing admits
         self.cells = np.zeros((len(self.class_policies), len(atom_first)), dtype=np.int32)
         self._first_cache: dict[int, np.ndarray] = {}
         for cls in range(1, len(self.class_policies)):
-            self.cells[cls] = self.class_row(c, cls)
+            self.cells[cls] = self.class_row(compiler, cls)
         self._first_cache = None  # per-build scratch: incremental changes add atoms
         # What incremental changes look up: atoms, classes and named-port contexts by key.
-        self.atom_ids = {key[f].tobytes(): a for a, f in enumerate(atom_first)}
-        self.class_ids = {self._class_key(self.class_policies[k + 1], self.class_ctx[k + 1]): k + 1 for k in range(len(first))}
-        self.ctx_ids = {v.tobytes(): k for k, v in enumerate(self.ctx_values)}
+        self.atom_ids = {key[representative].tobytes(): a for a, representative in enumerate(atom_first)}
+        self.class_ids = {self._class_key(self.class_policies[column + 1], self.class_ctx[column + 1]): column + 1 for column in range(len(first))}
+        self.ctx_ids = {v.tobytes(): column for column, v in enumerate(self.ctx_values)}
         self.policies_at: dict[tuple[str, str], list[int]] = {}
-        for k, policy in enumerate(self.policies):
-            self.policies_at.setdefault((policy.cluster, policy.namespace), []).append(k)
+        for column, policy in enumerate(self.policies):
+            self.policies_at.setdefault((policy.cluster, policy.namespace), []).append(column)
 
     def _class_key(self, policy_idx, ctx: int) -> bytes:
         """Classes are keyed by their set of policies (and, for ingress, named ports)."""
@@ -290,33 +283,33 @@ class Direction:
 
     # ------------------------------------------------------------------ incremental
 
-    def update_slot(self, c, slot: int, pod, local: bool) -> None:
+    def update_slot(self, compiler, slot: int, pod, local: bool) -> None:
         """Re-derive one identity's atom and class after its pod changed (``pod`` None:
         gone or no longer eligible — it is judged by nobody)."""
         if pod is None:
             self.class_of_slot[slot] = 0
             return
-        cset = c.cset
+        cset = compiler.cset
         labels = cset.effective_pod_labels(pod)
-        interval = c.interval_of(pod)
+        interval = compiler.interval_of(pod)
         bits = np.zeros(len(self.columns), dtype=bool)
         ns_labels = None
-        for k, (policy, peer) in enumerate(self.columns):
+        for column, (policy, peer) in enumerate(self.columns):
             if peer.ip_block is not None:
-                bits[k] = interval >= 0 and bool(c.space.block_mask(peer.ip_block)[interval])
+                bits[column] = interval >= 0 and bool(compiler.space.block_mask(peer.ip_block)[interval])
             else:
                 if ns_labels is None:
                     ns_labels = cset.effective_namespace_labels(pod.cluster, pod.namespace)
-                bits[k] = selector_peer_matches(cset, policy, peer, pod, labels, ns_labels)
+                bits[column] = selector_peer_matches(cset, policy, peer, pod, labels, ns_labels)
         packed = np.packbits(bits)
         ctx = self._ctx_of(pod)
         self.ctx_of_slot[slot] = ctx
         key = packed.tobytes() + (np.int32(ctx).tobytes() if self.egress else b"")
         atom = self.atom_ids.get(key)
         if atom is None:
-            atom = self._new_atom(c, packed, ctx, key)
+            atom = self._new_atom(compiler, packed, ctx, key)
         self.atom_of_slot[slot] = atom
-        self.class_of_slot[slot] = self.class_of(c, pod, labels, ctx) if local else 0
+        self.class_of_slot[slot] = self.class_of(compiler, pod, labels, ctx) if local else 0
 
     def _ctx_of(self, pod) -> int:
         """The named-port context of a pod (how it resolves every named port)."""
@@ -327,7 +320,7 @@ class Direction:
             self.ctx_values = np.vstack([self.ctx_values, named[None]])
         return ctx
 
-    def class_of(self, c, pod, labels, ctx: int) -> int:
+    def class_of(self, compiler, pod, labels, ctx: int) -> int:
         """The class of a local endpoint: the policies selecting it (0: none)."""
         chosen = [k for k in self.policies_at.get((pod.cluster, pod.namespace), ()) if self.policies[k].pod_selector.matches(labels)]
         if not chosen:
@@ -336,22 +329,22 @@ class Direction:
         cls = self.class_ids.get(key)
         if cls is None:
             chosen.sort(key=lambda k: self.order(self.policies[k]))
-            cls = self._new_class(c, np.asarray(chosen), ctx, key)
+            cls = self._new_class(compiler, np.asarray(chosen), ctx, key)
         return cls
 
-    def _new_atom(self, c, packed: np.ndarray, ctx: int, key: bytes) -> int:
+    def _new_atom(self, compiler, packed: np.ndarray, ctx: int, key: bytes) -> int:
         atom = len(self.atom_bits)
         self.atom_bits = np.vstack([self.atom_bits, packed.reshape(1, -1)])
         self.atom_ctx = np.append(self.atom_ctx, ctx)
         on = set(np.flatnonzero(np.unpackbits(packed)).tolist())
         column = np.zeros(len(self.class_policies), dtype=np.int32)
         for cls in range(1, len(self.class_policies)):
-            column[cls] = self._cell(c, cls, on, ctx)
+            column[cls] = self._cell(compiler, cls, on, ctx)
         self.cells = np.hstack([self.cells, column.reshape(-1, 1)])
         self.atom_ids[key] = atom
         return atom
 
-    def _cell(self, c, cls: int, on: set, atom_ctx: int) -> int:
+    def _cell(self, compiler, cls: int, on: set, atom_ctx: int) -> int:
         """The port set of one atom (its set peer columns ``on``) for class ``cls``:
         :meth:`class_row` for a single atom, in plain Python (no per-rule numpy)."""
         matched = []
@@ -370,13 +363,13 @@ class Direction:
             return 1
         values = self.ctx_values[atom_ctx if self.egress else self.class_ctx[cls]]
         named = tuple((g, q, int(values[n])) for g, _ in matched for q, n in self.named_specs[g])
-        return self._portset_row(c, (tuple(matched), named))
+        return self._portset_row(compiler, (tuple(matched), named))
 
-    def _new_class(self, c, policies: np.ndarray, ctx: int, key: bytes) -> int:
+    def _new_class(self, compiler, policies: np.ndarray, ctx: int, key: bytes) -> int:
         cls = len(self.class_policies)
         self.class_policies.append(policies)
         self.class_ctx.append(ctx)
-        self.cells = np.vstack([self.cells, self.class_row(c, cls).reshape(1, -1)])
+        self.cells = np.vstack([self.cells, self.class_row(compiler, cls).reshape(1, -1)])
         self.class_ids[key] = cls
         return cls
 
@@ -392,7 +385,7 @@ class Direction:
         self.policies_at[(policy.cluster, policy.namespace)].remove(k)
         return policy
 
-    def add_policy(self, c, policy: Policy) -> None:
+    def add_policy(self, compiler, policy: Policy) -> None:
         """Append a policy, its rules and the peer columns not seen yet; the atoms the
         new columns split are split (existing classes never name the new columns, so a
         split atom keeps its cells). The caller re-derives the classes it touches.
@@ -404,17 +397,17 @@ class Direction:
         before = len(self.columns)
         for ri, rule in enumerate(policy.rules(self.direction)):
             self.rules.append((policy, ri, rule))
-            self.rule_columns.append(self._columns_of(c, policy, rule))
+            self.rule_columns.append(self._columns_of(compiler, policy, rule))
             self.named_specs.append(self._named_specs_of(rule))
         self.rule_start.append(len(self.rules))
         if len(self.columns) > before:
-            self._split_atoms(c, [c.column_values(pol, peer) for pol, peer in self.columns[before:]], before)
+            self._split_atoms(compiler, [compiler.column_values(pol, peer) for pol, peer in self.columns[before:]], before)
 
     def knows_named_ports(self, policy: Policy) -> bool:
         return all((s.port, s.protocol) in self.name_idx
                    for r in policy.rules(self.direction) for s in r.ports if isinstance(s.port, str))
 
-    def _split_atoms(self, c, values: list[np.ndarray], first_col: int) -> None:
+    def _split_atoms(self, compiler, values: list[np.ndarray], first_col: int) -> None:
         """Add peer columns ``first_col..``, given each column's value per slot."""
         ncol = len(self.columns)
         width = (ncol + 7) // 8
@@ -427,25 +420,25 @@ class Direction:
         target = np.empty(len(first), dtype=np.int32)
         claimed: set[int] = set()
         added: list[int] = []  # parent atom of each new atom
-        for u, s in enumerate(first.tolist()):
-            a = int(self.atom_of_slot[s])
-            if a in claimed:
-                target[u] = len(self.atom_bits) + len(added)
-                added.append(a)
+        for unique, slot in enumerate(first.tolist()):
+            atom = int(self.atom_of_slot[slot])
+            if atom in claimed:
+                target[unique] = len(self.atom_bits) + len(added)
+                added.append(atom)
             else:
-                claimed.add(a)
-                target[u] = a
+                claimed.add(atom)
+                target[unique] = atom
         if added:
             parents = np.asarray(added)
             self.atom_bits = np.vstack([self.atom_bits, self.atom_bits[parents]])
             self.atom_ctx = np.append(self.atom_ctx, self.atom_ctx[parents])
             self.cells = np.hstack([self.cells, self.cells[:, parents]])
-        for u, s in enumerate(first.tolist()):
-            for col in (np.flatnonzero(new[s]) + first_col).tolist():
-                self.atom_bits[target[u], col // 8] |= np.uint8(1 << (7 - col % 8))
+        for unique, slot in enumerate(first.tolist()):
+            for col in (np.flatnonzero(new[slot]) + first_col).tolist():
+                self.atom_bits[target[unique], col // 8] |= np.uint8(1 << (7 - col % 8))
         self.atom_of_slot = target[inverse]
-        tail = (lambda a: np.int32(self.atom_ctx[a]).tobytes()) if self.egress else (lambda a: b"")
-        self.atom_ids = {self.atom_bits[a].tobytes() + tail(a): a for a in range(len(self.atom_bits))}
+        tail = (lambda atom: np.int32(self.atom_ctx[atom]).tobytes()) if self.egress else (lambda atom: b"")
+        self.atom_ids = {self.atom_bits[atom].tobytes() + tail(atom): atom for atom in range(len(self.atom_bits))}
 
     def remap_port_atoms(self, old_of_new: np.ndarray) -> None:
         """The port atoms were cut finer: new atom ``j`` lies in old atom ``old_of_new[j]``."""
@@ -462,9 +455,9 @@ class Direction:
 
     def _rules_of(self, policy_idx: np.ndarray) -> list[int]:
         """Rule ids of the given policies, in the order they are tried."""
-        return [g for k in policy_idx for g in range(self.rule_start[k], self.rule_start[k + 1])]
+        return [rule for policy in policy_idx for rule in range(self.rule_start[policy], self.rule_start[policy + 1])]
 
-    def class_row(self, c, cls: int, atoms: np.ndarray | None = None) -> np.ndarray:
+    def class_row(self, compiler, cls: int, atoms: np.ndarray | None = None) -> np.ndarray:
         """Port set of every atom (or of ``atoms``) for class ``cls``.
 
         Per atom, the behaviour is fixed by the first matching peer of each of the
@@ -475,126 +468,126 @@ class Direction:
         bits = self.atom_bits if atoms is None else self.atom_bits[atoms]
         n_atoms = len(bits)
         rules = self._rules_of(self.class_policies[cls])
-        for j, g in enumerate(rules):
-            if self.rule_columns[g] is None and not self.rules[g][2].ports:
-                rules = rules[: j + 1]
+        for position, rule in enumerate(rules):
+            if self.rule_columns[rule] is None and not self.rules[rule][2].ports:
+                rules = rules[: position + 1]
                 break
-        varying = [j for j, g in enumerate(rules) if self.rule_columns[g] is not None]
-        extra = [(j, q, n) for j, g in enumerate(rules) for q, n in self.named_specs[g]]
-        nv = len(varying)
-        first = np.empty((n_atoms, nv + len(extra)), dtype=np.int32)
-        for k, j in enumerate(varying):
-            g = rules[j]
-            first[:, k] = self._first_peer(g, bits) if atoms is not None else self._first_peer_cached(g)
+        varying = [position for position, rule in enumerate(rules) if self.rule_columns[rule] is not None]
+        extra = [(position, port_entry, named_column) for position, rule in enumerate(rules) for port_entry, named_column in self.named_specs[rule]]
+        n_varying = len(varying)
+        first = np.empty((n_atoms, n_varying + len(extra)), dtype=np.int32)
+        for column, position in enumerate(varying):
+            rule = rules[position]
+            first[:, column] = self._first_peer(rule, bits) if atoms is not None else self._first_peer_cached(rule)
         if extra:
             if self.egress:
                 actx = self.atom_ctx if atoms is None else self.atom_ctx[atoms]
                 values = self.ctx_values[actx]
             else:
                 values = np.broadcast_to(self.ctx_values[self.class_ctx[cls]], (n_atoms, len(self.named)))
-            column_of = {j: k for k, j in enumerate(varying)}
-            for e, (j, _, n) in enumerate(extra):
-                k = column_of.get(j)
-                first[:, nv + e] = values[:, n] if k is None else np.where(first[:, k] != -1, values[:, n], -2)
+            column_of = {position: column for column, position in enumerate(varying)}
+            for extra_column, (position, _, named_column) in enumerate(extra):
+                column = column_of.get(position)
+                first[:, n_varying + extra_column] = values[:, named_column] if column is None else np.where(first[:, column] != -1, values[:, named_column], -2)
         # A matched rule without ports admits everything: forget the rules after it, so
         # atoms that differ only there share a port set.
-        open_rules = np.fromiter((not self.rules[rules[j]][2].ports for j in varying), dtype=bool, count=nv)
+        open_rules = np.fromiter((not self.rules[rules[position]][2].ports for position in varying), dtype=bool, count=n_varying)
         if open_rules.any():
-            stops = (first[:, :nv] != -1) & open_rules
-            stop = np.where(stops.any(axis=1), stops.argmax(axis=1), nv)
-            first[:, :nv][np.arange(nv) > stop[:, None]] = -1
+            stops = (first[:, :n_varying] != -1) & open_rules
+            stop = np.where(stops.any(axis=1), stops.argmax(axis=1), n_varying)
+            first[:, :n_varying][np.arange(n_varying) > stop[:, None]] = -1
             if extra:
                 # Rule index of each row's stop (len(rules): none) against each extra's rule.
                 stop_rule = np.asarray(varying + [len(rules)])[stop]
-                first[:, nv:][np.asarray([j for j, _, _ in extra]) > stop_rule[:, None]] = -2
+                first[:, n_varying:][np.asarray([position for position, _, _ in extra]) > stop_rule[:, None]] = -2
         reps, inverse = unique_int_rows(first)
         ids = np.empty(len(reps), dtype=np.int32)
-        peerless = [self.rule_columns[g] is None for g in rules]
-        for u, r in enumerate(reps):
-            row = first[r].tolist()
+        peerless = [self.rule_columns[rule] is None for rule in rules]
+        for unique, representative in enumerate(reps):
+            row = first[representative].tolist()
             matched = []
             last = -1  # position in ``rules`` (the order tried) of the last matched rule
-            k = 0
-            for j, g in enumerate(rules):
-                if peerless[j]:
+            column = 0
+            for position, rule in enumerate(rules):
+                if peerless[position]:
                     peer = None
                 else:
-                    peer = row[k]
-                    k += 1
+                    peer = row[column]
+                    column += 1
                     if peer == -1:
                         continue
-                matched.append((g, peer))
-                last = j
-                if not self.rules[g][2].ports:
+                matched.append((rule, peer))
+                last = position
+                if not self.rules[rule][2].ports:
                     break  # admits every port: later rules cannot decide anything
             if not matched:
-                ids[u] = 1
+                ids[unique] = 1
                 continue
             # Compared by position, not by rule id: a policy changed incrementally is
             # appended, so its rule ids need not follow the order the class tries them in.
-            named = tuple((rules[j], q, v) for (j, q, _), v in zip(extra, row[nv:]) if v != -2 and j <= last)
-            ids[u] = self._portset_row(c, (tuple(matched), named))
+            named = tuple((rules[position], port_entry, v) for (position, port_entry, _), v in zip(extra, row[n_varying:]) if v != -2 and position <= last)
+            ids[unique] = self._portset_row(compiler, (tuple(matched), named))
         return ids[inverse]
 
-    def _first_peer(self, g: int, bits: np.ndarray) -> np.ndarray:
-        """For each atom row of ``bits``, the first peer of rule ``g`` it matches (-1:
+    def _first_peer(self, rule: int, bits: np.ndarray) -> np.ndarray:
+        """For each atom row of ``bits``, the first peer of rule ``rule`` it matches (-1:
         none, ``ALL_PEERS``: the rule has no peers)."""
-        cols = self.rule_columns[g]
+        cols = self.rule_columns[rule]
         if cols is None:
             return np.full(len(bits), ALL_PEERS, dtype=np.int32)
         cols = np.asarray(cols)
         sub = (bits[:, cols // 8] >> (7 - cols % 8)) & 1
         return np.where(sub.any(axis=1), sub.argmax(axis=1), -1).astype(np.int32)
 
-    def _first_peer_cached(self, g: int) -> np.ndarray:
+    def _first_peer_cached(self, rule: int) -> np.ndarray:
         if self._first_cache is None:
-            return self._first_peer(g, self.atom_bits)
-        vec = self._first_cache.get(g)
+            return self._first_peer(rule, self.atom_bits)
+        vec = self._first_cache.get(rule)
         if vec is None:
-            vec = self._first_cache[g] = self._first_peer(g, self.atom_bits)
+            vec = self._first_cache[rule] = self._first_peer(rule, self.atom_bits)
         return vec
 
-    def _segments(self, c, g: int, peer, named: dict) -> list[tuple[int, int, int]]:
-        """``(first port atom, end, rule id)`` for each port entry of rule ``g``."""
-        policy, ri, rule = self.rules[g]
+    def _segments(self, compiler, rule_no: int, peer, named: dict) -> list[tuple[int, int, int]]:
+        """``(first port atom, end, rule id)`` for each port entry of rule ``rule_no``."""
+        policy, index_in_policy, rule = self.rules[rule_no]
         out = []
-        for q, spec in enumerate(rule.ports):
+        for port_entry, spec in enumerate(rule.ports):
             base = PROTO_BY_NAME[spec.protocol] << 16
             if spec.port is None:
                 lo, hi = base, base + (1 << 16)
             elif isinstance(spec.port, str):
-                v = named.get((g, q), -1)
-                if v < 0:
+                number = named.get((rule_no, port_entry), -1)
+                if number < 0:
                     continue  # rule S8: no such port on the destination (or not a pod)
-                lo, hi = base | v, (base | v) + 1
+                lo, hi = base | number, (base | number) + 1
             else:
                 lo, hi = base | spec.port, (base | (spec.end_port or spec.port)) + 1
-            a0, a1 = c.ports.atoms(lo, hi)
-            out.append((a0, a1, c.rule_ids.get(policy, self.direction, ri, peer, q)))
+            first_atom, end_atom = compiler.ports.atoms(lo, hi)
+            out.append((first_atom, end_atom, compiler.rule_ids.get(policy, self.direction, index_in_policy, peer, port_entry)))
         return out
 
-    def _portset_row(self, c, key) -> int:
+    def _portset_row(self, compiler, key) -> int:
         psid = self.portsets.get(key)
         if psid is not None:
             return psid
         if key is None:
-            row = np.full(c.ports.size, NOT_ENFORCED, dtype=np.int32)
+            row = np.full(compiler.ports.size, NOT_ENFORCED, dtype=np.int32)
         else:
             matched, named = key
-            named = {(g, q): v for g, q, v in named}
-            row = np.full(c.ports.size, DENIED, dtype=np.int32)
-            for g, peer in matched:
-                policy, ri, rule = self.rules[g]
+            named = {(rule_no, port_entry): number for rule_no, port_entry, number in named}
+            row = np.full(compiler.ports.size, DENIED, dtype=np.int32)
+            for rule_no, peer in matched:
+                policy, index_in_policy, rule = self.rules[rule_no]
                 if not rule.ports:
-                    row[row == DENIED] = c.rule_ids.get(policy, self.direction, ri, peer, None)
+                    row[row == DENIED] = compiler.rule_ids.get(policy, self.direction, index_in_policy, peer, None)
                     break
-                seg_key = (g, peer, tuple(named.get((g, q), -1) for q, _ in self.named_specs[g]))
+                seg_key = (rule_no, peer, tuple(named.get((rule_no, port_entry), -1) for port_entry, _ in self.named_specs[rule_no]))
                 segments = self._segment_cache.get(seg_key)
                 if segments is None:
-                    segments = self._segment_cache[seg_key] = self._segments(c, g, peer, named)
-                for a0, a1, rid in segments:
-                    seg = row[a0:a1]
-                    seg[seg == DENIED] = rid
+                    segments = self._segment_cache[seg_key] = self._segments(compiler, rule_no, peer, named)
+                for first_atom, end_atom, rule_id in segments:
+                    seg = row[first_atom:end_atom]
+                    seg[seg == DENIED] = rule_id
         psid = self.portsets[key] = len(self.port_rows)
         self.port_rows.append(row)
         return psid

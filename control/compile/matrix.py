@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from control.compile.selection import EGRESS, INGRESS, AddressSpace, PodIndex, all_ip_blocks, policies_for
+from control.compile.selection import EGRESS, INGRESS, AddressSpace, PodIndex, all_ip_blocks, peer_column, policies_for
 from control.semantics.model import ClusterSet, Pod, Rule
 from control.semantics.reference import ReferenceEvaluator
 
@@ -73,10 +73,7 @@ class _World:
             return np.ones(self.n, dtype=bool)
         mask = np.zeros(self.n, dtype=bool)
         for peer in rule.peers:
-            if peer.ip_block is not None:  # rule M6, also for pod IPs
-                mask |= self.has_ip & self.space.block_mask(peer.ip_block)[self.pod_interval]
-            else:
-                mask |= self.index.selector_peer(policy, peer)
+            mask |= peer_column(self.index, self.space, self.pod_interval, self.has_ip, policy, peer)[self.space.size:]
         return mask
 
     def _ports(self, rule: Rule) -> np.ndarray | bool:

@@ -190,6 +190,25 @@ class PodIndex:
         return keys, has
 
 
+def peer_column(index: PodIndex, space: "AddressSpace", pod_interval: np.ndarray, has_ip: np.ndarray,
+                policy: Policy, peer: Peer) -> np.ndarray:
+    """``bool[space.size + len(has_ip)]``: the address intervals, then the pods, that one
+    peer of ``policy`` matches — the one evaluation of a peer column that the full
+    compile, the incremental compile and ``matrix`` share. ``has_ip`` and
+    ``pod_interval`` give each pod's primary address: whether it has one, and the
+    interval it falls in. Selector peers are answered for the pods of ``index``; pods
+    after them (added since the index was built) are left False for the caller."""
+    intervals = space.size
+    out = np.zeros(intervals + len(has_ip), dtype=bool)
+    if peer.ip_block is not None:  # rule M6: cluster-agnostic, also for pod addresses
+        in_block = space.block_mask(peer.ip_block)
+        out[:intervals] = in_block
+        out[intervals:] = has_ip & in_block[pod_interval]
+    else:
+        out[intervals: intervals + index.n] = index.selector_peer(policy, peer)
+    return out
+
+
 def reaches_all_clusters(options: Options, peer: Peer) -> bool:
     """Rules M4/M7: does a selector peer reach beyond the policy's own cluster?"""
     if not options.multicluster:
