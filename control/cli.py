@@ -374,15 +374,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--local-cluster", metavar="NAME", help="the cluster this node belongs to (its policies are enforced here)")
     r.add_argument("--cluster", action="append", default=[], metavar="NAME=SOURCE",
                    help="SOURCE is dir:PATH, kubeconfig:PATH[#CONTEXT] or in-cluster (repeatable)")
-    r.add_argument("--attach", action="append", default=[], metavar="IFNAME=REF", help="bind a pod port to a pod (repeatable)")
-    r.add_argument("--uplink", metavar="IFNAME", help="the port leading to the rest of the clusterset")
+    r.add_argument("--cni-socket", metavar="PATH", help="unix socket where mcnp-cni reaches the daemon (default /run/mcnp/cni.sock)")
+    r.add_argument("--state-dir", metavar="DIR", help="sandbox records, kept across restarts (default /var/lib/mcnp)")
+    r.add_argument("--bpf-dir", metavar="DIR", help="bpffs directory of the maps that outlive the daemon (default /sys/fs/bpf/mcnp)")
+    r.add_argument("--no-dataplane", action="store_true", default=False,
+                   help="watch, explain and serve the page only: hook no pod, enforce nothing")
     r.add_argument("--api-listen", metavar="HOST:PORT", help="REST endpoint (default 127.0.0.1:9901; unix:PATH also works)")
     r.add_argument("--default-peer-scope", choices=("local", "clusterset"), default=None,
                    help="scope of peers whose selectors do not mention the multi-cluster key (default: local)")
     r.add_argument("--no-multicluster", action="store_true", default=None,
                    help="turn NPEP-308 off: the key becomes an ordinary label, every peer is local")
     r.add_argument("--stale-after", metavar="DURATION", help="revoke a remote cluster's state after it has been unreachable this long (e.g. 5m)")
-    r.add_argument("--netns", metavar="NAME", help="network namespace (under /var/run/netns) of the pod ports and uplink; the packet loop enters it")
+    r.add_argument("--netns", metavar="NAME", help="the node's network namespace (under /var/run/netns) when it is not this process's own; the packet loop enters it")
     _observability_flags(r)
     r.set_defaults(func=cmd_run)
 

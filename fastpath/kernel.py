@@ -28,7 +28,6 @@ logger = logging.getLogger(__name__)
 
 #: The hook program built from csrc/xdp_filter.bpf.c, shipped in the package.
 BPF_OBJECT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "xdp_filter.bpf.o")
-BPFFS = "/sys/fs/bpf"
 
 EGRESS, INGRESS = lib.MCNP_ROLE_EGRESS, lib.MCNP_ROLE_INGRESS
 ROLE_NAMES = {EGRESS: "egress", INGRESS: "ingress"}
@@ -99,18 +98,33 @@ def addr_str(raw) -> str:
     return str(ipaddress.IPv6Address(b))
 
 
-def ensure_bpffs(path: str = BPFFS) -> None:
-    """Mount a bpffs at ``path`` unless one is there (pinning needs it)."""
+def _mount_of(path: str) -> tuple[str, str]:
+    """(mount point, file system type) of the mount holding ``path``."""
+    best = ("/", "")
     with open("/proc/self/mounts") as f:
         for line in f:
             fields = line.split()
-            if len(fields) > 2 and fields[1] == path and fields[2] == "bpf":
-                return
-    os.makedirs(path, exist_ok=True)
-    libc = __import__("ctypes").CDLL(None, use_errno=True)
-    if libc.mount(b"bpf", path.encode(), b"bpf", 0, None) != 0:
-        err = __import__("ctypes").get_errno()
-        raise KernelError(err, f"mounting a bpffs at {path}: {os.strerror(err)}")
+            if len(fields) > 2:
+                point = fields[1].replace("\\040", " ")
+                inside = path == point or path.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best[0]):
+                    best = (point, fields[2])
+    return best
+
+
+def ensure_bpffs(pin_dir: str) -> None:
+    """Make ``pin_dir`` a directory on a bpffs: under an existing one (the node's
+    ``/sys/fs/bpf``), else a bpffs mounted at ``pin_dir`` itself."""
+    pin_dir = os.path.abspath(pin_dir)
+    if _mount_of(pin_dir)[1] == "bpf":
+        os.makedirs(pin_dir, mode=0o700, exist_ok=True)
+        return
+    os.makedirs(pin_dir, mode=0o700, exist_ok=True)
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"bpf", pin_dir.encode(), b"bpf", 0, None) != 0:
+        err = ctypes.get_errno()
+        raise KernelError(err, f"mounting a bpffs at {pin_dir}: {os.strerror(err)}")
 
 
 class Kernel:

@@ -31,6 +31,7 @@ from fastpath import flows as F
 from fastpath import kernel as K
 from fastpath import shm
 from fastpath.counters import GAUGE, Counters
+from fastpath.netlink import addresses, links
 from fastpath.netns import Namespace
 
 logger = logging.getLogger(__name__)
@@ -91,9 +92,15 @@ class Dataplane:
         """Sandbox ids the worker has hooked."""
         return list(self._ask("pods", None) or [])
 
+    def discover(self, ips: list[str], netns_dirs: list[str], timeout: float = 10.0) -> dict:
+        """Pods not known by a sandbox record, looked for by address among the network
+        namespaces under ``netns_dirs``: ``{ip: {"id", "netns", "ifname", "host_ifname",
+        "mac"}}`` for those found behind a veth of this node."""
+        return self._ask("discover", {"ips": ips, "dirs": netns_dirs}, timeout=timeout)
+
     def publish(self, tables, pods: dict[str, dict], services: list[dict] | None = None) -> None:
         """Hand over a tables revision, what each attached pod is in it (``{sandbox:
-        {"ref", "ips", "ready", "isolated"}}``) and the Service addresses."""
+        {"ref", "ips", "ready"}}``) and the Service addresses."""
         self._pub.publish(tables, {"pods": pods, "services": services or []})
         self._tables = tables
 
@@ -219,6 +226,35 @@ class Dataplane:
 # -- worker side ------------------------------------------------------------------
 
 
+def isolated(tables, ips: list[str]) -> bool:
+    """Whether any policy in force isolates the pod with these addresses, in either
+    direction (rule S12: then it exchanges no non-IP frames but ARP and ND)."""
+    import numpy as np
+    from fastpath.match import NOT_ENFORCED, judge
+    if not ips:
+        return True
+    pod = np.stack([np.frombuffer(K.addr16(ip), dtype=np.uint8) for ip in ips])
+    other = np.tile(np.frombuffer(K.addr16("0.0.0.0"), dtype=np.uint8), (len(ips), 1))
+    proto, port = np.full(len(ips), 17, dtype=np.uint8), np.zeros(len(ips), dtype=np.uint16)
+    out = judge(tables, pod, other, proto, port).egress
+    into = judge(tables, other, pod, proto, port).ingress
+    return bool(np.any(out != NOT_ENFORCED) or np.any(into != NOT_ENFORCED))
+
+
+def veth_peer(netns_path: str, ifname: str) -> tuple[str, str]:
+    """The node-side end of the veth whose pod end is ``ifname`` in ``netns_path``
+    (the calling thread's namespace is the node's), and the pod end's MAC."""
+    with Namespace.from_path(netns_path) as ns, ns.entered():
+        pod_end = next((link for link in links() if link.name == ifname), None)
+    if pod_end is None:
+        raise DataplaneError(f"{ifname} does not exist in {netns_path}")
+    node_end = next((link for link in links() if link.index == pod_end.peer_index), None)
+    if not pod_end.peer_index or node_end is None or node_end.peer_index != pod_end.index:
+        raise DataplaneError(f"{ifname} in {netns_path} is not a veth whose other end is on this node")
+    return node_end.name, pod_end.mac
+
+
+
 def _worker_main(config: dict, conn) -> None:
     """Entry of the worker process: namespace, maps, then the loop until stopped."""
     logging.basicConfig(level=config["log_level"],
@@ -258,7 +294,7 @@ class _Worker:
         signal.signal(signal.SIGINT, self._on_signal)
         pin_dir = config["pin_dir"]
         if pin_dir:
-            K.ensure_bpffs(os.path.dirname(pin_dir.rstrip("/")) or "/")
+            K.ensure_bpffs(pin_dir)
         self.kernel = K.Kernel(pin_dir, flow_capacity=config["flow_capacity"])
         if self.kernel.reused:
             logger.info("Found the flow cache of an earlier run: its flows wait for the first tables.")
@@ -324,13 +360,40 @@ class _Worker:
 
     def _do_attach(self, sb: dict) -> dict:
         extra = self.pods_extra.get(sb["id"], {})
-        mac = bytes.fromhex(sb["mac"].replace(":", "")) if sb.get("mac") else None
-        hooks = self.loop.add_pod(sb["id"], sb["netns"], sb["ifname"], sb["host_ifname"],
-                                  extra.get("ips") or sb.get("ips") or [], mac,
-                                  ready=bool(extra.get("ready")) and self.loop.pipeline.tables is not None,
-                                  isolated=extra.get("isolated", True))
+        host_ifname, mac_text = veth_peer(sb["netns"], sb["ifname"])
+        if sb.get("host_ifname") and sb["host_ifname"] != host_ifname:
+            logger.warning("Sandbox %s: the CNI named %s, but the peer of %s is %s; hooking %s.",
+                           sb["id"][:12], sb["host_ifname"], sb["ifname"], host_ifname, host_ifname)
+        mac = bytes.fromhex(mac_text.replace(":", "")) if mac_text else None
+        tables = self.loop.pipeline.tables
+        ips = extra.get("ips") or sb.get("ips") or []
+        ready = bool(extra.get("ready")) and tables is not None
+        hooks = self.loop.add_pod(sb["id"], sb["netns"], sb["ifname"], host_ifname, ips, mac,
+                                  ready=ready, isolated=not ready or isolated(tables, ips))
         self.counters.gauges[GAUGE["pods"]] = len(self.loop.pods)
         return {"zone": hooks.zone, "egress_socket": hooks.egress, "ingress_socket": hooks.ingress}
+
+    def _do_discover(self, request: dict) -> dict:
+        wanted, found = set(request["ips"]), {}
+        node = {link.index: link.name for link in links()}
+        for directory in request["dirs"]:
+            try:
+                names = sorted(os.listdir(directory))
+            except OSError:
+                continue
+            for name in names:
+                path = os.path.join(directory, name)
+                try:
+                    with Namespace.from_path(path) as ns, ns.entered():
+                        addrs, pod_links = addresses(), {link.index: link for link in links()}
+                except OSError:
+                    continue
+                for ip, index in addrs:
+                    link = pod_links.get(index)
+                    if ip in wanted and ip not in found and link and link.peer_index in node:
+                        found[ip] = {"id": f"netns-{name}", "netns": path, "ifname": link.name,
+                                     "host_ifname": node[link.peer_index], "mac": link.mac}
+        return found
 
     def _do_detach(self, sandbox_id: str) -> bool:
         done = self.loop.remove_pod(sandbox_id)
@@ -356,8 +419,9 @@ class _Worker:
         self.loop.set_tables(tables, self.timeouts, hits)
         for sandbox, h in self.loop.pods.items():
             info = self.pods_extra.get(sandbox, {})
-            self.loop.set_pod(sandbox, info.get("ips") or h.ips, bool(info.get("ready")),
-                              bool(info.get("isolated", True)))
+            ips = info.get("ips") or h.ips
+            ready = bool(info.get("ready"))
+            self.loop.set_pod(sandbox, ips, ready, not ready or isolated(tables, ips))
         done = F.recheck(self.kernel, tables, self.timeouts, self._zones(), self.loop.pipeline.services)
         g = self.counters.gauges
         g[GAUGE["revision"]] = tables.revision

@@ -12,8 +12,9 @@ Config file example::
     clusters:                    # or a list of "NAME=SOURCE" strings
       cluster-1: dir:/etc/mcnp/cluster-1
       cluster-2: kubeconfig:/etc/mcnp/cluster-2.kubeconfig#admin@cluster-2
-    attach: {veth-a1: cluster-1/default/a1}
-    uplink: eth1
+    cni-socket: /run/mcnp/cni.sock
+    state-dir: /var/lib/mcnp
+    bpf-dir: /sys/fs/bpf/mcnp
     api-listen: unix:/run/mcnp.sock
     metrics-listen: 0.0.0.0:9902
     log-format: json
@@ -119,10 +120,20 @@ class Settings:
     local_cluster: str = ""
     #: Every cluster of the clusterset, the local one included.
     clusters: list[ClusterSource] = field(default_factory=list)
-    #: Pod ports: interface name -> pod reference ``cluster/namespace/pod``.
-    attach: dict[str, str] = field(default_factory=dict)
-    #: The port leading to the rest of the clusterset.
-    uplink: Optional[str] = None
+    #: Whether this daemon runs the packet loop and hooks its node's pods (``mcnp
+    #: run`` does unless ``--no-dataplane``: then it only watches, explains and serves
+    #: its page, and enforces nothing).
+    dataplane: bool = False
+    #: Unix socket where the chained CNI plugin ``mcnp-cni`` reaches this daemon.
+    cni_socket: str = "/run/mcnp/cni.sock"
+    #: Directory of the sandbox records (must survive a daemon restart: a host directory).
+    state_dir: str = "/var/lib/mcnp"
+    #: Directory (on a bpffs, mounted there if none is) of the maps that outlive the
+    #: daemon: the flow cache, the pods, the node's addresses, the tables revision.
+    bpf_dir: str = "/sys/fs/bpf/mcnp"
+    #: Flows the kernel's cache holds (a full cache evicts the least recently used:
+    #: an evicted flow is judged again, never passed unjudged).
+    flow_capacity: int = 131072
     #: ``HOST:PORT`` or ``unix:PATH`` of the read-only REST endpoint.
     api_listen: str = "127.0.0.1:9901"
     #: ``HOST:PORT`` or ``unix:PATH`` of a listener serving only ``/metrics`` and
@@ -184,6 +195,7 @@ class Settings:
                 setattr(s, key, _convert(key, value))
             except (ValueError, TypeError) as e:
                 own.append(f"config: {raw_key}: {e}")
+            s.explicit = getattr(s, "explicit", set()) | {key}
         if problems is None and own:
             raise SettingsError(own)
         return s
@@ -218,8 +230,9 @@ class Settings:
             "node_name": getattr(args, "node_name", None),
             "local_cluster": getattr(args, "local_cluster", None),
             "clusters": getattr(args, "cluster", None) or None,
-            "attach": getattr(args, "attach", None) or None,
-            "uplink": getattr(args, "uplink", None),
+            "cni_socket": getattr(args, "cni_socket", None),
+            "state_dir": getattr(args, "state_dir", None),
+            "bpf_dir": getattr(args, "bpf_dir", None),
             "api_listen": getattr(args, "api_listen", None),
             "metrics_listen": getattr(args, "metrics_listen", None),
             "log_format": getattr(args, "log_format", None),
@@ -236,6 +249,10 @@ class Settings:
                 problems.append(f"--{key.replace('_', '-')}: {e}")
         if getattr(args, "no_multicluster", False):
             s.multicluster = False
+        if getattr(args, "no_dataplane", False):
+            s.dataplane = False
+        elif hasattr(args, "no_dataplane") and "dataplane" not in getattr(s, "explicit", ()):
+            s.dataplane = True  # mcnp run enforces unless told not to
         problems.extend(s.problems())
         if problems:
             raise SettingsError(problems)
@@ -263,16 +280,13 @@ class Settings:
                 out.append(f"--cluster {c.name}: unknown source kind {c.kind!r}")
         if self.local_cluster and self.clusters and self.local_cluster not in seen:
             out.append(f"--local-cluster {self.local_cluster}: not among the --cluster names ({', '.join(sorted(seen))})")
-        for ifname, ref in self.attach.items():
-            if not ifname or len(ifname) > 15 or "/" in ifname:
-                out.append(f"--attach {ifname}={ref}: invalid interface name")
-            parts = ref.split("/")
-            if len(parts) != 3 or not all(parts):
-                out.append(f"--attach {ifname}={ref}: expected IFNAME=cluster/namespace/pod")
-            elif self.local_cluster and parts[0] != self.local_cluster:
-                out.append(f"--attach {ifname}={ref}: only pods of the local cluster {self.local_cluster} can be attached")
-        if self.uplink is not None and self.uplink in self.attach:
-            out.append(f"--uplink {self.uplink}: also attached as a pod port")
+        if self.dataplane:
+            for name, path in (("cni-socket", self.cni_socket), ("state-dir", self.state_dir),
+                               ("bpf-dir", self.bpf_dir)):
+                if not path.startswith("/"):
+                    out.append(f"--{name} {path}: must be an absolute path")
+        if self.flow_capacity < 64:
+            out.append("flow-capacity: must be at least 64")
         try:
             parse_listen(self.api_listen)
         except ValueError as e:
@@ -332,28 +346,16 @@ def _convert(key: str, value: Any) -> Any:
         if not isinstance(value, list):
             raise TypeError("must be a list of NAME=SOURCE or a mapping NAME: SOURCE")
         return [v if isinstance(v, ClusterSource) else ClusterSource.parse(str(v)) for v in value]
-    if key == "attach":
-        if isinstance(value, Mapping):
-            return {str(k): str(v) for k, v in value.items()}
-        if not isinstance(value, list):
-            raise TypeError("must be a list of IFNAME=REF or a mapping IFNAME: REF")
-        out = {}
-        for item in value:
-            ifname, sep, ref = str(item).partition("=")
-            if not sep:
-                raise ValueError(f"{item!r}: expected IFNAME=cluster/namespace/pod")
-            out[ifname] = ref
-        return out
     if key == "stale_after":
         return None if value in (None, "", "never") else parse_duration(value)
     if key in ("dir_poll_interval", "dir_rescan_interval", "dir_settle_interval", "coalesce_delay",
                "backoff_initial", "backoff_max"):
         return parse_duration(value)
-    if key in ("watch_timeout", "list_page_size"):
+    if key in ("watch_timeout", "list_page_size", "flow_capacity"):
         if isinstance(value, bool) or not isinstance(value, int):
             return int(parse_duration(value))
         return value
-    if key in ("multicluster", "dir_watch"):
+    if key in ("multicluster", "dir_watch", "dataplane"):
         if not isinstance(value, bool):
             raise TypeError("must be true or false")
         return value

@@ -111,7 +111,7 @@ def default_compiler(settings: Settings, local: Callable[[Pod], bool]) -> Option
 def default_dataplane(settings: Settings):
     from fastpath.worker import Dataplane
 
-    return Dataplane(dict(settings.attach), settings.uplink, settings.netns)
+    return Dataplane(settings.netns, pin_dir=settings.bpf_dir, flow_capacity=settings.flow_capacity)
 
 
 class Daemon:
@@ -152,6 +152,9 @@ class Daemon:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcnp-compile")
         self._api_runner = None
         self._start_gc = StartGc()
+        self.attacher = None
+        self.cni_server = None
+        self._pods_changed = False
         #: Why the packet loop stopped, if it did; ``failed`` is set then.
         self.dataplane_failure: Optional[str] = None
         self.failed = asyncio.Event()
@@ -162,10 +165,10 @@ class Daemon:
 
     async def start(self) -> None:
         self._start_gc.hold()
-        if self.settings.attach:
+        if self.settings.dataplane:
             if self.compiler is None:
-                raise RuntimeError("--attach needs the policy compiler (control.compile.compiler)")
-            self.dataplane = self._dataplane_factory(self.settings)
+                raise RuntimeError("the dataplane needs the policy compiler (control.compile.compiler)")
+            await self._start_dataplane()
         if self._serve_api:
             from control.node.api import start_api
 
@@ -179,6 +182,26 @@ class Daemon:
             self._tasks.append(asyncio.create_task(self._stale_loop(), name="stale"))
         logger.info("Node %s of cluster %s: watching %d cluster(s), API on %s", self.settings.node_name,
                     self.settings.local_cluster, len(self.sources), self.settings.api_listen)
+
+    async def _start_dataplane(self) -> None:
+        """The packet loop, then every pod recorded on this node hooked again (before
+        any tables are published: a restart judges their flows again, never drops
+        them for want of a hook), then the CNI socket: ADDs are taken from now on."""
+        from control.node.attach import Attacher
+        from control.node.cni import CniServer
+
+        loop = asyncio.get_running_loop()
+        self.dataplane = self._dataplane_factory(self.settings)
+        await loop.run_in_executor(None, self.dataplane.wait_ready, 15.0)
+        self.attacher = Attacher(self)
+        await self.attacher.restore(self.settings.state_dir)
+        self.cni_server = CniServer(self.attacher, self.settings.state_dir)
+        await self.cni_server.start(self.settings.cni_socket)
+
+    def republish(self) -> None:
+        """Hand the packet loop what changed about the hooked pods (a new revision)."""
+        self._pods_changed = True
+        self._wake()
 
     async def _supervise_dataplane(self, interval: float = 0.5) -> None:
         """A packet loop that died enforces nothing: its XDP programs are detached with
@@ -202,6 +225,9 @@ class Daemon:
         if self._api_runner is not None:
             await self._api_runner.cleanup()
             self._api_runner = None
+        if self.cni_server is not None:
+            await self.cni_server.close()
+            self.cni_server = None
         if self.dataplane is not None:
             self.dataplane.close()
             self.dataplane = None
@@ -216,19 +242,21 @@ class Daemon:
 
     @property
     def ready(self) -> bool:
-        return not self.store.not_ready
+        """Every cluster listed, and with a dataplane: the packet loop running and
+        the CNI socket taking pods."""
+        if self.store.not_ready:
+            return False
+        if self.settings.dataplane:
+            return self.dataplane is not None and self.cni_server is not None and \
+                self.dataplane_failure is None
+        return True
 
     def local(self, pod: Pod) -> bool:
-        """This node's endpoints: the local cluster's pods scheduled here."""
-        return pod.cluster == self.settings.local_cluster and pod.node == self.settings.node_name
-
-    def bindings(self, snapshot: Snapshot) -> dict[str, list[str]]:
-        """Pod port → the addresses its pod may send from (empty: pod unknown)."""
-        out = {}
-        for ifname, ref in self.settings.attach.items():
-            pod = snapshot.cset.pod(ref)
-            out[ifname] = [str(ip) for ip in pod.ips] if pod is not None and pod.can_take_part else []
-        return out
+        """The endpoints the tables enforce: every pod of the local cluster. This
+        node hooks only its own pods, but judges the egress of any pod of its cluster
+        at its pods' ingress: a connection through a Service reaches the backend's
+        node after the source node's NAT chose it (rule S11)."""
+        return pod.cluster == self.settings.local_cluster
 
     # ------------------------------------------------------------------ recompiles
 
@@ -285,8 +313,10 @@ class Daemon:
             loop = asyncio.get_running_loop()
             started = time.perf_counter()
             changes, self._changes = self._changes, Changes()
+            pods_changed, self._pods_changed = self._pods_changed, False
             try:
-                tables, path = await loop.run_in_executor(self._executor, self._compile_and_publish, snapshot, changes)
+                tables, path = await loop.run_in_executor(self._executor, self._compile_and_publish,
+                                                          snapshot, changes, pods_changed)
             except Exception as e:  # noqa: BLE001 - a compiler bug must not stop enforcement
                 self.tables.error = f"{type(e).__name__}: {e}"
                 self.metrics.compile_failed()
@@ -305,10 +335,12 @@ class Daemon:
                 self.metrics.compiled(elapsed)
         if self.ready and (self.tables.compiled_revision is not None or self.compiler is None):
             self._start_gc.release()
+        if self.attacher is not None:
+            await self.attacher.reconcile(snapshot)
         async with self.rebuilt:
             self.rebuilt.notify_all()
 
-    def _compile_and_publish(self, snapshot: Snapshot, changes: Changes):
+    def _compile_and_publish(self, snapshot: Snapshot, changes: Changes, pods_changed: bool = False):
         """In the compile thread: compile (incrementally when the compiler can), then
         hand the tables to the packet loop (a copy into shared memory; too long for the
         event loop at scale). Tables that did not change are not handed over again."""
@@ -316,8 +348,8 @@ class Daemon:
             tables, path = self.compiler.follow(snapshot.cset, changes, snapshot.revision)
         else:
             tables, path = self.compiler(snapshot.cset, self.local, snapshot.revision), "full"
-        if self.dataplane is not None and (path != "none" or not self.tables.published):
-            self.dataplane.publish(tables, self.bindings(snapshot))
+        if self.dataplane is not None and (path != "none" or not self.tables.published or pods_changed):
+            self.dataplane.publish(tables, self.attacher.pods_for(snapshot))
             self.tables.published = True
         return tables, path
 
