@@ -20,7 +20,9 @@ addresses are in the tables in force, and fail-closed before.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
+import ipaddress
 import logging
 import os
 from typing import TYPE_CHECKING, Optional
@@ -164,6 +166,27 @@ class Attacher:
                 logger.info("Pod %s found without a sandbox record (at %s) and hooked.", pod.ref, sb.netns)
 
     # -- what the packet loop is told ------------------------------------------------------
+
+    def with_addresses(self, snapshot, changes) -> object:
+        """The snapshot with the sandbox's addresses (prevResult) on pods the API
+        knows but has no IP for yet: the kubelet reports a pod's IP only after ADD
+        returned, and until then the pod is judged by its labels at these addresses
+        instead of staying cut off.  Pods so patched are added to ``changes``."""
+        local = snapshot.cset.clusters.get(self.local_cluster)
+        if local is None:
+            return snapshot
+        patched = {}
+        for sb in self.sandboxes.values():
+            key = (sb.namespace, sb.pod_name)
+            pod = local.pods.get(key)
+            if pod is not None and not pod.ips and sb.ips and not pod.host_network:
+                patched[key] = dataclasses.replace(pod, ips=tuple(ipaddress.ip_address(ip) for ip in sb.ips))
+        if not patched:
+            return snapshot
+        state = dataclasses.replace(local, pods={**local.pods, **patched})
+        cset = dataclasses.replace(snapshot.cset, clusters={**snapshot.cset.clusters, self.local_cluster: state})
+        changes.pods |= {pod.ref for pod in patched.values()}
+        return dataclasses.replace(snapshot, cset=cset)
 
     def pods_for(self, snapshot) -> dict[str, dict]:
         """Per hooked sandbox: its pod's reference, its addresses as the tables know

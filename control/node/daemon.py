@@ -293,6 +293,8 @@ class Daemon:
         revision = self.tables.revision + 1
         snapshot = self.store.snapshot(revision)
         self._changes.merge(self.store.take_changes())
+        if self.attacher is not None:
+            snapshot = self.attacher.with_addresses(snapshot, self._changes)
         self.snapshot = snapshot
         self.tables.revision = revision
         if snapshot.conflicts:
