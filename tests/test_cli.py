@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 
 import pytest
@@ -17,9 +16,7 @@ from control.cli import build_parser, main
 from control.semantics.model import MC_KEY
 
 from .builders import make_namespace, make_pod, make_policy
-
-DEMO = os.path.join(os.path.dirname(__file__), "..", "control", "lab", "examples", "demo")
-
+from .demo_copy import copy_demo
 
 def run(capsys, *argv):
     code = main(list(argv))
@@ -29,10 +26,7 @@ def run(capsys, *argv):
 
 @pytest.fixture
 def demo(tmp_path):
-    dirs = {}
-    for name in ("east", "west"):
-        dirs[name] = str(tmp_path / name)
-        shutil.copytree(os.path.join(DEMO, name), dirs[name])
+    dirs = copy_demo(tmp_path)
     return ["--cluster", f"east={dirs['east']}", "--cluster", f"west={dirs['west']}"], dirs
 
 

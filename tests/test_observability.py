@@ -8,6 +8,7 @@ records them (numbers only) — the control side must name the pods and policies
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import os
@@ -28,8 +29,8 @@ from control.node.observe import stream
 from control.node.verdicts import Filters, FilterError, parse_since
 
 from .daemon_harness import dir_settings, eventually, running
+from .demo_copy import copy_demo
 
-DEMO = os.path.join(os.path.dirname(__file__), "..", "control", "lab", "examples", "demo")
 IP = {"east/shop/api": "198.18.1.10", "east/shop/db": "198.18.1.11", "east/ops/monitor": "198.18.1.20",
       "west/shop/web": "198.18.2.10", "west/dev/tester": "198.18.2.20"}
 
@@ -54,8 +55,17 @@ class RecordingDataplane:
         with self.lock:
             return [r for r in self.records if r["seq"] > after_seq][:limit]
 
-    def publish(self, tables, bindings):
+    def publish(self, tables, pods, services=None):
         pass
+
+    def wait_ready(self, timeout):
+        pass
+
+    def discover(self, ips, netns_dirs):
+        return {}  # no pod of this node is behind a veth here: the records stand in
+
+    def attach(self, sandbox):
+        raise AssertionError("no sandbox to attach in these tests")
 
     def stats(self):
         return {"verdicts": {"pass": {"allowed": 3}, "drop": {"denied_ingress": 2}}, "flows": 1, "frames": 9,
@@ -78,11 +88,7 @@ class RecordingDataplane:
 
 @pytest.fixture
 def demo_specs(tmp_path):
-    specs = []
-    for name in ("east", "west"):
-        shutil.copytree(os.path.join(DEMO, name), tmp_path / name)
-        specs.append((name, str(tmp_path / name)))
-    return specs
+    return list(copy_demo(tmp_path).items())
 
 
 def observed(specs, **overrides):
@@ -92,7 +98,10 @@ def observed(specs, **overrides):
         planes.append(RecordingDataplane(settings))
         return planes[-1]
 
-    settings = dir_settings(specs, node_name="east-1", attach={"veth-api": "east/shop/api"}, **overrides)
+    run_dir = os.path.join(os.path.dirname(specs[0][1]), "run")  # beside the manifest directories
+    os.makedirs(os.path.join(run_dir, "state"), exist_ok=True)
+    settings = dir_settings(specs, node_name="east-1", dataplane=True, state_dir=os.path.join(run_dir, "state"),
+                            cni_socket=os.path.join(run_dir, "cni.sock"), **overrides)
     return running(settings, dataplane_factory=factory), planes
 
 
@@ -113,14 +122,21 @@ def fill(plane, revision, rule):
     plane.add("denied", "ingress", "west/dev/tester", "east/shop/api", 8080, -1, revision, "isolated, no rule admits", skip=2)
 
 
-def test_verdicts_name_pods_and_deciding_policies_and_filter(demo_specs):
-    ctx, planes = observed(demo_specs)
+@contextlib.asynccontextmanager
+async def recorded(specs, **overrides):
+    """A daemon whose dataplane holds the records of :func:`fill`, already read:
+    yields (daemon, client, dataplane, tables revision, admitting rule id)."""
+    ctx, planes = observed(specs, **overrides)
+    async with ctx as (daemon, client):
+        revision, rule = await tables_with_rules(daemon)
+        fill(planes[0], revision, rule)
+        await daemon.verdict_feed.poll_once()
+        yield daemon, client, planes[0], revision, rule
 
+
+def test_verdicts_name_pods_and_deciding_policies_and_filter(demo_specs):
     async def main():
-        async with ctx as (daemon, client):
-            revision, rule = await tables_with_rules(daemon)
-            fill(planes[0], revision, rule)
-            await daemon.verdict_feed.poll_once()
+        async with recorded(demo_specs) as (daemon, client, plane, revision, rule):
             status, body = await client.get("/v1/verdicts")
             assert status == 200 and body["recording"] is True and body["lost"] == 2 and body["last_seq"] == 6
             allowed, denied, egress, late = body["verdicts"]
@@ -152,13 +168,8 @@ def test_verdicts_name_pods_and_deciding_policies_and_filter(demo_specs):
 
 
 def test_observe_follows_a_node_and_prints_deciding_policies(demo_specs, capsys):
-    ctx, planes = observed(demo_specs)
-
     async def main():
-        async with ctx as (daemon, client):
-            revision, rule = await tables_with_rules(daemon)
-            fill(planes[0], revision, rule)
-            await daemon.verdict_feed.poll_once()
+        async with recorded(demo_specs) as (daemon, client, plane, revision, rule):
             node = "%s:%d" % daemon.api_addresses[0][:2]
             loop = asyncio.get_running_loop()
             # --no-follow: what is kept, for people
@@ -179,8 +190,8 @@ def test_observe_follows_a_node_and_prints_deciding_policies(demo_specs, capsys)
             reader = loop.run_in_executor(None, take, 3)
             await eventually(lambda: _true(len(got) == 1))
             assert got[0]["seq"] == 6
-            planes[0].add("denied", "ingress", "west/shop/web", "east/shop/api", 443, -1, revision, "isolated, no rule admits")
-            planes[0].add("allowed", "ingress", "west/shop/web", "east/shop/api", 80, rule, revision, "policy")
+            plane.add("denied", "ingress", "west/shop/web", "east/shop/api", 443, -1, revision, "isolated, no rule admits")
+            plane.add("allowed", "ingress", "west/shop/web", "east/shop/api", 80, rule, revision, "policy")
             await asyncio.wait_for(reader, 5)
             assert [r["seq"] for r in got] == [6, 7, 8] and got[2]["policy"] == "east/shop/api-from-frontends"
             it.close()
@@ -203,13 +214,8 @@ def _closed_port() -> int:
 
 
 def test_metrics_follow_prometheus_conventions(demo_specs):
-    ctx, planes = observed(demo_specs)
-
     async def main():
-        async with ctx as (daemon, client):
-            revision, rule = await tables_with_rules(daemon)
-            fill(planes[0], revision, rule)
-            await daemon.verdict_feed.poll_once()
+        async with recorded(demo_specs) as (daemon, client, plane, revision, rule):
             status, text = await client.get("/metrics")
             assert status == 200
             return text
@@ -332,7 +338,7 @@ def test_a_listener_beyond_loopback_is_a_warning_in_json_logs(demo_specs, tmp_pa
     with open(log, "w") as out:
         proc = subprocess.Popen(["unshare", "--net", mcnp, "run", "--node-name", "east-1", "--local-cluster", "east",
                                  *sum((["--cluster", f"{n}=dir:{d}"] for n, d in demo_specs), []),
-                                 "--api-listen", "0.0.0.0:19901", "--log-format", "json"], stdout=out, stderr=subprocess.STDOUT)
+                                 "--api-listen", "0.0.0.0:19901", "--log-format", "json", "--no-dataplane"], stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and "beyond loopback" not in log.read_text():

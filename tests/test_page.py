@@ -24,8 +24,8 @@ from control.cli import main as cli_main
 
 from .browser import Browser, find_chromium
 from .daemon_harness import write_yaml
+from .demo_copy import DEMO, copy_demo
 
-DEMO = os.path.join(os.path.dirname(__file__), "..", "control", "lab", "examples", "demo")
 MCNP = os.path.join(os.path.dirname(sys.executable), "mcnp")
 
 pytestmark = pytest.mark.skipif(find_chromium() is None, reason="needs chromium (./dev setup installs it)")
@@ -39,11 +39,7 @@ def free_port() -> int:
 
 @pytest.fixture
 def demo_dirs(tmp_path):
-    dirs = {}
-    for name in ("east", "west"):
-        dirs[name] = str(tmp_path / name)
-        shutil.copytree(os.path.join(DEMO, name), dirs[name])
-    return dirs
+    return copy_demo(tmp_path)
 
 
 @pytest.fixture
@@ -54,7 +50,7 @@ def daemon(demo_dirs, tmp_path):
     log = open(tmp_path / "daemon.log", "w")
     proc = subprocess.Popen([MCNP, "run", "--node-name", "east-1", "--local-cluster", "east",
                              "--cluster", "east=dir:east", "--cluster", "west=dir:west",
-                             "--api-listen", f"127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+                             "--api-listen", f"127.0.0.1:{port}", "--no-dataplane"], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(200):

@@ -175,24 +175,25 @@ def port_metrics(ports: Mapping[str, Any]) -> Iterator[Metric]:
     yield info
 
 
+def _counter_of(name: str, text: str, labels: list[str], counts: Mapping[tuple, int]) -> Metric:
+    """A labelled counter family from ``{label values: count}``."""
+    family = CounterMetricFamily(name, text, labels=labels)
+    for values, n in sorted(counts.items()):
+        family.add_metric(list(values), float(n))
+    return family
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def feed_metrics(feed: Any) -> Iterator[Metric]:
     """Counts of the verdict records the control side has read (``/v1/verdicts``)."""
-    by_reason = CounterMetricFamily("mcnp_verdicts", "Verdict records read from the packet loop, by verdict "
-                                    "(allowed, denied, would-deny), direction and reason",
-                                    labels=["verdict", "direction", "reason"])
-    for (verdict, direction, reason), n in sorted(feed.by_reason.items()):
-        by_reason.add_metric([verdict, direction, reason], float(n))
-    yield by_reason
-    by_policy = CounterMetricFamily("mcnp_policy_verdicts", "Verdict records per deciding policy: the admitting "
-                                    "policy of an allowed one, each isolating policy of a denied one",
-                                    labels=["policy", "direction", "verdict"])
-    for (policy, direction, verdict), n in sorted(feed.by_policy.items()):
-        by_policy.add_metric([policy, direction, verdict], float(n))
-    yield by_policy
+    yield _counter_of("mcnp_verdicts", "Verdict records read from the packet loop, by verdict (allowed, denied, "
+                      "would-deny), direction and reason", ["verdict", "direction", "reason"], feed.by_reason)
+    yield _counter_of("mcnp_policy_verdicts", "Verdict records per deciding policy: the admitting policy of an "
+                      "allowed one, each isolating policy of a denied one", ["policy", "direction", "verdict"],
+                      feed.by_policy)
     yield CounterMetricFamily("mcnp_verdicts_lost", "Verdict records the packet loop overwrote before they were read",
                               value=float(feed.lost))
 
