@@ -11,8 +11,12 @@
 # this machine's APT sources (MCNP_APT_SOURCES names another sources file), Python
 # packages from the index pip is configured with; the build's RUN steps use the host's
 # network to reach them (--network=host: no container network is created).
-# Environment: MCNP_BASE_TAG (default localhost/mcnp-debian:12), MCNP_BUILD_CONTEXT
-# (default the repository root).
+# Environment: MCNP_BASE_TAG (default localhost/mcnp-debian:12; made once and reused,
+# MCNP_REBUILD_BASE=1 makes it anew), MCNP_BUILD_CONTEXT (default the repository root),
+# MCNP_BUILD_CA (a CA bundle pip trusts during the build, for builders behind a
+# TLS-inspecting proxy; default the one pip on this machine is told to use, if any:
+# PIP_CERT, REQUESTS_CA_BUNDLE or SSL_CERT_FILE). The bundle is mounted for the build
+# only; it is not copied into the image.
 set -eu
 
 # Hosts with hybrid cgroups (v1 controllers beside the v2 hierarchy) are refused by crun,
@@ -55,11 +59,21 @@ done
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT INT TERM
 
-echo "build-image: base file system ($SUITE) from $MCNP_APT_SOURCES"
-mmdebstrap --quiet --variant=apt --include=ca-certificates "$SUITE" "$work/base.tar" "$MCNP_APT_SOURCES"
 # shellcheck disable=SC2086 # the options are words
-podman $MCNP_PODMAN_OPTS import --quiet "$work/base.tar" "$BASE_TAG" >/dev/null
+if [ -n "${MCNP_REBUILD_BASE:-}" ] || ! podman $MCNP_PODMAN_OPTS image exists "$BASE_TAG"; then
+    echo "build-image: base file system ($SUITE) from $MCNP_APT_SOURCES"
+    mmdebstrap --quiet --variant=apt --include=ca-certificates "$SUITE" "$work/base.tar" "$MCNP_APT_SOURCES"
+    # shellcheck disable=SC2086
+    podman $MCNP_PODMAN_OPTS import --quiet "$work/base.tar" "$BASE_TAG" >/dev/null
+fi
+
+CA=${MCNP_BUILD_CA:-${PIP_CERT:-${REQUESTS_CA_BUNDLE:-${SSL_CERT_FILE:-}}}}
+set --
+if [ -n "$CA" ]; then
+    [ -f "$CA" ] || { echo "build-image: $CA: no such CA bundle" >&2; exit 2; }
+    set -- --volume "$CA:/run/mcnp-build-ca.crt:ro" --build-arg BUILD_CA_BUNDLE=/run/mcnp-build-ca.crt
+fi
 echo "build-image: $TAG on $BASE_TAG"
 # shellcheck disable=SC2086
-podman $MCNP_PODMAN_OPTS build $CONTAINER_OPTS --network=host --build-arg "BASE=$BASE_TAG" \
+podman $MCNP_PODMAN_OPTS build $CONTAINER_OPTS --network=host --build-arg "BASE=$BASE_TAG" "$@" \
     -f "$HERE/Containerfile" -t "$TAG" "$CONTEXT"
