@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from control.cli import main as cli_main
 from control.node import api
 from control.node.observe import stream
-from control.node.verdicts import Filters, FilterError, parse_since
+from control.node.verdicts import Filters, FilterError, Resolver, normalize, parse_since
 
 from .daemon_harness import dir_settings, eventually, running
 from .demo_copy import copy_demo
@@ -160,7 +160,7 @@ def test_verdicts_name_pods_and_deciding_policies_and_filter(demo_specs):
             assert await seqs(cluster="west") == [1, 6]
             assert await seqs(after=3) == [6]
             assert await seqs(since="1h") == [1, 2, 3, 6] and await seqs(since=str(time.time() + 5)) == []
-            for bad in ({"verdict": "maybe"}, {"since": "yesterday"}, {"after": "-1"}, {"limit": "x"}, {"follow": "perhaps"}):
+            for bad in ({"verdict": "maybe"}, {"since": "yesterday"}, {"after": "-2"}, {"after": "x"}, {"limit": "x"}, {"follow": "perhaps"}):
                 status, body = await client.get("/v1/verdicts", **bad)
                 assert status == 400 and body["error"], bad
 
@@ -363,3 +363,20 @@ def test_filters_and_since_parse():
     f = Filters.parse({"pod": "east/*/api", "verdict": "Denied"}, now)
     rec = {"seq": 1, "time": now, "verdict": "denied", "src_pod": "west/x/a", "dst_pod": "east/shop/api"}
     assert f.match(rec) and not f.match({**rec, "verdict": "allowed"}) and not f.match({**rec, "dst_pod": "east/shop/db"})
+
+
+def test_raw_log_rows_of_the_packet_loop_are_normalized():
+    """The packet loop's log rows (``Dataplane.verdicts``) carry numbers: a protocol
+    number, a reason index, both sides' rule ids, a CLOCK_MONOTONIC time."""
+    from fastpath.counters import REASON
+
+    row = {"seq": 0, "time_ns": time.monotonic_ns() - 2_000_000_000, "zone": 0, "src": "198.18.2.20",
+           "dst": "198.18.1.10", "sport": 41000, "dport": 80, "proto": 6, "direction": "ingress", "allowed": False,
+           "reason": REASON["denied_ingress"], "rule_egress": -2, "rule_ingress": -1, "revision": 3}
+    rec = normalize(row)
+    assert rec["verdict"] == "denied" and rec["protocol"] == "TCP" and rec["reason"] == "denied_ingress"
+    assert rec["rule"] == -1 and abs(rec["time"] - (time.time() - 2.0)) < 0.5
+    admitted = normalize({**row, "allowed": True, "rule_ingress": 4, "direction": "egress", "rule_egress": 7, "proto": 17})
+    assert admitted["verdict"] == "allowed" and admitted["rule"] == 7 and admitted["protocol"] == "UDP"
+    resolved = Resolver().resolve(row, None)  # no state yet: nothing is named, nothing guessed
+    assert resolved["src_pod"] is None and resolved["policy"] is None and resolved["policies"] == []

@@ -20,6 +20,7 @@ import collections
 import datetime
 import fnmatch
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional
 
@@ -42,6 +43,38 @@ POLL_LIMIT = 4096
 REVISIONS_KEPT = 16
 
 
+PROTOCOL_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6", 132: "SCTP"}
+
+
+def normalize(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A record in the documented shape (``verdict``, ``protocol``, ``rule``, ``time``
+    in unix seconds), also from the packet loop's raw log row (``allowed``, ``proto``,
+    ``rule_egress``/``rule_ingress``, ``time_ns`` on CLOCK_MONOTONIC, ``reason`` as the
+    index of ``fastpath.counters.REASONS``)."""
+    rec = dict(raw)
+    if "verdict" not in rec and "allowed" in rec:
+        rec["verdict"] = "allowed" if rec.pop("allowed") else "denied"
+    if "protocol" not in rec and "proto" in rec:
+        rec["protocol"] = PROTOCOL_NAMES.get(int(rec["proto"]), str(rec["proto"]))
+    if "rule" not in rec:
+        rec["rule"] = int(rec.get("rule_ingress" if rec.get("direction") == "ingress" else "rule_egress", -1))
+    if "time" not in rec and "time_ns" in rec:
+        rec["time"] = time.time() - (time.monotonic_ns() - int(rec["time_ns"])) / 1e9
+    if isinstance(rec.get("reason"), int):
+        rec["reason"] = reason_name(rec["reason"])
+    rec.setdefault("sport", None)
+    rec.setdefault("pod", None)
+    return rec
+
+
+def reason_name(index: int) -> str:
+    try:
+        from fastpath.counters import REASONS
+    except ImportError:  # pragma: no cover - the dataplane's modules are not built
+        return str(index)
+    return REASONS[index] if 0 <= index < len(REASONS) else str(index)
+
+
 class FilterError(ValueError):
     """A filter parameter that cannot be understood (the REST answer is a 400)."""
 
@@ -55,7 +88,7 @@ class Filters:
     namespace: Optional[str] = None  # either end's namespace
     cluster: Optional[str] = None  # either end's cluster
     since: Optional[float] = None  # unix seconds
-    after: int = 0  # seq
+    after: int = -1  # seq (the packet loop's first record is 0)
 
     @classmethod
     def parse(cls, query: Mapping[str, str], now: float) -> "Filters":
@@ -66,8 +99,8 @@ class Filters:
         unknown = sorted(verdicts - set(VERDICTS))
         if unknown:
             raise FilterError(f"verdict {', '.join(unknown)} is not one of {', '.join(VERDICTS)}")
-        after = query.get("after", "0")
-        if not after.isdigit():
+        after = query.get("after", "-1")
+        if after != "-1" and not after.isdigit():
             raise FilterError(f"after {after!r} is not a sequence number")
         return cls(verdicts, query.get("pod") or None, query.get("namespace") or None,
                    query.get("cluster") or None, parse_since(query.get("since"), now), int(after))
@@ -169,14 +202,14 @@ class Resolver:
     def resolve(self, raw: Mapping[str, Any], snapshot: Any) -> dict[str, Any]:
         """One dataplane record with pod references and the deciding policy added."""
         by_ip = self._pods_by_ip(snapshot)
-        rec = dict(raw)
+        rec = normalize(raw)
         rec["src_pod"] = by_ip.get(str(raw.get("src")))
         rec["dst_pod"] = by_ip.get(str(raw.get("dst")))
         direction = EGRESS if raw.get("direction") == "egress" else INGRESS
         subject = rec.get("pod") or (rec["src_pod"] if direction == EGRESS else rec["dst_pod"])
         rec["pod"] = subject
         rec["cluster"] = subject.split("/")[0] if subject else None
-        name = self.rule_name(int(raw.get("revision", -1)), int(raw.get("rule", -1)))
+        name = self.rule_name(int(rec.get("revision", -1)), int(rec["rule"]))
         if name is not None:
             side = "egress" if name.get("direction") == EGRESS else "ingress"
             rec["policy"] = name.get("policy")
@@ -185,7 +218,7 @@ class Resolver:
         else:
             rec["policy"] = rec["policy_rule"] = None
             rec["policies"] = (self.isolating(snapshot, subject, direction)
-                               if raw.get("verdict") in ("denied", "would-deny") else [])
+                               if rec["verdict"] in ("denied", "would-deny") else [])
         return rec
 
 
@@ -202,7 +235,9 @@ def describe(rec: Mapping[str, Any]) -> str:
         why = f"{rec.get('reason')} ({', '.join(rec['policies'])})"
     else:
         why = str(rec.get("reason") or "")
-    return f"{stamp} {src}:{rec.get('sport')} -> {dst} {port} {rec.get('direction')} {word} {why} [rev {rec.get('revision')}]"
+    if rec.get("sport") is not None:
+        src = f"{src}:{rec['sport']}"
+    return f"{stamp} {src} -> {dst} {port} {rec.get('direction')} {word} {why} [rev {rec.get('revision')}]"
 
 
 class VerdictFeed:
@@ -213,7 +248,7 @@ class VerdictFeed:
         self.records: collections.deque = collections.deque(maxlen=capacity)
         self.poll_interval = poll_interval
         self.resolver = Resolver()
-        self.last_seq = 0
+        self.last_seq = -1  # the packet loop's first record is 0
         self.lost = 0
         #: (verdict, direction, reason) -> records
         self.by_reason: collections.Counter = collections.Counter()
@@ -236,7 +271,7 @@ class VerdictFeed:
             seq = int(raw["seq"])
             if seq <= self.last_seq:
                 continue
-            if self.last_seq and seq > self.last_seq + 1:
+            if self.last_seq >= 0 and seq > self.last_seq + 1:
                 self.lost += seq - self.last_seq - 1
             self.last_seq = seq
             rec = self.resolver.resolve(raw, d.snapshot)
