@@ -188,6 +188,32 @@ def add_late_pod(screen: Screen, state: dict) -> None:
     screen.step(f"  CNI ADD (ptp, static IPAM, mcnp-cni) returned in {time.monotonic() - t0:.2f} s; status.podIP written")
     if not wait_for_revision(state, before, CHANGE_WAIT_S):
         screen.step(f"  the daemons did not pick the pod up within {CHANGE_WAIT_S:.0f}s")
+    took = wait_enforced(state, f"{p['cluster']}/{p['namespace']}/{p['name']}", CHANGE_WAIT_S)
+    screen.step(f"  in force on every node {time.monotonic() - t0:.2f} s after ADD" if took
+                else f"  not in force on every node within {CHANGE_WAIT_S:.0f}s")
+
+
+def wait_enforced(state: dict, ref: str, timeout: float) -> bool:
+    """Until a connection the policy admits from the new pod gets through: every node
+    that judges it has the pod's labels and address in force.  Until then its
+    connections are denied (fail closed), never admitted against the policy."""
+    from control.lab.probe import on_testbed, probe_many
+
+    from control.lab.testbed import load_state
+
+    state = load_state()
+    cset, _ = load_clusterset([(name, path) for name, path in state["clusters"]])
+    if cset.pod(ref) is None:
+        return False
+    pods = [p for p in cset.pods() if p.can_take_part and p.ref != ref]
+    want = expected(cset, [cset.pod(ref)] + pods, 80, "TCP")
+    targets = [d.ref for d in pods if want.get((ref, d.ref)) and serves(d, 80, "TCP")]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(probe_many(on_testbed(state, [(ref, d, 80, "TCP") for d in targets]))):
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def through_service(screen: Screen, cset: ClusterSet, state: dict) -> int:
