@@ -69,7 +69,9 @@ class RecordingDataplane:
 
     def stats(self):
         return {"verdicts": {"pass": {"allowed": 3}, "drop": {"denied_ingress": 2}}, "flows": 1, "frames": 9,
-                "batches": 4, "revision": 2, "heartbeat_ns": 5_000_000_000, "ready": True,
+                "batches": 4, "revision": 2, "heartbeat_ns": 5_000_000_000, "ready": True, "pods": 1,
+                "recheck_ns": 2_500_000, "expired": 3, "flow_capacity": 65536,
+                "hooks": {"pass_flow": 40, "redirect": 9, "drop_l2": 1},
                 "published_generation": 1, "generation_in_force": 1,
                 "rule_hits": [{"rule": 0, "hits": 3, "name": {"policy": "east/shop/api-from-frontends", "direction": "Ingress"}}],
                 "ports": {"veth-api": {"rx_frames": 9, "tx_frames": 8, "tx_queued": 8, "tx_ring_full": 1, "tx_invalid": 0,
@@ -243,6 +245,8 @@ def test_metrics_follow_prometheus_conventions(demo_specs):
         return next(s.value for s in families[family].samples if all(s.labels.get(k) == v for k, v in labels.items()))
 
     assert value("mcnp_dataplane_heartbeat_seconds") == 5.0
+    assert value("mcnp_dataplane_recheck_seconds") == 0.0025 and value("mcnp_dataplane_pods") == 1
+    assert value("mcnp_hook_frames", action="drop_l2") == 1 and "mcnp_dataplane_expired" in counters
     assert value("mcnp_port_kick_errors", port="veth-api") == 2 and value("mcnp_port_info", port="veth-api", xdp_mode="native") == 1
     assert value("mcnp_verdicts", verdict="denied", direction="ingress", reason="isolated, no rule admits") == 2
     assert value("mcnp_policy_verdicts", policy="east/shop/api-from-frontends", direction="ingress", verdict="denied") == 2

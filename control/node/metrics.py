@@ -89,9 +89,9 @@ LOOP_COUNTERS = {
     "judged": "Frames judged against the tables (first packets of connections and untracked packets)",
     "rechecks": "Tracked flows judged again after a tables change",
     "flows_cut": "Tracked flows ended because new tables no longer admit them",
-    "flood_copies": "Frame copies sent while flooding to several ports",
-    "flood_copy_failures": "Flood copies that could not be made (no free frame)",
     "rx_empty_polls": "Polls of the ports that found no frame",
+    "cache_errors": "Admitted flows the kernel's flow cache refused (the frame is dropped, not looped)",
+    "expired": "Cached flows removed after their idle timeout",
 }
 #: Per-port ring counters (``ports`` of ``Dataplane.stats()``), all monotonic.
 PORT_COUNTERS = {
@@ -109,7 +109,7 @@ PORT_GAUGES = {
     "tx_outstanding": "Frames queued for TX on the port whose completion has not come back",
 }
 _DATAPLANE_SPECIAL = {"verdicts", "rule_hits", "flows", "ports", "revision", "heartbeat_ns", "ready", "error",
-                      "published_generation", "generation_in_force"}
+                      "published_generation", "generation_in_force", "hooks", "pods", "recheck_ns", "flow_capacity"}
 
 
 def dataplane_metrics(stats: Mapping[str, Any], tables: Any = None) -> Iterator[Metric]:
@@ -133,6 +133,8 @@ def dataplane_metrics(stats: Mapping[str, Any], tables: Any = None) -> Iterator[
     if isinstance(stats.get("flows"), (int, float)):
         yield GaugeMetricFamily("mcnp_tracked_flows", "Connections tracked by the dataplane now", value=float(stats["flows"]))
     levels = {
+        "pods": ("mcnp_dataplane_pods", "Pods of this node hooked by the dataplane now"),
+        "flow_capacity": ("mcnp_dataplane_flow_capacity", "Flows the kernel's flow cache can hold"),
         "revision": ("mcnp_dataplane_tables_revision", "Tables revision the packet loop judges with"),
         "published_generation": ("mcnp_dataplane_published_generation", "Tables hand-overs made to the packet loop"),
         "generation_in_force": ("mcnp_dataplane_generation_in_force", "Tables hand-over the packet loop has taken"),
@@ -144,6 +146,14 @@ def dataplane_metrics(stats: Mapping[str, Any], tables: Any = None) -> Iterator[
         yield GaugeMetricFamily("mcnp_dataplane_heartbeat_seconds", "CLOCK_MONOTONIC of the packet loop's last "
                                 "heartbeat, seconds (a value that stops moving means the loop is gone)",
                                 value=stats["heartbeat_ns"] / 1e9)
+    if _number(stats.get("recheck_ns")):
+        yield GaugeMetricFamily("mcnp_dataplane_recheck_seconds", "Time the last check of cached flows against "
+                                "new tables took, seconds", value=stats["recheck_ns"] / 1e9)
+    hooks = stats.get("hooks")
+    if isinstance(hooks, Mapping):
+        yield _counter_of("mcnp_hook_frames", "Frames the in-kernel hooks decided themselves, by action "
+                          "(pass_* passed, drop_* dropped, redirect sent to the packet loop)", ["action"],
+                          {(str(k),): v for k, v in hooks.items() if _number(v)})
     if "ready" in stats:
         yield GaugeMetricFamily("mcnp_dataplane_ready", "1 while the packet loop runs with every port open",
                                 value=1.0 if stats["ready"] else 0.0)
