@@ -271,6 +271,9 @@ def test_rest_answers_json_everywhere_and_rejects_unknown_parameters(demo_specs)
                 assert r.status == 405 and r.content_type == "application/json" and "error" in await r.json()
             status, text = await client.get("/")
             assert status == 200 and "<title>mcnp" in text
+            daemon.store = None  # a bug in a handler: still a JSON answer
+            status, body = await client.get("/v1/stats")
+            assert status == 500 and body == {"error": "internal error: AttributeError"}
 
     asyncio.run(main())
 

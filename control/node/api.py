@@ -421,6 +421,11 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
             raise
         what = f"no such endpoint: {request.path}" if e.status == 404 else e.reason
         return _error(e.status, what)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as e:  # noqa: BLE001 - a bug answers JSON too, and is logged
+        logger.exception("%s %s failed", request.method, request.path)
+        return _error(500, f"internal error: {type(e).__name__}")
 
 
 ACCEPTED = web.AppKey("accepted", dict)
