@@ -1,12 +1,13 @@
 """A wire-level fake of the Kubernetes API server's list/watch protocol, for the real
 ``kubernetes_asyncio`` client through a generated kubeconfig.
 
-It serves Namespaces, Pods and NetworkPolicies (cluster-wide lists and watches) and
-the ClusterProperty ``cluster.clusterset.k8s.io``, and lets a test misbehave like a
-real server does: resourceVersions, watch events as JSON lines, bookmarks, history
-compaction (a watch from too old a version gets an ERROR event with code 410, as the
-real server sends), dropped connections, slow responses and failing requests. Requests
-need the bearer token of the kubeconfig, so a client that leaks or loses it fails.
+It serves Namespaces, Pods, NetworkPolicies, Services and EndpointSlices (cluster-wide
+lists and watches) and the ClusterProperty ``cluster.clusterset.k8s.io``, and lets a
+test misbehave like a real server does: resourceVersions, watch events as JSON lines,
+bookmarks, history compaction (a watch from too old a version gets an ERROR event with
+code 410, as the real server sends), dropped connections, slow responses and failing
+requests. Requests need the bearer token of the kubeconfig, so a client that leaks or
+loses it fails.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ RESOURCES = {
     "/api/v1/namespaces": "Namespace",
     "/api/v1/pods": "Pod",
     "/apis/networking.k8s.io/v1/networkpolicies": "NetworkPolicy",
+    "/api/v1/services": "Service",
+    "/apis/discovery.k8s.io/v1/endpointslices": "EndpointSlice",
 }
-API_VERSIONS = {"Namespace": "v1", "Pod": "v1", "NetworkPolicy": "networking.k8s.io/v1"}
+API_VERSIONS = {"Namespace": "v1", "Pod": "v1", "NetworkPolicy": "networking.k8s.io/v1", "Service": "v1",
+                "EndpointSlice": "discovery.k8s.io/v1"}
 TOKEN = "fake-token-5ecret-d0-not-print"
 
 

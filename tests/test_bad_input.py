@@ -117,9 +117,9 @@ def test_unknown_pod_reference(capsys, cluster_dir):
 
 
 def test_unknown_kinds_are_ignored_with_a_note(capsys, cluster_dir):
-    write(str(cluster_dir), "svc.yaml", [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s", "namespace": "x"}}])
+    write(str(cluster_dir), "cm.yaml", [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "s", "namespace": "x"}}])
     code, out, err = matrix(capsys, cluster_dir, "--summary", "--json", "--engine", "reference")
-    assert code == 0 and '"allowed": 1' in out and "Service x/s" in err and "ignored" in err
+    assert code == 0 and '"allowed": 1' in out and "ConfigMap x/s" in err and "ignored" in err
 
 
 def test_kind_list_and_json_files(capsys, tmp_path):

@@ -12,7 +12,7 @@ import yaml
 
 from control.node.config import ClusterSource, Settings
 from control.node.sources import Backoff, DirSource, KubeSource
-from control.node.store import Store
+from control.node.store import KINDS, Store
 
 from .builders import make_namespace, make_pod, make_policy
 from .daemon_harness import eventually, write_yaml
@@ -342,13 +342,13 @@ def test_list_then_watch_adds_modifies_and_deletes(tmp_path):
             await until(lambda: sink.status.ready)
             assert set(sink.pods) == {("x", "p0"), ("x", "p1"), ("x", "p2")}
             assert sink.namespaces["x"].labels["team"] == "blue" and ("x", "deny") in sink.policies
-            await until(lambda: server.open_watches == 3)
+            await until(lambda: server.open_watches == len(KINDS))
             server.apply(make_pod("x", "p9", "198.18.2.9"))
             server.apply(make_pod("x", "p0", "198.18.2.100"))
             server.delete(make_pod("x", "p1", "-"))
             await until(lambda: ("x", "p9") in sink.pods and ("x", "p1") not in sink.pods)
             assert str(sink.pods[("x", "p0")].ip) == "198.18.2.100"
-            assert source.relists == {"Namespace": 1, "Pod": 1, "NetworkPolicy": 1}
+            assert source.relists == {kind: 1 for kind in KINDS}
             watch = [q for what, q in server.requests if what == "Pod" and q.get("watch") == "true"][0]
             assert watch["allowWatchBookmarks"] == "true" and int(watch["resourceVersion"]) >= 1000
 
@@ -361,7 +361,7 @@ def test_bookmark_moves_the_resume_point(tmp_path):
 
     async def main():
         async with kube(tmp_path, server) as (source, sink):
-            await until(lambda: sink.status.ready and server.open_watches == 3)
+            await until(lambda: sink.status.ready and server.open_watches == len(KINDS))
             server.apply(make_namespace("unrelated"))  # bumps the version; pods see nothing
             server.bookmark()
             bookmark_rv = str(server.rv)
@@ -382,7 +382,7 @@ def test_gone_relists_and_sees_what_happened_meanwhile(tmp_path):
 
     async def main():
         async with kube(tmp_path, server) as (source, sink):
-            await until(lambda: sink.status.ready and server.open_watches == 3)
+            await until(lambda: sink.status.ready and server.open_watches == len(KINDS))
             # Events happen while the client is cut off, then history is compacted.
             server.withhold = True
             server.apply(make_pod("x", "late", "198.18.2.50"))
@@ -402,14 +402,14 @@ def test_dropped_connection_reconnects_without_relisting(tmp_path):
 
     async def main():
         async with kube(tmp_path, server) as (source, sink):
-            await until(lambda: sink.status.ready and server.open_watches == 3)
+            await until(lambda: sink.status.ready and server.open_watches == len(KINDS))
             for _ in range(3):
                 before = len(server.requests)
                 server.drop_watches()
-                await until(lambda: len(server.requests) >= before + 3 and server.open_watches == 3)
+                await until(lambda: len(server.requests) >= before + len(KINDS) and server.open_watches == len(KINDS))
             server.apply(make_pod("x", "after", "198.18.2.60"))
             await until(lambda: ("x", "after") in sink.pods)
-            assert source.relists == {"Namespace": 1, "Pod": 1, "NetworkPolicy": 1}
+            assert source.relists == {kind: 1 for kind in KINDS}
 
     asyncio.run(main())
 
@@ -438,7 +438,7 @@ def test_outage_keeps_state_and_reconnects(tmp_path):
 
     async def main():
         async with kube(tmp_path, server) as (source, sink):
-            await until(lambda: sink.status.ready and server.open_watches == 3)
+            await until(lambda: sink.status.ready and server.open_watches == len(KINDS))
             await server.stop()
             await until(lambda: not sink.status.connected)
             assert len(sink.pods) == 3  # fail-static
@@ -505,7 +505,7 @@ def test_a_crashing_kube_source_is_reported_and_restarted(tmp_path):
 
     async def main():
         async with kube(tmp_path, server) as (source, sink):
-            await until(lambda: sink.status.ready and server.open_watches == 3)
+            await until(lambda: sink.status.ready and server.open_watches == len(KINDS))
             real = source._event
 
             def event(kind, ev, rv):

@@ -10,7 +10,7 @@ import pytest
 
 from control.semantics.model import Options
 from control.semantics.reference import ReferenceEvaluator
-from control.node.store import Store
+from control.node.store import KINDS, Store
 
 from .builders import make_namespace, make_pod, make_policy
 
@@ -39,7 +39,7 @@ def broken(policy: dict) -> dict:
 
 def listed(store: Store, name: str, objs: list[dict]):
     sink = store.sinks.get(name) or store.add_cluster(name)
-    by_kind = {"Namespace": [], "Pod": [], "NetworkPolicy": []}
+    by_kind = {kind: [] for kind in KINDS}
     for o in objs:
         by_kind[o["kind"]].append((f"test:{o['metadata']['name']}", o))
     for kind, items in by_kind.items():
@@ -69,6 +69,9 @@ def test_readiness_needs_every_kind_listed():
     sink.replace_kind("Pod", [])
     assert store.not_ready == ["c1"]
     sink.replace_kind("NetworkPolicy", [])
+    sink.replace_kind("Service", [])
+    assert store.not_ready == ["c1"]
+    sink.replace_kind("EndpointSlice", [])
     assert store.not_ready == []
 
 

@@ -7,15 +7,18 @@ same as before is not parsed again), applies rule S9 to the invalid ones and kee
 per-cluster sync status. :meth:`Store.snapshot` hands the compiler and the explain
 endpoint an immutable view: a :class:`~control.semantics.model.ClusterSet` of shallow copies.
 
-Rule S9 here: a changed policy that became invalid keeps its last valid version; a new
-invalid policy is replaced by ``objects.fail_closed_policy``; invalid pods and
+Rule S9 here: a changed policy, Service or EndpointSlice that became invalid keeps its
+last valid version; a new invalid one is replaced by its fail-closed stand-in
+(``objects.STAND_INS``: a policy that isolates and admits nothing, a Service whose
+addresses reach no endpoint, a slice that leaves its Service none); invalid pods and
 namespaces keep their last valid version or, when new, take no part. Every rejected
 object stays listed in ``errors`` until it is fixed or deleted.
 
 Change tracking: between two snapshots the store records what changed (pods by
 reference, namespaces, policies, and whether anything wider did: a cluster revoked or
 back, see :class:`Changes`), so the compiler can follow with the cheapest correct
-recompile instead of a full one. Rule M8 conflicts are kept per address as pods come
+recompile instead of a full one (Services and EndpointSlices are not compiled: a change
+of theirs is noted per cluster, for whoever derives the Service addresses). Rule M8 conflicts are kept per address as pods come
 and go, not recomputed over every pod per snapshot.
 
 Rule M9: a remote cluster that cannot be reached keeps its last-known state in force
@@ -34,11 +37,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 from control.semantics import objects
-from control.semantics.model import ClusterSet, ClusterState, InvalidObject, Namespace, Options, Pod, Policy
+from control.semantics.model import ClusterSet, ClusterState, InvalidObject, Options
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("Namespace", "Pod", "NetworkPolicy")
+KINDS = tuple(objects.PARSERS)
 
 
 @dataclass
@@ -68,27 +71,30 @@ class Changes:
     """What changed in force between two :meth:`Store.take_changes` calls.
 
     ``pods`` are pod references (``cluster/namespace/name``), ``namespaces``
-    ``(cluster, name)`` pairs, ``policies`` policy references. ``everything`` says that
+    ``(cluster, name)`` pairs, ``policies`` policy references, ``services`` the names of
+    the clusters whose Services or EndpointSlices changed. ``everything`` says that
     something not listed per object changed (a cluster revoked by ``stale-after`` or
     back, the first lists): only a full recompile is correct then."""
 
     pods: set = field(default_factory=set)
     namespaces: set = field(default_factory=set)
     policies: set = field(default_factory=set)
+    services: set = field(default_factory=set)
     everything: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.everything or self.pods or self.namespaces or self.policies)
+        return bool(self.everything or self.pods or self.namespaces or self.policies or self.services)
 
     def merge(self, other: "Changes") -> None:
         self.pods |= other.pods
         self.namespaces |= other.namespaces
         self.policies |= other.policies
+        self.services |= other.services
         self.everything |= other.everything
 
     def summary(self) -> dict:
         return {"pods": len(self.pods), "namespaces": len(self.namespaces), "policies": len(self.policies),
-                "everything": self.everything}
+                "services": len(self.services), "everything": self.everything}
 
 
 @dataclass
@@ -167,9 +173,6 @@ def _key(kind: str, obj: Mapping[str, Any]) -> Optional[tuple]:
     return (ns if isinstance(ns, str) else str(ns), meta["name"])
 
 
-_PARSERS = {"Namespace": objects.namespace, "Pod": objects.pod, "NetworkPolicy": objects.network_policy}
-
-
 class ClusterSink:
     """One cluster's objects and status; the interface sources write to."""
 
@@ -178,10 +181,11 @@ class ClusterSink:
         self.name = name
         self.status = ClusterStatus(name, source, local)
         self.raw: dict[str, dict[tuple, tuple[str, Any]]] = {k: {} for k in KINDS}
-        self.namespaces: dict[str, Namespace] = {}
-        self.pods: dict[tuple[str, str], Pod] = {}
-        self.policies: dict[tuple[str, str], Policy] = {}
-        self.valid_policies: dict[tuple[str, str], Policy] = {}
+        #: The objects in force, per kind (namespaces keyed by name, the others by
+        #: namespace and name), as a :class:`ClusterState` shows them.
+        self.state = ClusterState(name)
+        #: For the kinds with fail-closed stand-ins: the last valid version of each.
+        self.last_valid: dict[str, dict[tuple[str, str], Any]] = {k: {} for k in objects.STAND_INS}
         self.errors: dict[tuple, ObjectError] = {}
         #: Manifest files that cannot be parsed (their last parsed contents stay in force).
         self.file_errors: dict[str, str] = {}
@@ -194,8 +198,28 @@ class ClusterSink:
 
     # ------------------------------------------------------------------ objects
 
+    @property
+    def namespaces(self) -> dict:
+        return self.state.namespaces
+
+    @property
+    def pods(self) -> dict:
+        return self.state.pods
+
+    @property
+    def policies(self) -> dict:
+        return self.state.policies
+
+    @property
+    def services(self) -> dict:
+        return self.state.services
+
+    @property
+    def endpoint_slices(self) -> dict:
+        return self.state.endpoint_slices
+
     def _table(self, kind: str) -> dict:
-        return {"Namespace": self.namespaces, "Pod": self.pods, "NetworkPolicy": self.policies}[kind]
+        return self.state.table(kind)
 
     def _apply(self, kind: str, obj: Mapping[str, Any], source: str, key: Optional[tuple] = None) -> bool:
         """Parse and install one object. Returns whether anything in force changed."""
@@ -212,12 +236,12 @@ class ClusterSink:
         table = self._table(kind)
         tkey = key[0] if kind == "Namespace" else key
         try:
-            value = _PARSERS[kind](obj, self.name, source)
+            value = objects.PARSERS[kind](obj, self.name, source)
         except InvalidObject as err:
             return self._reject(kind, key, tkey, obj, source, err)
         self.errors.pop((kind, key, None), None)
-        if kind == "NetworkPolicy":
-            self.valid_policies[tkey] = value
+        if kind in self.last_valid:
+            self.last_valid[kind][tkey] = value
         if table.get(tkey) == value:
             return False
         table[tkey] = value
@@ -229,14 +253,15 @@ class ClusterSink:
         logger.warning("Cluster %s: rejected %s", self.name, err)
         table = self._table(kind)
         changed = False
-        if kind == "NetworkPolicy" and tkey in self.valid_policies:
+        last_valid = self.last_valid.get(kind, {})
+        if tkey in last_valid:
             in_force = "last-valid"
-            if table.get(tkey) is not self.valid_policies[tkey]:
-                table[tkey] = self.valid_policies[tkey]
+            if table.get(tkey) is not last_valid[tkey]:
+                table[tkey] = last_valid[tkey]
                 self._record(kind, tkey)
                 changed = True
-        elif kind == "NetworkPolicy":
-            stand_in = objects.fail_closed_policy(obj, self.name, source, err)
+        elif kind in objects.STAND_INS:
+            stand_in = objects.STAND_INS[kind](obj, self.name, source, err)
             in_force = "fail-closed" if stand_in is not None else "none"
             if stand_in is not None and table.get(tkey) != stand_in:
                 table[tkey] = stand_in
@@ -251,8 +276,8 @@ class ClusterSink:
         self.raw[kind].pop(key, None)
         self.errors.pop((kind, key, None), None)
         tkey = key[0] if kind == "Namespace" else key
-        if kind == "NetworkPolicy":
-            self.valid_policies.pop(tkey, None)
+        if kind in self.last_valid:
+            self.last_valid[kind].pop(tkey, None)
         if tkey not in self._table(kind):
             return False
         self._record(kind, tkey)
@@ -268,8 +293,10 @@ class ClusterSink:
             self.store.addresses.forget(ref)
         elif kind == "Namespace":
             changes.namespaces.add((self.name, tkey))
-        else:
+        elif kind == "NetworkPolicy":
             changes.policies.add(f"{self.name}/{tkey[0]}/{tkey[1]}")
+        else:
+            changes.services.add(self.name)
 
     def _touch(self, changed: bool) -> None:
         self.status.events += 1
@@ -366,18 +393,19 @@ class ClusterSink:
         return equal[0] if equal else None
 
     def _fail_closed_duplicates(self, kind: str, key: tuple, claimants: list, message: str) -> tuple[bool, str]:
-        """No claimant of ``key`` is in force: policies get a stand-in that isolates what
-        any of them selects and admits nothing; pods and namespaces take no part."""
+        """No claimant of ``key`` is in force: policies, Services and EndpointSlices get
+        a stand-in that fails closed (``objects.DUPLICATE_STAND_INS``); pods and
+        namespaces take no part."""
         tkey = key[0] if kind == "Namespace" else key
         changed = self._remove(kind, key)
-        if kind != "NetworkPolicy":
+        if kind not in objects.DUPLICATE_STAND_INS:
             return changed, "none"
         first_source = min(s for s, _ in claimants)
-        stand_in = objects.fail_closed_duplicates([o for _, o in claimants], self.name, first_source, message)
+        stand_in = objects.DUPLICATE_STAND_INS[kind]([o for _, o in claimants], self.name, first_source, message)
         if stand_in is None:
             return changed, "none"
         self._record(kind, tkey)
-        self.policies[tkey] = stand_in
+        self._table(kind)[tkey] = stand_in
         return True, "fail-closed"
 
     def replace_all(self, docs: Iterable[tuple[str, Mapping[str, Any]]], diff: Optional["DocDiff"] = None) -> None:
@@ -612,7 +640,8 @@ class Store:
             if sink.status.stale:
                 cset.clusters[name] = ClusterState(name)
             else:
-                cset.clusters[name] = ClusterState(name, dict(sink.namespaces), dict(sink.pods), dict(sink.policies))
+                cset.clusters[name] = ClusterState(name, dict(sink.namespaces), dict(sink.pods), dict(sink.policies),
+                                                   dict(sink.services), dict(sink.endpoint_slices))
         return Snapshot(revision, cset, self.addresses.conflicts(cset), self.version)
 
     def errors(self) -> list[ObjectError]:

@@ -2,13 +2,14 @@
 
 A directory holds files ending .yaml, .yml or .json, each with one or more documents
 (multi-document YAML, or ``kind: List`` with ``items``) of the kinds Namespace, Pod,
-NetworkPolicy and ClusterProperty. YAML goes through libyaml's C loader: the pure-Python
+NetworkPolicy, Service, EndpointSlice and ClusterProperty; other kinds are ignored with
+a note. YAML goes through libyaml's C loader: the pure-Python
 loader is several times slower and reading manifests is part of every ``mcnp matrix``.
 
 Two modes share one reader: *strict* (offline tools: the first invalid object stops the
 run with one line naming file, object and field) and *lenient* (the daemon: invalid
-objects are collected as errors, new invalid policies are replaced by their
-fail-closed stand-in, everything else keeps flowing — rule S9).
+objects are collected as errors, new invalid policies, Services and EndpointSlices are
+replaced by their fail-closed stand-ins, everything else keeps flowing — rule S9).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ except AttributeError:  # pragma: no cover - PyYAML built without libyaml
     raise ImportError("mcnp needs PyYAML built with libyaml (yaml.CSafeLoader)") from None
 
 SUFFIXES = (".yaml", ".yml", ".json")
-KINDS = ("Namespace", "Pod", "NetworkPolicy", "ClusterProperty")
+KINDS = (*objects.PARSERS, "ClusterProperty")
 
 #: Largest manifest file read, in bytes: a larger one is an invalid file (rule S9),
 #: reported by name, instead of a reader that exhausts the node's memory.
@@ -171,8 +172,8 @@ def read_directory(path: str, errors: Optional[list] = None) -> list[Document]:
 def build_cluster(name: str, docs: list[Document], strict: bool = True, errors: Optional[list] = None) -> LoadResult:
     """Parse documents into one cluster's state. ``strict`` raises on the first invalid
     object (or, given an ``errors`` list, appends every invalid object to it for the
-    caller to report all at once); lenient mode records it and, for policies, installs
-    the fail-closed stand-in (rule S9)."""
+    caller to report all at once); lenient mode records it and, for the kinds that have
+    one (policies, Services, EndpointSlices), installs the fail-closed stand-in (rule S9)."""
     result = LoadResult(ClusterState(name))
     state = result.state
     seen: dict[tuple, str] = {}
@@ -194,38 +195,39 @@ def build_cluster(name: str, docs: list[Document], strict: bool = True, errors: 
             continue
         try:
             if kind == "ClusterProperty":
-                value = objects.cluster_property_value(doc.obj, doc.source)
-                if value is not None:
-                    if result.declared_name not in (None, value):
-                        raise InvalidObject(doc.source, objects.describe(doc.obj), "spec.value", f"declares cluster {value!r}, another ClusterProperty declares {result.declared_name!r}")
-                    result.declared_name = value
+                _declare(result, doc)
                 continue
-            if kind == "Namespace":
-                obj = objects.namespace(doc.obj, name, doc.source)
-                key = (kind, obj.name)
-            elif kind == "Pod":
-                obj = objects.pod(doc.obj, name, doc.source)
-                key = (kind, obj.namespace, obj.name)
-            else:
-                obj = objects.network_policy(doc.obj, name, doc.source)
-                key = (kind, obj.namespace, obj.name)
+            obj = objects.PARSERS[kind](doc.obj, name, doc.source)
+            key = (kind, *_table_key(kind, obj))
             if key in seen:
                 raise InvalidObject(doc.source, objects.describe(doc.obj), "metadata.name", f"duplicate of the object in {seen[key]}")
             seen[key] = doc.source
         except InvalidObject as err:
             reject(err)
-            if kind == "NetworkPolicy" and not strict:
-                stand_in = objects.fail_closed_policy(doc.obj, name, doc.source, err)
-                if stand_in is not None and (stand_in.namespace, stand_in.name) not in state.policies:
-                    state.policies[(stand_in.namespace, stand_in.name)] = stand_in
+            if kind in objects.STAND_INS and not strict:
+                stand_in = objects.STAND_INS[kind](doc.obj, name, doc.source, err)
+                table = state.table(kind)
+                if stand_in is not None and (stand_in.namespace, stand_in.name) not in table:
+                    table[(stand_in.namespace, stand_in.name)] = stand_in
             continue
-        if kind == "Namespace":
-            state.namespaces[obj.name] = obj
-        elif kind == "Pod":
-            state.pods[(obj.namespace, obj.name)] = obj
-        else:
-            state.policies[(obj.namespace, obj.name)] = obj
+        tkey = _table_key(kind, obj)
+        state.table(kind)[tkey[0] if kind == "Namespace" else tkey] = obj
     return result
+
+
+def _table_key(kind: str, obj) -> tuple:
+    """Where a parsed object sits: (name,) for namespaces, (namespace, name) otherwise."""
+    return (obj.name,) if kind == "Namespace" else (obj.namespace, obj.name)
+
+
+def _declare(result: LoadResult, doc: Document) -> None:
+    """A ClusterProperty: the cluster's declared name, which no second one may contradict."""
+    value = objects.cluster_property_value(doc.obj, doc.source)
+    if value is None:
+        return
+    if result.declared_name not in (None, value):
+        raise InvalidObject(doc.source, objects.describe(doc.obj), "spec.value", f"declares cluster {value!r}, another ClusterProperty declares {result.declared_name!r}")
+    result.declared_name = value
 
 
 def load_cluster(name: Optional[str], path: str, strict: bool = True, errors: Optional[list] = None) -> LoadResult:

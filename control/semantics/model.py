@@ -230,6 +230,80 @@ class Pod:
         return None
 
 
+# --------------------------------------------------------------------------- services
+
+#: The label an EndpointSlice names its Service with.
+SERVICE_NAME_KEY = "kubernetes.io/service-name"
+#: IP protocol numbers of the protocols Services and policies speak.
+PROTOCOL_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132}
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    """One port of a Service: ``name`` None when unnamed (a single-port Service)."""
+
+    name: Optional[str]
+    port: int
+    protocol: str = "TCP"
+
+
+@dataclass(frozen=True)
+class Service:
+    """A Service as kube-proxy reads it (rule S11). ``cluster_ips`` is empty for a
+    headless Service (``clusterIP: None``), an ExternalName one and one whose address
+    is not allocated yet: none of those is translated."""
+
+    cluster: str
+    namespace: str
+    name: str
+    type: str = "ClusterIP"
+    cluster_ips: tuple[IPAddress, ...] = ()
+    ports: tuple[ServicePort, ...] = ()
+    source: str = ""
+    #: Set when the object was invalid and this is its fail-closed stand-in (rule S9):
+    #: its addresses and ports, as far as they could be read, reach no endpoint.
+    rejected: Optional[str] = None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.cluster}/{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class EndpointPort:
+    """A port entry of an EndpointSlice: ``name`` None when unnamed, ``port`` None
+    when the slice leaves it open (no Service port can use it then)."""
+
+    name: Optional[str]
+    port: Optional[int]
+    protocol: str = "TCP"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    addresses: tuple[IPAddress, ...]
+    #: ``conditions.ready`` is not false (unknown counts as ready, as kube-proxy reads it).
+    ready: bool = True
+
+
+@dataclass(frozen=True)
+class EndpointSlice:
+    cluster: str
+    namespace: str
+    name: str
+    #: The Service it belongs to (its ``kubernetes.io/service-name`` label), None when
+    #: it carries none (then it belongs to no Service).
+    service: Optional[str]
+    address_type: str = "IPv4"  # IPv4, IPv6 or FQDN (which kube-proxy does not use)
+    ports: tuple[EndpointPort, ...] = ()
+    endpoints: tuple[Endpoint, ...] = ()
+    source: str = ""
+    #: Set when the object was invalid and this is its fail-closed stand-in (rule S9):
+    #: the Service it names reaches no endpoint — every Service of its namespace
+    #: when the name cannot be read.
+    rejected: Optional[str] = None
+
+
 # --------------------------------------------------------------------------- clusters
 
 
@@ -249,6 +323,13 @@ class ClusterState:
     namespaces: dict[str, Namespace] = field(default_factory=dict)
     pods: dict[tuple[str, str], Pod] = field(default_factory=dict)
     policies: dict[tuple[str, str], Policy] = field(default_factory=dict)
+    services: dict[tuple[str, str], Service] = field(default_factory=dict)
+    endpoint_slices: dict[tuple[str, str], EndpointSlice] = field(default_factory=dict)
+
+    def table(self, kind: str) -> dict:
+        """The objects of one kind (as manifests and the store name kinds)."""
+        return {"Namespace": self.namespaces, "Pod": self.pods, "NetworkPolicy": self.policies,
+                "Service": self.services, "EndpointSlice": self.endpoint_slices}[kind]
 
     def namespace_labels(self, name: str) -> Mapping[str, str]:
         ns = self.namespaces.get(name)

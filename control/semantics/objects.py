@@ -8,6 +8,7 @@ object and the field path.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 from typing import Any, Mapping, Optional
@@ -16,7 +17,11 @@ from control.semantics.model import (
     EVERYTHING,
     NS_NAME_KEY,
     PROTOCOLS,
+    SERVICE_NAME_KEY,
     ContainerPort,
+    Endpoint,
+    EndpointPort,
+    EndpointSlice,
     InvalidObject,
     IPBlock,
     Namespace,
@@ -27,6 +32,8 @@ from control.semantics.model import (
     Requirement,
     Rule,
     Selector,
+    Service,
+    ServicePort,
 )
 
 _OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
@@ -35,6 +42,12 @@ _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 _IANA_SVC_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+#: Service names are RFC 1035 labels: they start with a letter.
+_DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
+ADDRESS_TYPES = ("IPv4", "IPv6", "FQDN")
+#: Most addresses one endpoint of an EndpointSlice may list (as the API server allows).
+MAX_ENDPOINT_ADDRESSES = 100
 
 
 def describe(obj: Mapping[str, Any]) -> str:
@@ -87,6 +100,30 @@ def _list(ctx: _Ctx, value: Any, path: str) -> list:
     if not isinstance(value, list):
         raise ctx.fail(path, f"must be a list, not {type(value).__name__}")
     return value
+
+
+def _protocol(ctx: _Ctx, value: Any, path: str) -> str:
+    """A protocol field: TCP when omitted, else exactly TCP, UDP or SCTP (the API server
+    is case-sensitive, so ``tcp`` is refused rather than guessed)."""
+    protocol = value or "TCP"
+    if protocol not in PROTOCOLS:
+        raise ctx.fail(path, f"unsupported protocol {protocol!r} (must be TCP, UDP or SCTP)")
+    return protocol
+
+
+def _port_number(ctx: _Ctx, value: Any, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ctx.fail(path, f"invalid port {value!r}" if value is not None else "is required")
+    if not 1 <= value <= 65535:
+        raise ctx.fail(path, f"port {value} out of range 1-65535")
+    return value
+
+
+def _ip_address(ctx: _Ctx, value: Any, path: str):
+    try:
+        return ipaddress.ip_address(value)
+    except (ValueError, TypeError):
+        raise ctx.fail(path, f"invalid IP address {value!r}") from None
 
 
 #: Label keys and values already found valid (labels repeat across objects); bounded,
@@ -200,9 +237,7 @@ def peer(ctx: _Ctx, value: Any, path: str) -> Peer:
 
 def port_spec(ctx: _Ctx, value: Any, path: str) -> PortSpec:
     value = _mapping(ctx, value, path)
-    protocol = value.get("protocol") or "TCP"
-    if protocol not in PROTOCOLS:
-        raise ctx.fail(f"{path}.protocol", f"unsupported protocol {protocol!r} (must be TCP, UDP or SCTP)")
+    protocol = _protocol(ctx, value.get("protocol"), f"{path}.protocol")
     port = value.get("port")
     end = value.get("endPort")
     if isinstance(port, bool):
@@ -333,10 +368,7 @@ def pod(obj: Mapping[str, Any], cluster: str, source: str) -> Pod:
         if ip:
             raw.append(ip)
     for text in dict.fromkeys(raw) if all(type(t) is str for t in raw) else raw:  # podIP is podIPs[0]: parse it once
-        try:
-            ip = ipaddress.ip_address(text)
-        except (ValueError, TypeError):
-            raise ctx.fail("status.podIP", f"invalid IP address {text!r}") from None
+        ip = _ip_address(ctx, text, "status.podIP")
         if ip not in ips:
             ips.append(ip)
     ports = []
@@ -346,12 +378,8 @@ def pod(obj: Mapping[str, Any], cluster: str, source: str) -> Pod:
         for pi, p in enumerate(_list(ctx, container.get("ports"), f"{cpath}.ports")):
             ppath = f"{cpath}.ports[{pi}]"
             p = _mapping(ctx, p, ppath)
-            number = p.get("containerPort")
-            if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= 65535:
-                raise ctx.fail(f"{ppath}.containerPort", f"invalid port {number!r}")
-            proto = p.get("protocol") or "TCP"
-            if proto not in PROTOCOLS:
-                raise ctx.fail(f"{ppath}.protocol", f"unsupported protocol {proto!r}")
+            number = _port_number(ctx, p.get("containerPort"), f"{ppath}.containerPort")
+            proto = _protocol(ctx, p.get("protocol"), f"{ppath}.protocol")
             pname = p.get("name")
             if pname is not None and (not isinstance(pname, str) or not _IANA_SVC_NAME.match(pname)):
                 raise ctx.fail(f"{ppath}.name", f"invalid port name {pname!r}")
@@ -374,3 +402,235 @@ def cluster_property_value(obj: Mapping[str, Any], source: str) -> Optional[str]
     if not isinstance(value, str) or not DNS_LABEL.match(value):
         raise ctx.fail("spec.value", f"invalid cluster name {value!r} (must be an RFC 1123 label)")
     return value
+
+
+# --------------------------------------------------------------------------- services
+
+
+def _cluster_ips(ctx: _Ctx, spec: Mapping[str, Any], kind: str) -> tuple[tuple, bool]:
+    """``spec.clusterIP``/``spec.clusterIPs`` → (addresses, headless). ``clusterIPs[0]``
+    is ``clusterIP`` when both are given; at most one address per family; ``None``
+    (headless) stands alone."""
+    cip = spec.get("clusterIP")
+    listed = _list(ctx, spec.get("clusterIPs"), "spec.clusterIPs")
+    if cip not in (None, "") and listed and listed[0] != cip:
+        raise ctx.fail("spec.clusterIPs[0]", f"{listed[0]!r} must equal spec.clusterIP {cip!r}")
+    raw, path = (listed, "spec.clusterIPs") if listed else ([cip] if cip not in (None, "") else [], "spec.clusterIP")
+    if kind == "ExternalName":
+        if raw:
+            raise ctx.fail(path, "must be empty for type ExternalName")
+        return (), False
+    if "None" in raw:
+        if len(raw) > 1:
+            raise ctx.fail(path, "None (headless) may not be combined with addresses")
+        if kind != "ClusterIP":
+            raise ctx.fail("spec.type", f"a headless Service (clusterIP None) must be of type ClusterIP, not {kind}")
+        return (), True
+    if len(raw) > 2:
+        raise ctx.fail(path, "may hold at most two addresses, one per family")
+    ips = tuple(_ip_address(ctx, t, f"{path}[{i}]" if listed else path) for i, t in enumerate(raw))
+    if len(ips) == 2 and ips[0].version == ips[1].version:
+        raise ctx.fail(f"{path}[1]", f"{ips[1]} must be of the other family than {ips[0]}")
+    return ips, False
+
+
+def _target_port(ctx: _Ctx, value: Any, path: str) -> None:
+    if value is None or (isinstance(value, str) and _IANA_SVC_NAME.match(value) and re.search("[a-z]", value)):
+        return
+    if isinstance(value, str):
+        raise ctx.fail(path, f"invalid named port {value!r} (must be an IANA service name)")
+    _port_number(ctx, value, path)
+
+
+def _service_ports(ctx: _Ctx, spec: Mapping[str, Any], required: bool) -> tuple[ServicePort, ...]:
+    """``spec.ports`` as the API server accepts them: a number, TCP/UDP/SCTP, a name
+    (an RFC 1123 label) on every port when there are several, names and (port,
+    protocol) pairs unique."""
+    raw = _list(ctx, spec.get("ports"), "spec.ports")
+    if required and not raw:
+        raise ctx.fail("spec.ports", "is required (a Service with a ClusterIP needs at least one port)")
+    out: list[ServicePort] = []
+    for i, entry in enumerate(raw):
+        path = f"spec.ports[{i}]"
+        entry = _mapping(ctx, entry, path)
+        number = _port_number(ctx, entry.get("port"), f"{path}.port")
+        protocol = _protocol(ctx, entry.get("protocol"), f"{path}.protocol")
+        name = entry.get("name") or None
+        if name is None and len(raw) > 1:
+            raise ctx.fail(f"{path}.name", "is required when the Service has several ports")
+        if name is not None and (not isinstance(name, str) or not DNS_LABEL.match(name)):
+            raise ctx.fail(f"{path}.name", f"invalid port name {name!r} (must be an RFC 1123 label)")
+        if name is not None and any(p.name == name for p in out):
+            raise ctx.fail(f"{path}.name", f"duplicate port name {name!r}")
+        if any(p.port == number and p.protocol == protocol for p in out):
+            raise ctx.fail(f"{path}.port", f"duplicate port {protocol}/{number}")
+        _target_port(ctx, entry.get("targetPort"), f"{path}.targetPort")
+        out.append(ServicePort(name, number, protocol))
+    return tuple(out)
+
+
+def service(obj: Mapping[str, Any], cluster: str, source: str) -> Service:
+    """A Service (``v1``): its type, ClusterIPs (both families) and ports."""
+    ctx = _Ctx(source, obj)
+    ns, name = _metadata(ctx, obj, namespaced=True)
+    if not _DNS_1035_LABEL.match(name):
+        raise ctx.fail("metadata.name", f"invalid Service name {name!r} (must be an RFC 1035 label)")
+    spec = _mapping(ctx, obj.get("spec"), "spec", required=True)
+    kind = spec.get("type") or "ClusterIP"
+    if kind not in SERVICE_TYPES:
+        raise ctx.fail("spec.type", f"invalid type {kind!r} (must be one of {', '.join(SERVICE_TYPES)})")
+    ips, headless = _cluster_ips(ctx, spec, kind)
+    ports = _service_ports(ctx, spec, required=kind != "ExternalName" and not headless)
+    return Service(cluster, ns, name, kind, ips, ports, source)
+
+
+def _endpoint_port(ctx: _Ctx, value: Any, path: str) -> EndpointPort:
+    value = _mapping(ctx, value, path)
+    name = value.get("name") or None
+    if name is not None and (not isinstance(name, str) or not DNS_LABEL.match(name)):
+        raise ctx.fail(f"{path}.name", f"invalid port name {name!r} (must be an RFC 1123 label)")
+    port = value.get("port")
+    port = None if port is None else _port_number(ctx, port, f"{path}.port")
+    return EndpointPort(name, port, _protocol(ctx, value.get("protocol"), f"{path}.protocol"))
+
+
+def _endpoint(ctx: _Ctx, value: Any, path: str, address_type: str) -> Endpoint:
+    """One endpoint: its addresses (1-100, of the slice's family; FQDN ones are
+    checked for form and not kept: kube-proxy does not use them) and readiness."""
+    value = _mapping(ctx, value, path)
+    raw = _list(ctx, value.get("addresses"), f"{path}.addresses")
+    if not raw:
+        raise ctx.fail(f"{path}.addresses", "is required (at least one address)")
+    if len(raw) > MAX_ENDPOINT_ADDRESSES:
+        raise ctx.fail(f"{path}.addresses", f"may hold at most {MAX_ENDPOINT_ADDRESSES} addresses")
+    addresses = []
+    for i, text in enumerate(raw):
+        apath = f"{path}.addresses[{i}]"
+        if address_type == "FQDN":
+            if not isinstance(text, str) or not _DNS_SUBDOMAIN.match(text):
+                raise ctx.fail(apath, f"invalid FQDN {text!r}")
+            continue
+        ip = _ip_address(ctx, text, apath)
+        if f"IPv{ip.version}" != address_type:
+            raise ctx.fail(apath, f"{ip} is not an {address_type} address (the slice's addressType)")
+        if ip not in addresses:
+            addresses.append(ip)
+    conditions = _mapping(ctx, value.get("conditions"), f"{path}.conditions")
+    ready = conditions.get("ready")
+    if ready is not None and not isinstance(ready, bool):
+        raise ctx.fail(f"{path}.conditions.ready", f"must be true or false, not {ready!r}")
+    return Endpoint(tuple(addresses), ready is not False)
+
+
+def endpoint_slice(obj: Mapping[str, Any], cluster: str, source: str) -> EndpointSlice:
+    """An EndpointSlice (``discovery.k8s.io/v1``): the Service its label names, its
+    ports and its endpoints."""
+    ctx = _Ctx(source, obj)
+    ns, name = _metadata(ctx, obj, namespaced=True)
+    labels = labels_of(ctx, obj["metadata"].get("labels"), "metadata.labels")
+    address_type = obj.get("addressType")
+    if address_type not in ADDRESS_TYPES:
+        raise ctx.fail("addressType", "is required" if address_type is None else
+                       f"invalid addressType {address_type!r} (must be one of {', '.join(ADDRESS_TYPES)})")
+    ports = tuple(_endpoint_port(ctx, p, f"ports[{i}]") for i, p in enumerate(_list(ctx, obj.get("ports"), "ports")))
+    for i, p in enumerate(ports):
+        if any(q.name == p.name for q in ports[:i]):
+            raise ctx.fail(f"ports[{i}].name", f"duplicate port name {p.name or ''!r}")
+    endpoints = tuple(_endpoint(ctx, e, f"endpoints[{i}]", address_type)
+                      for i, e in enumerate(_list(ctx, obj.get("endpoints"), "endpoints")))
+    return EndpointSlice(cluster, ns, name, labels.get(SERVICE_NAME_KEY) or None, address_type, ports, endpoints, source)
+
+
+def _readable(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``obj`` when it is a mapping, else an empty one (for the lenient readers)."""
+    return obj if isinstance(obj, Mapping) else {}
+
+
+def fail_closed_service(obj: Mapping[str, Any], cluster: str, source: str, error: InvalidObject) -> Optional[Service]:
+    """The stand-in for a *new* invalid Service (rule S9): whatever ClusterIPs and
+    ports can still be read, reaching no endpoint, so a connection to them is denied
+    rather than judged as one to a plain address (kube-proxy might still translate it).
+    None when no address can be read (then nothing can translate it either)."""
+    ctx = _Ctx(source, obj)
+    try:
+        ns, name = _metadata(ctx, obj, namespaced=True)
+    except InvalidObject:
+        return None
+    spec = _readable(obj.get("spec"))
+    listed = spec.get("clusterIPs") if isinstance(spec.get("clusterIPs"), list) else []
+    ips = []
+    for text in [spec.get("clusterIP"), *listed]:
+        try:
+            ip = ipaddress.ip_address(text) if isinstance(text, str) else None
+        except ValueError:
+            ip = None
+        if ip is not None and ip not in ips:
+            ips.append(ip)
+    ports = []
+    for entry in spec.get("ports") if isinstance(spec.get("ports"), list) else []:
+        entry = _readable(entry)
+        number, protocol = entry.get("port"), entry.get("protocol") or "TCP"
+        if type(number) is int and 1 <= number <= 65535 and protocol in PROTOCOLS:
+            ports.append(ServicePort(None, number, protocol))
+    if not ips:
+        return None
+    return Service(cluster, ns, name, "ClusterIP", tuple(ips), tuple(dict.fromkeys(ports)), source, rejected=str(error))
+
+
+def fail_closed_endpoint_slice(obj: Mapping[str, Any], cluster: str, source: str,
+                               error: InvalidObject) -> Optional[EndpointSlice]:
+    """The stand-in for a *new* invalid EndpointSlice (rule S9): which endpoints it
+    meant cannot be known, so the Service its label names reaches none — every
+    Service of its namespace when that label cannot be read. None when the object has
+    no usable namespace/name."""
+    ctx = _Ctx(source, obj)
+    try:
+        ns, name = _metadata(ctx, obj, namespaced=True)
+    except InvalidObject:
+        return None
+    labels = _readable(_readable(obj.get("metadata")).get("labels"))
+    service_name = labels.get(SERVICE_NAME_KEY)
+    if not isinstance(service_name, str) or not _LABEL_VALUE.match(service_name) or not service_name:
+        service_name = None
+    return EndpointSlice(cluster, ns, name, service_name, source=source, rejected=str(error))
+
+
+def _fail_closed_claimants(kind: str, objs: list[Mapping[str, Any]], cluster: str, source: str, message: str) -> list:
+    error = InvalidObject(source, describe(objs[0]), "metadata.name", message)
+    return [STAND_INS[kind](obj, cluster, source, error) for obj in objs]
+
+
+def fail_closed_service_duplicates(objs: list[Mapping[str, Any]], cluster: str, source: str,
+                                   message: str) -> Optional[Service]:
+    """Services of one name that several sources claim, none in force yet: every
+    address and port any claimant names, reaching no endpoint."""
+    stand_ins = [s for s in _fail_closed_claimants("Service", objs, cluster, source, message) if s is not None]
+    if not stand_ins:
+        return None
+    ips = tuple(dict.fromkeys(ip for s in stand_ins for ip in s.cluster_ips))
+    ports = tuple(dict.fromkeys(p for s in stand_ins for p in s.ports))
+    return dataclasses.replace(stand_ins[0], cluster_ips=ips, ports=ports, source=source)
+
+
+def fail_closed_endpoint_slice_duplicates(objs: list[Mapping[str, Any]], cluster: str, source: str,
+                                          message: str) -> Optional[EndpointSlice]:
+    """EndpointSlices of one name that several sources claim, none in force yet: the
+    Service they name reaches no endpoint — every Service of the namespace when they
+    name different ones."""
+    stand_ins = _fail_closed_claimants("EndpointSlice", objs, cluster, source, message)
+    if any(s is None for s in stand_ins):
+        return None
+    names = {s.service for s in stand_ins}
+    return dataclasses.replace(stand_ins[0], service=names.pop() if len(names) == 1 else None, source=source)
+
+
+#: Every kind the store and manifest directories read, and its parser.
+PARSERS = {"Namespace": namespace, "Pod": pod, "NetworkPolicy": network_policy, "Service": service,
+           "EndpointSlice": endpoint_slice}
+#: Kinds whose new invalid object is replaced by a fail-closed stand-in (rule S9), with
+#: the function making it; other kinds' new invalid objects take no part.
+STAND_INS = {"NetworkPolicy": fail_closed_policy, "Service": fail_closed_service,
+             "EndpointSlice": fail_closed_endpoint_slice}
+#: The same for a name several sources claim with none of them in force yet.
+DUPLICATE_STAND_INS = {"NetworkPolicy": fail_closed_duplicates, "Service": fail_closed_service_duplicates,
+                       "EndpointSlice": fail_closed_endpoint_slice_duplicates}

@@ -27,17 +27,20 @@ class Gone(Exception):
     """The watch's resourceVersion is too old (HTTP 410): relist."""
 
 
-#: kind -> (collection path, ``kind`` to stamp on list items, which lack it).
+#: kind -> its cluster-wide collection path (list items lack ``kind``: it is stamped on).
 RESOURCES = {
     "Namespace": "/api/v1/namespaces",
     "Pod": "/api/v1/pods",
     "NetworkPolicy": "/apis/networking.k8s.io/v1/networkpolicies",
+    "Service": "/api/v1/services",
+    "EndpointSlice": "/apis/discovery.k8s.io/v1/endpointslices",
 }
 CLUSTER_PROPERTY = "/apis/about.k8s.io/v1alpha1/clusterproperties/cluster.clusterset.k8s.io"
 
 
 class KubeSource:
-    """List+watch Namespaces, Pods and NetworkPolicies of one cluster."""
+    """List+watch Namespaces, Pods, NetworkPolicies, Services and EndpointSlices of one
+    cluster (every kind the store reads)."""
 
     def __init__(self, spec: ClusterSource, sink: ClusterSink, settings: Settings):
         self.spec = spec
