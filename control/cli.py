@@ -318,55 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mcnp {build_version()}", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    m = sub.add_parser("matrix", help="reachability of every pod pair, from manifest directories")
-    m.add_argument("--cluster", action="append", default=[], metavar="NAME=DIR", help=CLUSTER_HELP)
-    m.add_argument("--port", type=_port, action="append", required=True,
-                   help="destination port (repeatable: one matrix per --port/--protocol pair)")
-    m.add_argument("--protocol", type=_protocol, action="append", required=True,
-                   help=PROTOCOL_HELP + "; once for every --port, or once per --port in order")
-    m.add_argument("--from", dest="from_", metavar="GLOB", help="only sources whose reference matches, e.g. 'cluster-1/x/*'")
-    m.add_argument("--to", metavar="GLOB", help="only destinations whose reference matches")
-    m.add_argument("--engine", choices=("compiled", "reference"), default="compiled",
-                   help="compiled (vectorised, default) or reference (the evaluator explain uses, pair by pair)")
-    _semantics_flags(m)
-    m.add_argument("--summary", action="store_true", help="print only the counts of allowed and denied pairs")
-    m.add_argument("--json", action="store_true", help="machine-readable output")
-    m.set_defaults(func=cmd_matrix)
-
-    e = sub.add_parser("explain", help="the verdict for one pair and why (exit 0 allowed, 1 denied, 2 invalid input)",
-                       description="The verdict for one pair and why. Exit code: 0 when allowed, 1 when denied "
-                                   "(as kubectl auth can-i), 2 for invalid input.")
-    e.add_argument("--cluster", action="append", default=[], metavar="NAME=DIR", help=CLUSTER_HELP)
-    e.add_argument("--from", dest="from_", required=True, metavar="REF", help="cluster/namespace/pod or an IP")
-    e.add_argument("--to", required=True, metavar="REF", help="cluster/namespace/pod or an IP")
-    e.add_argument("--port", type=_port, required=True, help="destination port")
-    e.add_argument("--protocol", type=_protocol, required=True, help=PROTOCOL_HELP)
-    _semantics_flags(e)
-    e.add_argument("--json", action="store_true", help="machine-readable output (the JSON of /v1/explain)")
-    e.set_defaults(func=cmd_explain)
-
-    li = sub.add_parser("lint", help="policies that select nothing or name clusters not in the clusterset (exit 1 if any)",
-                        description="Report policies that select no pod and selectors naming clusters that are not "
-                                    "in the clusterset. Exit code: 0 none found, 1 findings, 2 invalid input.")
-    li.add_argument("--cluster", action="append", default=[], metavar="NAME=DIR", help=CLUSTER_HELP)
-    _semantics_flags(li)
-    li.add_argument("--json", action="store_true", help='machine-readable output: {"findings": [...]}')
-    li.set_defaults(func=cmd_lint)
-
-    o = sub.add_parser("observe", help="follow a node's verdicts (allowed, denied) with their reasons",
-                       description="Follow the verdicts of a node's packet loop, like hubble observe.")
-    o.add_argument("--node", metavar="HOST:PORT", default="127.0.0.1:9901",
-                   help="the node's REST endpoint (default 127.0.0.1:9901; unix:PATH also works)")
-    o.add_argument("--verdict", action="append", default=[], choices=("allowed", "denied", "would-deny"),
-                   help="only these verdicts (repeatable)")
-    o.add_argument("--pod", metavar="GLOB", help="only records with an end matching this pod reference or glob")
-    o.add_argument("--namespace", metavar="NS", help="only records with an end in this namespace")
-    o.add_argument("--cluster", metavar="NAME", help="only records with an end in this cluster")
-    o.add_argument("--since", metavar="DURATION", help="only records newer than this (e.g. 5m) or than an RFC 3339 time")
-    o.add_argument("--last", type=int, default=20, metavar="N", help="records already kept to show first (default 20)")
-    o.add_argument("--no-follow", dest="follow", action="store_false", help="print what is kept and exit")
-    o.add_argument("--json", action="store_true", help="one JSON object per line")
-    o.set_defaults(func=cmd_observe)
+    _offline_commands(sub)
+    _observe_command(sub)
 
     r = sub.add_parser("run", help="the node daemon")
     r.add_argument("--config", metavar="FILE", help="YAML file with the same settings as the flags (flags win)")
@@ -407,6 +360,61 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("shell", choices=("bash",), help="the shell to complete for")
     c.set_defaults(func=cmd_completion)
     return parser
+
+
+def _offline_commands(sub) -> None:
+    """``matrix``, ``explain`` and ``lint``: manifest directories in, answers out."""
+    m = sub.add_parser("matrix", help="reachability of every pod pair, from manifest directories")
+    m.add_argument("--cluster", action="append", default=[], metavar="NAME=DIR", help=CLUSTER_HELP)
+    m.add_argument("--port", type=_port, action="append", required=True,
+                   help="destination port (repeatable: one matrix per --port/--protocol pair)")
+    m.add_argument("--protocol", type=_protocol, action="append", required=True,
+                   help=PROTOCOL_HELP + "; once for every --port, or once per --port in order")
+    m.add_argument("--from", dest="from_", metavar="GLOB", help="only sources whose reference matches, e.g. 'cluster-1/x/*'")
+    m.add_argument("--to", metavar="GLOB", help="only destinations whose reference matches")
+    m.add_argument("--engine", choices=("compiled", "reference"), default="compiled",
+                   help="compiled (vectorised, default) or reference (the evaluator explain uses, pair by pair)")
+    _semantics_flags(m)
+    m.add_argument("--summary", action="store_true", help="print only the counts of allowed and denied pairs")
+    m.add_argument("--json", action="store_true", help="machine-readable output")
+    m.set_defaults(func=cmd_matrix)
+
+    e = sub.add_parser("explain", help="the verdict for one pair and why (exit 0 allowed, 1 denied, 2 invalid input)",
+                       description="The verdict for one pair and why. Exit code: 0 when allowed, 1 when denied "
+                                   "(as kubectl auth can-i), 2 for invalid input.")
+    e.add_argument("--cluster", action="append", default=[], metavar="NAME=DIR", help=CLUSTER_HELP)
+    e.add_argument("--from", dest="from_", required=True, metavar="REF", help="cluster/namespace/pod or an IP")
+    e.add_argument("--to", required=True, metavar="REF", help="cluster/namespace/pod or an IP")
+    e.add_argument("--port", type=_port, required=True, help="destination port")
+    e.add_argument("--protocol", type=_protocol, required=True, help=PROTOCOL_HELP)
+    _semantics_flags(e)
+    e.add_argument("--json", action="store_true", help="machine-readable output (the JSON of /v1/explain)")
+    e.set_defaults(func=cmd_explain)
+
+    li = sub.add_parser("lint", help="policies that select nothing or name clusters not in the clusterset (exit 1 if any)",
+                        description="Report policies that select no pod and selectors naming clusters that are not "
+                                    "in the clusterset. Exit code: 0 none found, 1 findings, 2 invalid input.")
+    li.add_argument("--cluster", action="append", default=[], metavar="NAME=DIR", help=CLUSTER_HELP)
+    _semantics_flags(li)
+    li.add_argument("--json", action="store_true", help='machine-readable output: {"findings": [...]}')
+    li.set_defaults(func=cmd_lint)
+
+
+def _observe_command(sub) -> None:
+    o = sub.add_parser("observe", help="follow a node's verdicts (allowed, denied) with their reasons",
+                       description="Follow the verdicts of a node's packet loop, like hubble observe.")
+    o.add_argument("--node", metavar="HOST:PORT", default="127.0.0.1:9901",
+                   help="the node's REST endpoint (default 127.0.0.1:9901; unix:PATH also works)")
+    o.add_argument("--verdict", action="append", default=[], choices=("allowed", "denied", "would-deny"),
+                   help="only these verdicts (repeatable)")
+    o.add_argument("--pod", metavar="GLOB", help="only records with an end matching this pod reference or glob")
+    o.add_argument("--namespace", metavar="NS", help="only records with an end in this namespace")
+    o.add_argument("--cluster", metavar="NAME", help="only records with an end in this cluster")
+    o.add_argument("--since", metavar="DURATION", help="only records newer than this (e.g. 5m) or than an RFC 3339 time")
+    o.add_argument("--last", type=int, default=20, metavar="N", help="records already kept to show first (default 20)")
+    o.add_argument("--no-follow", dest="follow", action="store_false", help="print what is kept and exit")
+    o.add_argument("--json", action="store_true", help="one JSON object per line")
+    o.set_defaults(func=cmd_observe)
 
 
 def _observability_flags(r: argparse.ArgumentParser) -> None:
