@@ -247,7 +247,7 @@ def test_metrics_follow_prometheus_conventions(demo_specs):
     assert value("mcnp_dataplane_heartbeat_seconds") == 5.0
     assert value("mcnp_dataplane_recheck_seconds") == 0.0025 and value("mcnp_dataplane_pods") == 1
     assert value("mcnp_hook_frames", action="drop_l2") == 1 and "mcnp_dataplane_expired" in counters
-    assert value("mcnp_port_kick_errors", port="veth-api") == 2 and value("mcnp_port_info", port="veth-api", xdp_mode="native") == 1
+    assert value("mcnp_port_kick_errors", port="veth-api") == 2 and value("mcnp_port_info", port="veth-api", ifname="", xdp_mode="native") == 1
     assert value("mcnp_verdicts", verdict="denied", direction="ingress", reason="isolated, no rule admits") == 2
     assert value("mcnp_policy_verdicts", policy="east/shop/api-from-frontends", direction="ingress", verdict="denied") == 2
     assert value("mcnp_policy_verdicts", policy="east/shop/api-from-frontends", direction="ingress", verdict="allowed") == 1

@@ -172,15 +172,16 @@ def port_metrics(ports: Mapping[str, Any]) -> Iterator[Metric]:
     """Per-port ring counters and levels, labelled ``port`` (the interface name)."""
     families = {k: CounterMetricFamily(f"mcnp_port_{k}", text, labels=["port"]) for k, text in PORT_COUNTERS.items()}
     families.update({k: GaugeMetricFamily(f"mcnp_port_{k}", text, labels=["port"]) for k, text in PORT_GAUGES.items()})
-    info = GaugeMetricFamily("mcnp_port_info", "Always 1: the port's XDP attach mode", labels=["port", "xdp_mode"])
+    info = GaugeMetricFamily("mcnp_port_info", "Always 1: the port's interface and XDP attach mode (empty when not "
+                             "reported)", labels=["port", "ifname", "xdp_mode"])
     for port, values in sorted(ports.items()):
         if not isinstance(values, Mapping):
             continue
         for key, family in families.items():
             if _number(values.get(key)):
                 family.add_metric([str(port)], float(values[key]))
-        if values.get("xdp_mode") is not None:
-            info.add_metric([str(port), str(values["xdp_mode"])], 1.0)
+        if values.get("xdp_mode") is not None or values.get("ifname") is not None:
+            info.add_metric([str(port), str(values.get("ifname") or ""), str(values.get("xdp_mode") or "")], 1.0)
     yield from families.values()
     yield info
 
