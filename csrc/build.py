@@ -10,7 +10,7 @@ is declared exactly once, in C.  API mode is required: the ring operations in
   side (maps, hooks, flow cache) and the per-batch pipeline, one module so a
   batch never crosses between extension modules.
 - ``fastpath._match``: the batch matcher (also used offline).
-- ``fastpath._trafgen``: the benchmarks' traffic generator (BPF_PROG_RUN).
+- ``bench._trafgen``: the benchmarks' traffic generator (BPF_PROG_RUN).
 """
 
 import os
@@ -60,7 +60,7 @@ dataplane = builder(
     libraries=["xdp", "bpf"],
 )
 matcher = builder("fastpath._match", ["match.c"], ["match.c"], inline=True)
-trafgen = builder("fastpath._trafgen", ["trafgen.c"], ["trafgen.c"], libraries=["bpf"])
+trafgen = builder("bench._trafgen", ["trafgen.c"], ["trafgen.c"], libraries=["bpf"])
 
 if __name__ == "__main__":
     for ffi in (dataplane, matcher, trafgen):

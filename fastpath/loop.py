@@ -258,6 +258,25 @@ class Pipeline:
                              fb("uint8_t[]", ok), fb("int32_t[]", eg), fb("int32_t[]", ing))
 
 
+    def process(self, buf: np.ndarray, addrs: np.ndarray, lens: np.ndarray,
+                in_port: np.ndarray, n: int, now: int | None = None):
+        """Classify, judge and finish one batch over any buffer (tests, fuzzing):
+        returns ``(sends, drops)``, ``sends`` as ``[(port, addrs)]`` per TX list."""
+        fb = ffi.from_buffer
+        now = K.now_ns() if now is None else now
+        c_buf = fb("uint8_t[]", buf, require_writable=True)
+        args = (c_buf, len(buf), fb("uint64_t[]", addrs), fb("uint32_t[]", lens), fb("int16_t[]", in_port))
+        n_judge = lib.mcnp_pipe_classify(self._c, *args, n, now)
+        self.finish(*args, n, now, n_judge)
+        sends = [(port, self.tx_addrs[port, :count].copy())
+                 for port, count in enumerate(self.tx_count[:self._c.n_ports]) if count]
+        return sends, self.drop_addrs[:self._c.n_drop].copy()
+
+    def reasons(self, n: int) -> np.ndarray:
+        """The last batch's reason per frame."""
+        return self.reason[:n].copy()
+
+
 class Loop:
     """The pods' sockets over one UMEM, and the pipeline over them (see the module)."""
 

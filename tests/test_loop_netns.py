@@ -242,7 +242,7 @@ def test_policy_change_cuts_an_established_connection(net):
 
 
 def sctp_frame(dst_mac, dport, chunk=1):
-    from fastpath.trafgen import frame
+    from tests.frames import frame
     return frame(IPS["r"], IPS["b"], 132, 40000, dport, src_mac="02:00:00:00:20:01",
                  dst_mac=dst_mac, chunk=chunk)
 
@@ -280,7 +280,7 @@ def test_sctp_judged_from_crafted_frames(net):
 def test_spoofed_source_from_a_pod_is_dropped(net):
     dp, hosts, _ = net
     publish(dp, 30)
-    from fastpath.trafgen import frame
+    from tests.frames import frame
     before = dp.stats()["verdicts"]["drop"].get("spoofed", 0)
     with nu.in_netns(hosts["c"]):
         tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
