@@ -10,9 +10,11 @@ import pytest
 
 from control.semantics.model import Options
 from control.semantics.reference import ReferenceEvaluator
+from control.node.services import services_for
 from control.node.store import KINDS, Store
 
 from .builders import make_namespace, make_pod, make_policy
+from .service_builders import make_service, make_slice
 
 
 class FakeClock:
@@ -392,3 +394,111 @@ def test_a_failed_source_makes_its_cluster_not_ready_until_it_runs_again():
     assert len(sink.pods) == 3  # the last-known state stays
     sink.up()
     assert store.not_ready == [] and sink.status.source_failure is None
+
+
+# --------------------------------------------------------------------------- Services (rule S11)
+
+
+def api_service(port: int = 80) -> dict:
+    return make_service("x", "api", "198.19.254.10", [("http", port, "TCP")])
+
+
+def api_slice(*addresses: str, name: str = "api-1") -> dict:
+    return make_slice("x", name, "api", [("http", 8080, "TCP")], list(addresses))
+
+
+def service_entries(store: Store, cluster: str = "c1") -> list[tuple]:
+    entries = services_for(store.snapshot(1).cset, cluster)
+    return [(e["ip"], e["port"], [tuple(ep) for ep in e["endpoints"]], e["defer"]) for e in entries]
+
+
+def test_services_and_slices_are_added_changed_and_deleted_as_changes_of_their_cluster():
+    store = Store()
+    sink = listed(store, "c1", world() + [api_service(), api_slice("198.18.0.1")])
+    assert service_entries(store) == [("198.19.254.10", 80, [("198.18.0.1", 8080)], True)]
+    store.take_changes()
+    sink.upsert("Service", api_service(81), "w")
+    sink.upsert("EndpointSlice", api_slice("198.18.0.1", "198.18.9.9"), "w")
+    changes = store.take_changes()
+    assert changes.services == {"c1"} and not changes.policies and not changes.pods and changes
+    assert service_entries(store) == [("198.19.254.10", 81, [("198.18.0.1", 8080), ("198.18.9.9", 8080)], False)]
+    sink.upsert("EndpointSlice", api_slice("198.18.0.1", "198.18.9.9"), "w")  # as in force: no change
+    assert not store.take_changes()
+    sink.delete("EndpointSlice", api_slice())
+    assert service_entries(store) == [("198.19.254.10", 81, [], False)]
+    sink.delete("Service", api_service())
+    assert service_entries(store) == [] and store.take_changes().services == {"c1"}
+
+
+def test_a_relist_of_services_deletes_what_is_gone():
+    store = Store()
+    sink = listed(store, "c1", world() + [api_service(), api_slice("198.18.0.1"),
+                                          make_service("x", "web", "198.19.254.11", [("http", 80, "TCP")])])
+    sink.replace_kind("Service", [("l", make_service("x", "web", "198.19.254.11", [("http", 80, "TCP")]))])
+    sink.replace_kind("EndpointSlice", [])
+    assert list(sink.services) == [("x", "web")] and sink.endpoint_slices == {}
+    assert service_entries(store) == [("198.19.254.11", 80, [], False)]
+
+
+def test_a_changed_service_that_becomes_invalid_keeps_its_last_valid_version():
+    store = Store()
+    sink = listed(store, "c1", world() + [api_service(), api_slice("198.18.0.1")])
+    bad = api_service()
+    bad["spec"]["ports"][0]["protocol"] = "tcp"
+    sink.upsert("Service", bad, "edit")
+    assert service_entries(store) == [("198.19.254.10", 80, [("198.18.0.1", 8080)], True)]
+    [err] = store.errors()
+    assert (err.kind, err.field, err.in_force) == ("Service", "spec.ports[0].protocol", "last-valid")
+    bad_slice = api_slice("198.18.0.1", "198.18.0.300")
+    sink.upsert("EndpointSlice", bad_slice, "edit")
+    assert service_entries(store) == [("198.19.254.10", 80, [("198.18.0.1", 8080)], True)]
+    sink.upsert("Service", api_service(), "edit")
+    assert [(e.kind, e.field) for e in store.errors()] == [("EndpointSlice", "endpoints[1].addresses[0]")]
+
+
+def test_a_new_invalid_service_or_slice_denies_instead_of_widening():
+    store = Store()
+    sink = listed(store, "c1", world())
+    bad = api_service()
+    bad["spec"]["ports"].append({"name": "dns", "port": "domain", "protocol": "UDP"})
+    sink.upsert("Service", bad, "new")
+    assert sink.services[("x", "api")].rejected and service_entries(store) == [("198.19.254.10", 80, [], False)]
+    assert [e.in_force for e in store.errors()] == ["fail-closed"]
+    sink.upsert("Service", api_service(), "new")
+    sink.upsert("EndpointSlice", api_slice("198.18.0.1"), "s1")
+    assert service_entries(store) == [("198.19.254.10", 80, [("198.18.0.1", 8080)], True)]
+    sink.upsert("EndpointSlice", api_slice("198.18.0.256", name="api-2"), "s2")  # new and invalid
+    assert service_entries(store) == [("198.19.254.10", 80, [], False)]
+    sink.delete("EndpointSlice", api_slice(name="api-2"))
+    assert service_entries(store) == [("198.19.254.10", 80, [("198.18.0.1", 8080)], True)] and store.errors() == []
+
+
+def test_duplicate_services_keep_the_one_in_force_or_fail_closed_at_a_cold_start():
+    store = Store()
+    sink = store.add_cluster("c1")
+    files = {"base.yaml": world(), "svc.yaml": [api_service(), api_slice("198.18.0.1")]}
+    reload(sink, files)
+    files["00-shadow.yaml"] = [make_service("x", "api", "198.19.254.30", [("http", 80, "TCP")]), api_slice("198.18.9.9")]
+    reload(sink, files)
+    assert service_entries(store) == [("198.19.254.10", 80, [("198.18.0.1", 8080)], True)]
+    assert sorted((d.kind, d.in_force) for d in store.duplicates()) == [("EndpointSlice", "existing"), ("Service", "existing")]
+
+    cold = Store()
+    sink = cold.add_cluster("c1")
+    other = make_service("x", "api", "198.19.254.20", [("web", 8000, "TCP")])
+    reload(sink, {"base.yaml": world(), "a.yaml": [api_service(), api_slice("198.18.0.1")],
+                  "b.yaml": [other, make_slice("x", "api-1", "web", [("http", 8080, "TCP")], ["198.18.0.2"])]})
+    # Neither copy is in force: every address either names, with every port, reaching nothing.
+    assert service_entries(cold) == [(ip, port, [], False) for ip in ("198.19.254.10", "198.19.254.20") for port in (80, 8000)]
+    assert {d.in_force for d in cold.duplicates()} == {"fail-closed"} and len(cold.duplicates()) == 4
+    assert cold.snapshot(1).cset.clusters["c1"].endpoint_slices[("x", "api-1")].service is None  # two names: the namespace
+
+
+def test_the_snapshot_holds_services_apart_per_cluster():
+    store = Store()
+    listed(store, "c1", world() + [api_service(), api_slice("198.18.0.1")])
+    listed(store, "c2", [make_namespace("x"), make_service("x", "db", "198.19.254.20", [("sql", 5432, "TCP")])])
+    cset = store.snapshot(1).cset
+    assert list(cset.clusters["c1"].services) == [("x", "api")] and list(cset.clusters["c2"].services) == [("x", "db")]
+    assert [e["service"] for e in services_for(cset, "c2")] == ["c2/x/db"]
+    assert [e["service"] for e in services_for(cset, "c1")] == ["c1/x/api"]

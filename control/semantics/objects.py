@@ -603,7 +603,7 @@ def _fail_closed_claimants(kind: str, objs: list[Mapping[str, Any]], cluster: st
 def fail_closed_service_duplicates(objs: list[Mapping[str, Any]], cluster: str, source: str,
                                    message: str) -> Optional[Service]:
     """Services of one name that several sources claim, none in force yet: every
-    address and port any claimant names, reaching no endpoint."""
+    address any claimant names, with every port any names, reaching no endpoint."""
     stand_ins = [s for s in _fail_closed_claimants("Service", objs, cluster, source, message) if s is not None]
     if not stand_ins:
         return None
