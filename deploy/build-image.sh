@@ -27,11 +27,12 @@ if [ -z "${MCNP_PODMAN_OPTS+set}" ]; then
         MCNP_PODMAN_OPTS="--runtime runc"
     fi
 fi
-# podman raises a container's open-file limit to 1048576, which needs CAP_SYS_RESOURCE
-# beyond the caller's hard limit: keep the caller's limit instead.
+# podman raises a container's open-file and process limits (1048576, 32768), which
+# needs CAP_SYS_RESOURCE beyond the caller's hard limits: keep the caller's open-file
+# limit and ask for a modest process limit instead.
 NOFILE=$(ulimit -Hn)
 [ "$NOFILE" = unlimited ] && NOFILE=1048576
-CONTAINER_OPTS="--ulimit nofile=$NOFILE:$NOFILE"
+CONTAINER_OPTS="--ulimit nofile=$NOFILE:$NOFILE --ulimit nproc=4096:4096"
 if [ "${1:-}" = --podman-options ]; then
     printf '%s\n%s\n' "$MCNP_PODMAN_OPTS" "$CONTAINER_OPTS"
     exit 0

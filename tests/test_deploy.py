@@ -589,15 +589,19 @@ def test_built_image_runs_mcnp_on_a_manifest_directory_and_answers_readyz(image,
     manifests = tmp_path / "west"
     shutil.copytree(ROOT / "control" / "lab" / "examples" / "demo" / "west", manifests)
     name = f"mcnp-test-{uuid.uuid4().hex[:8]}"
+    # The DaemonSet mounts the host's bpffs at /sys/fs/bpf; here a bpffs of the test's own.
+    bpffs = tmp_path / "bpf"
+    bpffs.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], check=True, timeout=10)
     # As the DaemonSet runs it: read-only root, every capability dropped but the
     # documented ones; no network of its own but loopback (--network=none).
     caps = ",".join(c.removeprefix("CAP_") for c in sorted(documented_capabilities()))
-    _podman("run", *_podman_options()[1], "--detach", "--name", name, "--network=none", "--read-only", "--cap-drop=all",
-            f"--cap-add={caps}", "--tmpfs", "/tmp", "--tmpfs", "/run/mcnp", "--tmpfs", "/var/lib/mcnp",
-            "--volume", f"{manifests}:/manifests:ro", image,
-            "run", "--node-name", "node-1", "--local-cluster", "west", "--cluster", "west=dir:/manifests",
-            "--api-listen", "127.0.0.1:9901")
     try:
+        _podman("run", *_podman_options()[1], "--detach", "--name", name, "--network=none", "--read-only",
+                "--cap-drop=all", f"--cap-add={caps}", "--tmpfs", "/tmp", "--tmpfs", "/run/mcnp",
+                "--tmpfs", "/var/lib/mcnp", "--volume", f"{bpffs}:/sys/fs/bpf", "--volume", f"{manifests}:/manifests:ro",
+                image, "run", "--node-name", "node-1", "--local-cluster", "west", "--cluster", "west=dir:/manifests",
+                "--api-listen", "127.0.0.1:9901")
         ready = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:9901/readyz', timeout=2).status)"
         deadline, last = time.monotonic() + 90, None
         while time.monotonic() < deadline:
@@ -618,3 +622,4 @@ def test_built_image_runs_mcnp_on_a_manifest_directory_and_answers_readyz(image,
         _podman("exec", name, "python3", "-m", "control.node.cni_install", "install", "--help")
     finally:
         _podman("rm", "--force", "--time", "5", name, check=False)
+        subprocess.run(["umount", str(bpffs)], check=False, timeout=10)
