@@ -92,6 +92,8 @@ def check_tables(t: PolicyTables) -> None:
 
     if a["ip_keys"].shape != (len(a["ip_slot"]), 16) or a["net_bounds"].ndim != 2 or len(a["net_bounds"]) == 0:
         raise TablesError(f"tables revision {t.revision}: malformed address arrays")
+    if a["net_bounds"][0].any():  # the interval lookup finds every address at or after bound 0
+        raise TablesError(f"tables revision {t.revision}: net_bounds does not start at the zero address")
     if patoms == 0 or a["port_bounds"][0] != 0 or a["proto_index"].shape != (256,):
         raise TablesError(f"tables revision {t.revision}: malformed port arrays")
     if len(a["net_bounds"]) > slots or any(len(a[k]) != slots for k in ("eg_atom", "in_class", "in_atom")):
