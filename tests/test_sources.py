@@ -11,10 +11,12 @@ import os
 import yaml
 
 from control.node.config import ClusterSource, Settings
+from control.node.services import services_for
 from control.node.sources import Backoff, DirSource, KubeSource
 from control.node.store import KINDS, Store
 
 from .builders import make_namespace, make_pod, make_policy
+from .service_builders import make_service, make_slice
 from .daemon_harness import eventually, write_yaml
 from .fake_apiserver import TOKEN, FakeApiServer
 
@@ -107,6 +109,10 @@ def test_a_reload_applies_the_sources_difference_as_a_full_reload_would(tmp_path
             write_yaml(path, "kind: Pod\nmetadata: {name: [broken\n")  # S9: last contents stay
         elif action < 0.4:
             write_yaml(path, yaml.safe_dump(make_pod("x", "same", f"198.18.1.{step + 1}")))  # a name two files claim
+        elif action < 0.5:
+            svc = make_service("x", f"s-{name[:-5]}", f"198.19.254.{step + 1}", [("http", 80, "TCP")])
+            endpoints = make_slice("x", "shared", f"s-{name[:-5]}", [("http", 8080, "TCP")], [f"198.18.0.{step + 1}"])
+            write_yaml(path, yaml.safe_dump_all([svc, endpoints]))
         else:
             pod = make_pod("x", name[:-5], f"198.18.0.{step + 1}", {"app": str(rng.randrange(3))})
             policy = make_policy("x", f"p-{name[:-5]}", {"matchLabels": {"app": str(rng.randrange(3))}}, ingress=[])
@@ -118,6 +124,7 @@ def test_a_reload_applies_the_sources_difference_as_a_full_reload_would(tmp_path
         full.replace_all(list(docs))
         a, b = store.snapshot(1).cset.clusters["c1"], fresh.snapshot(1).cset.clusters["c1"]
         assert (a.pods, a.policies, a.namespaces) == (b.pods, b.policies, b.namespaces), step
+        assert (a.services, a.endpoint_slices) == (b.services, b.endpoint_slices), step
         assert sorted(map(str, sink.errors)) == sorted(map(str, full.errors)), step
     assert sum(used) >= 5, used  # the difference was used, not only the identity path
 
@@ -275,6 +282,40 @@ def test_a_crashing_directory_source_is_reported_and_restarted(tmp_path):
             assert sink.status.source_restarts == 1 and not task.done()
             write_yaml(str(tmp_path / "pod.yaml"), yaml.safe_dump(make_pod("x", "a", "198.18.0.1")))
             await until(lambda: ("x", "a") in sink.pods)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+def test_a_directory_delivers_services_and_endpoint_slices(tmp_path):
+    write_yaml(str(tmp_path / "ns.yaml"), yaml.safe_dump_all([make_namespace("x"), make_pod("x", "a", "198.18.0.1")]))
+    path = str(tmp_path / "svc.yaml")
+    svc = make_service("x", "api", "198.19.254.10", [("http", 80, "TCP")])
+    write_yaml(path, yaml.safe_dump_all([svc, make_slice("x", "api-1", "api", [("http", 8080, "TCP")], ["198.18.0.1"])]))
+    store = Store()
+    sink = store.add_cluster("c1")
+    source = DirSource(ClusterSource("c1", "dir", str(tmp_path)), sink, interval=0.02, rescan=0.05, settle=0)
+
+    def endpoints():
+        return [e["endpoints"] for e in services_for(store.snapshot(1).cset, "c1")]
+
+    async def main():
+        task = asyncio.create_task(source.run())
+        try:
+            await until(lambda: sink.status.ready and ("x", "api") in sink.services)
+            assert endpoints() == [[["198.18.0.1", 8080]]]
+            moved = make_slice("x", "api-1", "api", [("http", 8080, "TCP")], ["198.18.0.1", "198.18.9.1"])
+            write_yaml(path, yaml.safe_dump_all([svc, moved]))
+            await until(lambda: len(endpoints()[0]) == 2)
+            bad = make_service("x", "api", "198.19.254.10", [("http", 80, "tcp")])
+            write_yaml(path, yaml.safe_dump_all([bad, moved]))  # S9: the last valid version stays
+            await until(lambda: [e.field for e in store.errors()] == ["spec.ports[0].protocol"])
+            assert endpoints() == [[["198.18.0.1", 8080], ["198.18.9.1", 8080]]]
+            os.remove(path)
+            await until(lambda: not sink.services and not sink.endpoint_slices)
+            assert store.errors() == [] and endpoints() == []
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -551,3 +592,28 @@ def test_a_password_in_a_malformed_server_url_is_never_shown(tmp_path, caplog):
     shown = caplog.text + str(sink.status.last_error)
     assert "hunter2" not in shown and "tok-secret-1" not in shown
     assert "***@198.18.0.1" in shown
+
+
+def test_services_and_endpoint_slices_are_listed_and_watched(tmp_path):
+    server = FakeApiServer()
+    seed(server)
+    server.apply(make_service("x", "api", "198.19.254.10", [("http", 80, "TCP")]))
+    server.apply(make_slice("x", "api-1", "api", [("http", 8080, "TCP")], ["198.18.2.1"]))
+
+    async def main():
+        async with kube(tmp_path, server) as (source, sink):
+            def entries():
+                return [(e["service"], e["endpoints"], e["defer"]) for e in services_for(sink.store.snapshot(1).cset, "c2")]
+
+            await until(lambda: sink.status.ready and server.open_watches == len(KINDS))
+            assert entries() == [("c2/x/api", [["198.18.2.1", 8080]], True)]
+            assert {"Service", "EndpointSlice"} <= {what for what, _ in server.requests}
+            server.apply(make_slice("x", "api-1", "api", [("http", 8080, "TCP")], ["198.18.2.1", ("198.18.2.2", False)]))
+            server.apply(make_slice("x", "api-2", "api", [("http", 8080, "TCP")], ["198.18.9.9"]))
+            await until(lambda: len(sink.endpoint_slices) == 2)
+            assert entries() == [("c2/x/api", [["198.18.2.1", 8080], ["198.18.9.9", 8080]], False)]
+            server.delete(make_service("x", "api", None, []))
+            await until(lambda: not sink.services)
+            assert entries() == [] and source.relists["Service"] == source.relists["EndpointSlice"] == 1
+
+    asyncio.run(main())
