@@ -21,8 +21,9 @@ from .daemon_harness import dir_settings, eventually, running, write_yaml
 
 
 def args(**kw) -> argparse.Namespace:
-    base = dict(config=None, node_name=None, local_cluster=None, cluster=[], attach=[], uplink=None,
-                api_listen=None, default_peer_scope=None, stale_after=None, no_multicluster=None)
+    base = dict(config=None, node_name=None, local_cluster=None, cluster=[], cni_socket=None, state_dir=None,
+                bpf_dir=None, no_dataplane=False, api_listen=None, default_peer_scope=None, stale_after=None,
+                no_multicluster=None)
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -61,14 +62,16 @@ def test_flags_win_over_the_config_file(tmp_path):
     cfg.write_text(yaml.safe_dump({
         "node-name": "from-file", "local-cluster": "c1",
         "clusters": {"c1": "dir:/tmp/c1", "c2": "kubeconfig:/tmp/k#ctx"},
-        "stale-after": "5m", "api-listen": "unix:/tmp/x.sock", "attach": {"veth1": "c1/x/a"},
+        "stale-after": "5m", "api-listen": "unix:/tmp/x.sock", "state-dir": "/var/lib/x",
         "multicluster": True,
     }))
     s = Settings.from_args(args(config=str(cfg), node_name="from-flag", no_multicluster=True))
     assert s.node_name == "from-flag" and s.local_cluster == "c1"
     assert [c.name for c in s.clusters] == ["c1", "c2"] and s.clusters[1].context == "ctx"
-    assert s.stale_after == 300 and s.api_listen == "unix:/tmp/x.sock" and s.attach == {"veth1": "c1/x/a"}
+    assert s.stale_after == 300 and s.api_listen == "unix:/tmp/x.sock" and s.state_dir == "/var/lib/x"
     assert s.multicluster is False and s.remote_clusters == ["c2"]
+    assert s.dataplane is True  # mcnp run enforces unless told not to
+    assert Settings.from_args(args(config=str(cfg), no_dataplane=True)).dataplane is False
 
 
 def test_validate_reports_every_problem_at_once(tmp_path):
@@ -76,13 +79,13 @@ def test_validate_reports_every_problem_at_once(tmp_path):
     cfg.write_text(yaml.safe_dump({"colour": "blue", "stale-after": "soon"}))
     with pytest.raises(SettingsError) as e:
         Settings.from_args(args(config=str(cfg), local_cluster="c9", cluster=["Bad_Name=dir:/x", "c1=dir:/y", "c1=dir:/z"],
-                                attach=["veth0=c2/x/a", "veth1=nonsense"], uplink="veth0", api_listen="nowhere",
+                                cni_socket="relative.sock", state_dir="var/lib", api_listen="nowhere",
                                 default_peer_scope="galaxy"))
     text = "\n".join(e.value.problems)
     for needle in ("colour", "stale-after", "--node-name", "Bad_Name", "given twice", "--local-cluster c9",
-                   "veth0=c2/x/a", "veth1=nonsense", "--uplink veth0", "--api-listen", "galaxy"):
+                   "--cni-socket relative.sock", "--state-dir var/lib", "--api-listen", "galaxy"):
         assert needle in text, needle
-    assert len(e.value.problems) >= 11
+    assert len(e.value.problems) >= 10
 
 
 def test_run_returns_2_on_an_invalid_configuration(capsys):
@@ -140,12 +143,22 @@ class FakeTables:
 
 class FakeDataplane:
     def __init__(self, settings):
-        self.ports = dict(settings.attach)
+        self.settings = settings
         self.published = []
         self.closed = False
 
-    def publish(self, tables, bindings):
-        self.published.append((tables.revision, bindings))
+    def wait_ready(self, timeout):
+        pass
+
+    def ready(self):
+        return not self.closed
+
+    def publish(self, tables, pods, services=None):
+        self.published.append((tables.revision, pods))
+
+    def discover(self, ips, dirs):
+        self.searched = list(ips)
+        return {}
 
     def stats(self):
         return {"verdicts": {"allowed": {"rule": 5}, "denied": {"no-rule": 2}}, "flows": 3, "rx_batches": 7,
@@ -170,7 +183,8 @@ def test_a_dead_packet_loop_makes_the_daemon_unready_and_fail(tmp_path):
         planes.append(FakeDataplane(settings))
         return planes[-1]
 
-    settings = dir_settings(specs, attach={"veth-p1": "c1/x/p1"}, uplink="up0")
+    settings = dir_settings(specs, dataplane=True, state_dir=str(tmp_path / "state"),
+                            cni_socket=str(tmp_path / "cni.sock"))
 
     async def main():
         async with running(settings, compiler=RecordingCompiler(), dataplane_factory=factory) as (daemon, client):
@@ -194,17 +208,19 @@ def test_compile_runs_off_the_event_loop_and_publishes_to_the_dataplane(tmp_path
         planes.append(FakeDataplane(settings))
         return planes[-1]
 
-    settings = dir_settings(specs, attach={"veth-p1": "c1/x/p1", "veth-gone": "c1/x/nope"}, uplink="up0")
+    settings = dir_settings(specs, dataplane=True, state_dir=str(tmp_path / "state"),
+                            cni_socket=str(tmp_path / "cni.sock"))
 
     async def main():
         async with running(settings, compiler=compiler, dataplane_factory=factory) as (daemon, client):
             await daemon.wait_revision(daemon.tables.revision, compiled=True)
             [plane] = planes
-            rev, bindings = plane.published[-1]
+            rev, pods = plane.published[-1]
             assert rev == daemon.tables.compiled_revision
-            assert bindings == {"veth-p1": ["198.18.1.2"], "veth-gone": []}
+            assert pods == {}  # no sandbox hooked yet
             assert compiler.threads == {t for t in compiler.threads if t.startswith("mcnp-compile")}
-            assert compiler.calls[-1][1] == [f"c1/x/p{i}" for i in range(4)]  # node-1 pods of c1 only
+            # every pod of the local cluster is enforced (egress judged at the backend, S11)
+            assert compiler.calls[-1][1] == [f"c1/x/p{i}" for i in range(4)]
             status, body = await client.get("/v1/stats")
             assert body["dataplane"]["flows"] == 3 and body["local_endpoints"] == 4
             status, text = await client.get("/metrics")

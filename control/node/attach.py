@@ -39,6 +39,8 @@ TRY_AGAIN_LATER = 11
 INVALID_ENV = 7
 #: Where container runtimes keep sandbox namespaces (the reconciler looks there).
 NETNS_DIRS = ("/var/run/netns", "/run/netns")
+#: How long before a pod not found among the namespaces is looked for again, seconds.
+RESEARCH_S = 10.0
 
 
 def sandbox_payload(sb: Sandbox) -> dict:
@@ -55,6 +57,8 @@ class Attacher:
         self.sandboxes: dict[str, Sandbox] = {}
         self.failures: dict[str, str] = {}
         self._lock = asyncio.Lock()
+        #: address -> when it was last looked for (a search scans every namespace)
+        self._searched: dict[str, float] = {}
 
     @property
     def local_cluster(self) -> str:
@@ -146,10 +150,17 @@ class Attacher:
             if pod.cluster == self.local_cluster and pod.node == self.daemon.settings.node_name \
                     and pod.can_take_part and not any(str(ip) in known for ip in pod.ips):
                 missing[str(pod.ips[0])] = pod
+        now = asyncio.get_running_loop().time()
+        missing = {ip: pod for ip, pod in missing.items() if now - self._searched.get(ip, -1e9) >= RESEARCH_S}
         if not missing:
             return
+        self._searched.update({ip: now for ip in missing})
         async with self._lock:
-            found = await self._call(self.daemon.dataplane.discover, sorted(missing), list(NETNS_DIRS))
+            try:
+                found = await self._call(self.daemon.dataplane.discover, sorted(missing), list(NETNS_DIRS))
+            except Exception as e:  # noqa: BLE001 - the next change or RESEARCH_S tries again
+                logger.warning("Looking for pods of this node among its namespaces failed: %s", e)
+                return
             for ip, payload in found.items():
                 pod = missing[ip]
                 sb = Sandbox(container_id=payload["id"], netns=payload["netns"],
