@@ -12,6 +12,7 @@ import yaml
 
 from control.node import daemon as daemon_mod
 from control.node.config import ClusterSource, Settings, SettingsError, parse_duration, parse_listen
+from control.node.store import KINDS
 
 from .builders import make_namespace, make_pod, make_policy
 from .daemon_harness import dir_settings, eventually, running, write_yaml
@@ -265,7 +266,7 @@ def test_tables_are_not_compiled_before_the_local_cluster_is_listed(tmp_path):
     async def main():
         async with running(dir_settings([("c1", missing)] + specs[1:]), compiler=compiler, settle=False) as (daemon, _):
             async def remote_listed():
-                return daemon.snapshot is not None and not daemon.store.sinks["c2"].status.listed ^ {"Namespace", "Pod", "NetworkPolicy"}
+                return daemon.snapshot is not None and not daemon.store.sinks["c2"].status.listed ^ set(KINDS)
 
             await eventually(remote_listed)
             assert compiler.calls == []
