@@ -362,10 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cluster_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cluster", action="append", default=[], metavar="NAME=DIR", help=CLUSTER_HELP)
+
+
 def _offline_commands(sub) -> None:
     """``matrix``, ``explain`` and ``lint``: manifest directories in, answers out."""
     m = sub.add_parser("matrix", help="reachability of every pod pair, from manifest directories")
-    m.add_argument("--cluster", action="append", default=[], metavar="NAME=DIR", help=CLUSTER_HELP)
+    _cluster_flag(m)
     m.add_argument("--port", type=_port, action="append", required=True,
                    help="destination port (repeatable: one matrix per --port/--protocol pair)")
     m.add_argument("--protocol", type=_protocol, action="append", required=True,
@@ -382,7 +386,7 @@ def _offline_commands(sub) -> None:
     e = sub.add_parser("explain", help="the verdict for one pair and why (exit 0 allowed, 1 denied, 2 invalid input)",
                        description="The verdict for one pair and why. Exit code: 0 when allowed, 1 when denied "
                                    "(as kubectl auth can-i), 2 for invalid input.")
-    e.add_argument("--cluster", action="append", default=[], metavar="NAME=DIR", help=CLUSTER_HELP)
+    _cluster_flag(e)
     e.add_argument("--from", dest="from_", required=True, metavar="REF", help="cluster/namespace/pod or an IP")
     e.add_argument("--to", required=True, metavar="REF", help="cluster/namespace/pod or an IP")
     e.add_argument("--port", type=_port, required=True, help="destination port")
@@ -394,7 +398,7 @@ def _offline_commands(sub) -> None:
     li = sub.add_parser("lint", help="policies that select nothing or name clusters not in the clusterset (exit 1 if any)",
                         description="Report policies that select no pod and selectors naming clusters that are not "
                                     "in the clusterset. Exit code: 0 none found, 1 findings, 2 invalid input.")
-    li.add_argument("--cluster", action="append", default=[], metavar="NAME=DIR", help=CLUSTER_HELP)
+    _cluster_flag(li)
     _semantics_flags(li)
     li.add_argument("--json", action="store_true", help='machine-readable output: {"findings": [...]}')
     li.set_defaults(func=cmd_lint)
