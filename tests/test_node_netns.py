@@ -1,0 +1,252 @@
+"""mcnp beside a real CNI, as an attacker and an operator would try it: broadcasts,
+forged ARP and non-IP frames (rule S12), and a daemon killed at the worst moment.
+
+Each test builds its own testbed (``mcnp testbed`` with the reference CNI plugins and
+real daemons) under a prefix and state directory of its own, with addresses in
+198.18.0.0/15 only, bounds every probe in count and time, and tears everything down.
+
+World: cluster c1, namespace x, node n1; pods a, b, c.  Pod b admits only TCP 80 and 81
+from pods labelled app=a; a and c are isolated by nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from control.lab import state as lab_state
+from control.lab import testbed
+from control.lab.net import list_netns, process_start_time
+from control.lab.proc import start_detached
+from tests import netns_util as nu
+
+pytestmark = [
+    pytest.mark.privileged, pytest.mark.slow,
+    pytest.mark.skipif(not nu.is_root(), reason="needs root, network namespaces and XDP"),
+]
+
+PREFIX = f"mcnpn-{os.getpid()}-"
+IPS = {"a": "198.18.5.1", "b": "198.18.5.2", "c": "198.18.5.3"}
+PORTS = "[{containerPort: 80, protocol: TCP}, {containerPort: 53, protocol: UDP}]"
+POD = """\
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: x, labels: {{app: {name}}}}}
+spec: {{nodeName: n1, containers: [{{name: main, ports: {ports}}}]}}
+status: {{phase: Running, podIP: {ip}}}
+"""
+POLICY = """\
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-in, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: b}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: a}}}]
+    ports: [{protocol: TCP, port: 80}, {protocol: TCP, port: 81}]
+"""
+
+
+@pytest.fixture
+def bed(tmp_path, request):
+    """A running testbed of the world above; yields (state, netns of each pod, node key)."""
+    cni = getattr(request, "param", "ptp")
+    d = tmp_path / "c1"
+    d.mkdir()
+    docs = ["apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n", POLICY]
+    docs += [POD.format(name=n, ip=ip, ports=PORTS) for n, ip in IPS.items()]
+    (d / "objects.yaml").write_text("---\n".join(docs))
+    state_dir = str(tmp_path / "state")
+    lines: list[str] = []
+    try:
+        code = testbed.up([("c1", str(d))], mode="mcnp", cni=cni, prefix=PREFIX, state_dir=state_dir,
+                          log=lines.append)
+        assert code == 0, "\n".join(lines)
+        state = testbed.load_state(state_dir)
+        pods = {ref.rsplit("/", 1)[1]: info["netns"] for ref, info in state["pods"].items()}
+        yield state, pods, next(iter(state["nodes"])), state_dir
+    finally:
+        if testbed.load_state(state_dir) is not None:
+            testbed.down(state_dir, log=lambda m: None)
+        assert not [ns for ns in list_netns() if ns.startswith(PREFIX)]
+
+
+def _sock(ns: str, family=socket.AF_INET, kind=socket.SOCK_STREAM, proto=0) -> socket.socket:
+    with nu.in_netns(ns):
+        return socket.socket(family, kind, proto)
+
+
+def connects(ns: str, ip: str, port: int, timeout: float = 1.0) -> bool:
+    s = _sock(ns)
+    with s:
+        s.settimeout(timeout)
+        try:
+            s.connect((ip, port))
+            return True
+        except OSError:
+            return False
+
+
+class Echo(threading.Thread):
+    """A TCP echo server in a pod, for a connection that lives across a restart; bounded."""
+
+    def __init__(self, ns: str, ip: str, port: int, seconds: float = 60):
+        super().__init__(daemon=True)
+        self.sock = _sock(ns)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((ip, port))
+        self.sock.listen()
+        self.sock.settimeout(0.2)
+        self.deadline = time.monotonic() + seconds
+        self.stop = threading.Event()
+
+    def run(self):
+        conns = []
+        while not self.stop.is_set() and time.monotonic() < self.deadline:
+            try:
+                conn, _ = self.sock.accept()
+                conn.settimeout(0.2)
+                conns.append(conn)
+            except OSError:
+                pass
+            for conn in conns:
+                try:
+                    data = conn.recv(64)
+                    if data:
+                        conn.sendall(data)
+                except OSError:
+                    pass
+        for conn in conns:
+            conn.close()
+        self.sock.close()
+
+
+def echo(conn: socket.socket, payload: bytes, timeout: float = 1.5) -> bool:
+    conn.settimeout(timeout)
+    try:
+        conn.sendall(payload)
+        return conn.recv(64) == payload
+    except OSError:
+        return False
+
+
+def test_a_killed_daemon_fails_static_and_a_restarted_one_takes_over(bed):
+    """SIGKILL of the node's daemon: the established connection keeps going, nothing new
+    passes (allowed or not) while it is away; restarted, it finds every pod on its node
+    again and enforces within seconds, the connection still up."""
+    state, pods, node_key, _ = bed
+    server = Echo(pods["b"], IPS["b"], 81)
+    server.start()
+    try:
+        conn = _sock(pods["a"])
+        conn.settimeout(3)
+        conn.connect((IPS["b"], 81))
+        assert echo(conn, b"before")
+        assert connects(pods["a"], IPS["b"], 80) and not connects(pods["c"], IPS["b"], 80)
+
+        info = state["daemons"][node_key]
+        assert process_start_time(info["pid"]) == info["start"]  # ours, by PID
+        os.killpg(info["pid"], signal.SIGKILL)  # the daemon and its packet loop
+        os.waitpid(info["pid"], 0)
+        time.sleep(0.3)
+        assert echo(conn, b"while-away"), "an admitted connection must keep going (fail static)"
+        assert not connects(pods["a"], IPS["b"], 80), "nothing unjudged passes while the daemon is away"
+        assert not connects(pods["c"], IPS["b"], 80)
+
+        node = state["nodes"][node_key]
+        started = time.monotonic()
+        start_detached(state, "daemons", node_key, node["netns"], testbed.mcnp_run_command(node, state),
+                       node["netns"])
+        lab_state.save(state)
+        while not connects(pods["a"], IPS["b"], 80, timeout=0.3):
+            assert time.monotonic() - started < 15, "the restarted daemon did not enforce again"
+        took = time.monotonic() - started
+        assert not connects(pods["c"], IPS["b"], 80)
+        assert echo(conn, b"after"), "the connection admitted before the restart still stands"
+        conn.close()
+        print(f"restart: allowed connections pass again {took:.2f} s after the daemon was started")
+    finally:
+        server.stop.set()
+        server.join(2)
+
+
+def _udp_listener(ns: str, port: int) -> socket.socket:
+    s = _sock(ns, kind=socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port))
+    s.settimeout(0.2)
+    return s
+
+
+def _received(s: socket.socket, seconds: float = 1.0) -> int:
+    n, deadline = 0, time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            s.recv(2048)
+            n += 1
+        except OSError:
+            pass
+    return n
+
+
+def _mac(ns: str) -> bytes:
+    return bytes.fromhex(nu.ip("-br", "link", "show", "eth0", ns=ns).stdout.split()[2].replace(":", ""))
+
+
+@pytest.mark.parametrize("bed", ["bridge"], indirect=True)
+def test_broadcast_forged_arp_and_non_ip_frames_on_a_bridged_node(bed):
+    """Rule S12 on one L2 segment (issue 11, items 1 and 5)."""
+    state, pods, node_key, state_dir = bed
+    # 1. a UDP broadcast reaches the pod whose ingress admits it (c), never the one whose
+    #    ingress denies it (b)
+    lb, lc = _udp_listener(pods["b"], 5400), _udp_listener(pods["c"], 5400)
+    tx = _sock(pods["a"], kind=socket.SOCK_DGRAM)
+    with lb, lc, tx:
+        tx.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        tx.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"eth0")
+        for dst in ("255.255.255.255", "198.18.255.255"):
+            for _ in range(3):
+                tx.sendto(b"hello", (dst, 5400))
+        got_c, got_b = _received(lc), _received(lb)
+    assert got_c >= 3 and got_b == 0, (got_b, got_c)
+
+    # 2. a forged ARP reply: a claims b's address; nobody learns it
+    mac_a, mac_b = _mac(pods["a"]), _mac(pods["b"])
+    nu.run_in(pods["c"], ["ip", "neigh", "replace", IPS["b"], "lladdr", mac_b.hex(":"), "dev", "eth0",
+                          "nud", "stale"])
+    raw = _sock(pods["a"], socket.AF_PACKET, socket.SOCK_RAW)
+    with raw:
+        raw.bind(("eth0", 0))
+        arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 2, mac_a, socket.inet_aton(IPS["b"]),
+                          b"\xff" * 6, socket.inet_aton(IPS["b"]))
+        for _ in range(3):
+            raw.send(b"\xff" * 6 + mac_a + b"\x08\x06" + arp + bytes(18))
+    time.sleep(0.3)
+    neigh = nu.ip("neigh", "show", IPS["b"], ns=pods["c"]).stdout
+    assert mac_a.hex(":") not in neigh and mac_b.hex(":") in neigh, neigh
+
+    # 3. non-IP frames: pass between pods isolated in no direction (a to c), never into an
+    #    isolated pod (b)
+    ether = 0x88B5
+    rb = _sock(pods["b"], socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ether))
+    rc = _sock(pods["c"], socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ether))
+    raw = _sock(pods["a"], socket.AF_PACKET, socket.SOCK_RAW)
+    with rb, rc, raw:
+        for s in (rb, rc):
+            s.bind(("eth0", 0))
+            s.settimeout(0.2)
+        raw.bind(("eth0", 0))
+        for dst in (_mac(pods["b"]), _mac(pods["c"]), b"\xff" * 6):
+            raw.send(dst + mac_a + struct.pack("!H", ether) + b"local experimental".ljust(46, b"\0"))
+        got_c, got_b = _received(rc), _received(rb)
+    assert got_c >= 2 and got_b == 0, (got_b, got_c)
+
+    status, stats = testbed.api_get(node_key, "/v1/stats", state_dir=state_dir)
+    hooks = stats["dataplane"]["hooks"]
+    assert hooks["drop_arp"] >= 3 and hooks["drop_l2"] >= 2
