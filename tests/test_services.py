@@ -18,8 +18,9 @@ from control.node.services import services_for
 from control.semantics import objects
 from control.semantics.manifests import Document, build_cluster, load_clusterset
 from control.semantics.model import ClusterSet, InvalidObject
+from control.semantics.reference import ReferenceEvaluator
 
-from .builders import make_namespace, make_pod
+from .builders import make_namespace, make_pod, make_policy
 from .service_builders import make_service, make_slice
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), os.pardir, "control", "lab", "examples", "demo")
@@ -325,3 +326,39 @@ def test_the_demo_example_service_reaches_its_backend_on_the_backends_node():
     assert services_for(cset, "east") == [{"ip": "198.19.254.10", "protocol": 6, "port": 80, "service": "east/shop/api",
                                            "endpoints": [["198.18.1.10", 80]], "defer": True}]
     assert services_for(cset, "west") == []
+
+
+def _through_service(cset: ClusterSet, src: str, entry: dict, protocol: str) -> bool:
+    """Rule S11 as the entry tells the dataplane to judge it: at the backend (as a
+    connection to that pod, on its port) when deferred, else the source's egress
+    against every endpoint; no endpoint denies."""
+    ev = ReferenceEvaluator(cset)
+    source = cset.pod(src)
+    if not entry["endpoints"]:
+        return False
+    by_ip = {str(ip): p for p in cset.pods() for ip in p.ips}
+    if entry["defer"]:
+        return all(ev.allowed(source, by_ip[ip], port, protocol) for ip, port in entry["endpoints"])
+    return all(ev.evaluate(source, ipaddress.ip_address(ip), port, protocol).egress.allowed
+               for ip, port in entry["endpoints"])
+
+
+def test_the_semantics_docs_example_of_a_connection_through_a_service():
+    """docs/semantics.md, S11: under the S4 policy (egress only to ports named http),
+    web reaches api through its Service on port 80 — judged as web → api on 8080 —
+    but not when the slice also lists an address that is not a pod."""
+    world = [make_namespace("shop"),
+             make_pod("shop", "api", "198.18.1.10", {"app": "api"}, [("http", 8080, "TCP")]),
+             make_pod("shop", "web", "198.18.1.11", {"app": "web"}),
+             make_policy("shop", "named", {}, egress=[{"ports": [{"port": "http"}]}], types=["Egress"]),
+             make_service("shop", "api", "198.19.254.10", [("http", 80, "TCP")])]
+    sl = make_slice("shop", "api-1", "api", [("http", 8080, "TCP")], ["198.18.1.10"])
+    cset = cluster_set({"east": world + [sl]})
+    [e] = services_for(cset, "east")
+    assert e["endpoints"] == [["198.18.1.10", 8080]] and e["defer"] is True
+    assert _through_service(cset, "east/shop/web", e, "TCP")
+    assert not ReferenceEvaluator(cset).allowed(cset.pod("east/shop/web"), cset.pod("east/shop/api"), 80, "TCP")
+    sl = make_slice("shop", "api-1", "api", [("http", 8080, "TCP")], ["198.18.1.10", "198.18.9.9"])
+    cset = cluster_set({"east": world + [sl]})
+    [e] = services_for(cset, "east")
+    assert e["defer"] is False and not _through_service(cset, "east/shop/web", e, "TCP")
