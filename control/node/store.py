@@ -173,6 +173,11 @@ def _key(kind: str, obj: Mapping[str, Any]) -> Optional[tuple]:
     return (ns if isinstance(ns, str) else str(ns), meta["name"])
 
 
+def _in_force(kind: str) -> property:
+    """A sink's objects of ``kind`` in force (a table of its :class:`ClusterState`)."""
+    return property(lambda sink: sink.state.table(kind), doc=f"The {kind} objects in force, by key.")
+
+
 class ClusterSink:
     """One cluster's objects and status; the interface sources write to."""
 
@@ -198,25 +203,11 @@ class ClusterSink:
 
     # ------------------------------------------------------------------ objects
 
-    @property
-    def namespaces(self) -> dict:
-        return self.state.namespaces
-
-    @property
-    def pods(self) -> dict:
-        return self.state.pods
-
-    @property
-    def policies(self) -> dict:
-        return self.state.policies
-
-    @property
-    def services(self) -> dict:
-        return self.state.services
-
-    @property
-    def endpoint_slices(self) -> dict:
-        return self.state.endpoint_slices
+    namespaces = _in_force("Namespace")
+    pods = _in_force("Pod")
+    policies = _in_force("NetworkPolicy")
+    services = _in_force("Service")
+    endpoint_slices = _in_force("EndpointSlice")
 
     def _table(self, kind: str) -> dict:
         return self.state.table(kind)

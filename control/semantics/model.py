@@ -238,13 +238,9 @@ SERVICE_NAME_KEY = "kubernetes.io/service-name"
 PROTOCOL_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132}
 
 
-@dataclass(frozen=True)
-class ServicePort:
-    """One port of a Service: ``name`` None when unnamed (a single-port Service)."""
-
-    name: Optional[str]
-    port: int
-    protocol: str = "TCP"
+#: A port of a Service (``name`` None when unnamed: a single-port Service) is the same
+#: triple as a container's.
+ServicePort = ContainerPort
 
 
 @dataclass(frozen=True)
@@ -269,14 +265,9 @@ class Service:
         return f"{self.cluster}/{self.namespace}/{self.name}"
 
 
-@dataclass(frozen=True)
-class EndpointPort:
-    """A port entry of an EndpointSlice: ``name`` None when unnamed, ``port`` None
-    when the slice leaves it open (no Service port can use it then)."""
-
-    name: Optional[str]
-    port: Optional[int]
-    protocol: str = "TCP"
+#: A port entry of an EndpointSlice, the same triple again: ``name`` None when
+#: unnamed, ``port`` None when the slice leaves it open (no Service port can use it).
+EndpointPort = ContainerPort
 
 
 @dataclass(frozen=True)
