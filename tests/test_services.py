@@ -362,3 +362,24 @@ def test_the_semantics_docs_example_of_a_connection_through_a_service():
     cset = cluster_set({"east": world + [sl]})
     [e] = services_for(cset, "east")
     assert e["defer"] is False and not _through_service(cset, "east/shop/web", e, "TCP")
+
+
+def test_external_and_load_balancer_addresses_are_translated_like_the_cluster_ip():
+    svc = make_service("x", "api", "198.19.254.10", [("http", 80, "TCP")], "LoadBalancer")
+    svc["spec"]["externalIPs"] = ["198.18.200.1"]
+    svc["status"] = {"loadBalancer": {"ingress": [{"ip": "198.18.200.2"}, {"ip": "198.18.200.3", "ipMode": "Proxy"},
+                                                  {"hostname": "lb.example"}]}}
+    sl = make_slice("x", "api-1", "api", [("http", 8080, "TCP")], ["198.18.1.5"])
+    entries = services_for(cluster_set({"c1": pods(("a", "198.18.1.5")) + [svc, sl]}), "c1")
+    assert [(e["ip"], e["endpoints"], e["defer"]) for e in entries] == [
+        (ip, [["198.18.1.5", 8080]], True) for ip in ("198.18.200.1", "198.18.200.2", "198.19.254.10")]
+    headless = make_service("x", "h", "None", [("http", 80, "TCP")])
+    headless["spec"]["externalIPs"] = ["198.18.200.9"]
+    assert services_for(cluster_set({"c1": [headless]}), "c1") == []
+    bad = _tweak(svc, "spec.externalIPs", ["198.18.200.300"])
+    with pytest.raises(InvalidObject, match=r"spec\.externalIPs\[0\]: invalid IP address"):
+        parse_service(bad)
+    with pytest.raises(InvalidObject, match=r"status\.loadBalancer\.ingress\[0\]\.ipMode"):
+        parse_service(_tweak(svc, "status.loadBalancer.ingress.0.ipMode", "vip"))
+    [stand_in] = cluster_set({"c1": [bad]}, strict=False).clusters["c1"].services.values()
+    assert stand_in.rejected and [str(ip) for ip in stand_in.addresses] == ["198.19.254.10"]

@@ -2,9 +2,10 @@
 
 Policies apply to pod addresses after Service translation, but a packet leaving a pod
 still carries the ClusterIP: kube-proxy (or any NAT on the node) picks the backend
-after the pod's egress hook saw it. So the dataplane needs, per ClusterIP address,
-protocol and port of the local cluster, the endpoints a connection there can reach,
-and where the source's egress is to be judged:
+after the pod's egress hook saw it. So the dataplane needs, per Service address of the
+local cluster (its ClusterIPs, and the external and load-balancer addresses kube-proxy
+translates the same way), protocol and port, the endpoints a connection there can
+reach, and where the source's egress is to be judged:
 
 * ``defer`` — every endpoint is a pod of the local cluster that takes part (rule S8):
   the connection reaches that pod's veth after NAT, where the pod's node judges the
@@ -38,8 +39,9 @@ TRANSLATED_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
 
 
 def services_for(cset: ClusterSet, local_cluster: str) -> list[dict]:
-    """One entry per (ClusterIP address, protocol, port) of every Service of
-    ``local_cluster``, sorted by address, protocol and port::
+    """One entry per (address, protocol, port) of every Service of ``local_cluster``
+    with a ClusterIP (its ClusterIPs, external IPs and load-balancer IPs: see
+    ``Service.addresses``), sorted by address, protocol and port::
 
         {"ip": "198.19.254.10", "protocol": 6, "port": 80, "service": "cluster/ns/name",
          "endpoints": [["198.18.1.5", 8080], ...], "defer": bool}
@@ -58,7 +60,7 @@ def services_for(cset: ClusterSet, local_cluster: str) -> list[dict]:
         own = slices.get((svc.namespace, svc.name), [])
         blocked = svc.rejected is not None or svc.namespace in slices.blocked \
             or any(s.rejected is not None for s in own)
-        for ip in svc.cluster_ips:
+        for ip in svc.addresses:
             for port in svc.ports:
                 endpoints = set() if blocked else _endpoints(own, port, ip.version)
                 _add(entries, (ip.version, ip.packed, PROTOCOL_NUMBERS[port.protocol], port.port), svc, ip, port,

@@ -259,10 +259,22 @@ class Service:
     #: Set when the object was invalid and this is its fail-closed stand-in (rule S9):
     #: its addresses and ports, as far as they could be read, reach no endpoint.
     rejected: Optional[str] = None
+    #: The other addresses kube-proxy translates for the cluster's pods just as the
+    #: ClusterIPs: ``spec.externalIPs`` and the load balancer's ingress addresses
+    #: (``status.loadBalancer.ingress[].ip``, unless its ``ipMode`` is ``Proxy``).
+    external_ips: tuple[IPAddress, ...] = ()
 
     @property
     def ref(self) -> str:
         return f"{self.cluster}/{self.namespace}/{self.name}"
+
+    @property
+    def addresses(self) -> tuple[IPAddress, ...]:
+        """Every address a connection to this Service is translated from: none
+        without a ClusterIP (kube-proxy leaves such a Service alone)."""
+        if not self.cluster_ips:
+            return ()
+        return tuple(dict.fromkeys(self.cluster_ips + self.external_ips))
 
 
 #: A port entry of an EndpointSlice, the same triple again: ``name`` None when

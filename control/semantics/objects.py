@@ -481,7 +481,24 @@ def service(obj: Mapping[str, Any], cluster: str, source: str) -> Service:
         raise ctx.fail("spec.type", f"invalid type {kind!r} (must be one of {', '.join(SERVICE_TYPES)})")
     ips, headless = _cluster_ips(ctx, spec, kind)
     ports = _service_ports(ctx, spec, required=kind != "ExternalName" and not headless)
-    return Service(cluster, ns, name, kind, ips, ports, source)
+    return Service(cluster, ns, name, kind, ips, ports, source, external_ips=_external_ips(ctx, obj, spec))
+
+
+def _external_ips(ctx: _Ctx, obj: Mapping[str, Any], spec: Mapping[str, Any]) -> tuple:
+    """``spec.externalIPs`` and the load balancer's ingress addresses kube-proxy
+    translates (``ipMode`` ``VIP``, the default; ``Proxy`` ones go through the balancer)."""
+    out = [_ip_address(ctx, t, f"spec.externalIPs[{i}]")
+           for i, t in enumerate(_list(ctx, spec.get("externalIPs"), "spec.externalIPs"))]
+    balancer = _mapping(ctx, _mapping(ctx, obj.get("status"), "status").get("loadBalancer"), "status.loadBalancer")
+    for i, ingress in enumerate(_list(ctx, balancer.get("ingress"), "status.loadBalancer.ingress")):
+        path = f"status.loadBalancer.ingress[{i}]"
+        ingress = _mapping(ctx, ingress, path)
+        mode = ingress.get("ipMode") or "VIP"
+        if mode not in ("VIP", "Proxy"):
+            raise ctx.fail(f"{path}.ipMode", f"invalid ipMode {mode!r} (must be VIP or Proxy)")
+        if ingress.get("ip") is not None and mode == "VIP":
+            out.append(_ip_address(ctx, ingress["ip"], f"{path}.ip"))
+    return tuple(dict.fromkeys(out))
 
 
 def _endpoint_port(ctx: _Ctx, value: Any, path: str) -> EndpointPort:
@@ -557,7 +574,7 @@ def fail_closed_service(obj: Mapping[str, Any], cluster: str, source: str, error
     except InvalidObject:
         return None
     spec = _readable(obj.get("spec"))
-    listed = spec.get("clusterIPs") if isinstance(spec.get("clusterIPs"), list) else []
+    listed = [t for f in ("clusterIPs", "externalIPs") if isinstance(spec.get(f), list) for t in spec[f]]
     ips = []
     for text in [spec.get("clusterIP"), *listed]:
         try:
