@@ -26,6 +26,7 @@
 #include <net/if.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -64,7 +65,9 @@ struct mcnp_umem {
 
 struct mcnp_port {
     struct mcnp_umem *u;
-    struct xsk_socket *xsk;
+    int fd;                     /* the AF_XDP socket, -1 once closed */
+    void *maps[4];              /* fill, completion, rx, tx rings */
+    size_t map_lens[4];
     struct xsk_ring_cons rx;
     struct xsk_ring_prod tx;
     struct xsk_ring_prod fill;
@@ -255,35 +258,113 @@ static void raise_tx_budget(struct mcnp_port *p)
     int budget = (int)p->u->ring_size;
 
     p->tx_per_kick = COPY_TX_PER_KICK;
-    if (setsockopt(xsk_socket__fd(p->xsk), SOL_XDP, XDP_MAX_TX_SKB_BUDGET, &budget,
+    if (setsockopt(p->fd, SOL_XDP, XDP_MAX_TX_SKB_BUDGET, &budget,
                    sizeof(budget)) == 0)
         p->tx_per_kick = (uint32_t)budget;
 }
 
-static int create_socket(struct mcnp_port *p, const char *ifname)
+/* One ring of a socket, mapped and described as <xdp/xsk.h>'s inline ring
+ * operations expect it.  A producer ring starts with every slot free. */
+static int map_ring(int fd, uint32_t entries, size_t entry_size, off_t pgoff,
+                    const struct xdp_ring_offset *o, void *ring, int producer, void **map,
+                    size_t *map_len)
 {
-    struct xsk_socket_config cfg = {
-        .rx_size = p->u->ring_size,
-        .tx_size = p->u->ring_size,
-        .libxdp_flags = XSK_LIBXDP_FLAGS__INHIBIT_PROG_LOAD,
-        .xdp_flags = 0,
-        .bind_flags = XDP_COPY | XDP_USE_NEED_WAKEUP,
+    struct xsk_ring_prod *r = ring; /* same layout as xsk_ring_cons */
+    uint8_t *m;
+
+    *map_len = o->desc + entries * entry_size;
+    m = mmap(NULL, *map_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, pgoff);
+    if (m == MAP_FAILED)
+        return -errno;
+    *map = m;
+    r->mask = entries - 1;
+    r->size = entries;
+    r->producer = (uint32_t *)(m + o->producer);
+    r->consumer = (uint32_t *)(m + o->consumer);
+    r->ring = m + o->desc;
+    r->flags = (uint32_t *)(m + o->flags);
+    r->cached_prod = *r->producer;
+    r->cached_cons = *r->consumer + (producer ? entries : 0);
+    return 0;
+}
+
+static void unmap_rings(struct mcnp_port *p)
+{
+    int i;
+    for (i = 0; i < 4; i++)
+        if (p->maps[i])
+            munmap(p->maps[i], p->map_lens[i]);
+    memset(p->maps, 0, sizeof(p->maps));
+}
+
+/* The socket, its four rings, and a bind sharing the UMEM.  Made with system
+ * calls rather than libxdp's xsk_socket__create_shared, which shares the fill
+ * and completion rings of sockets whose interface *index* and queue match —
+ * indexes are per network namespace, so two pods' eth0 (or a pod's eth0 and a
+ * node-side veth) often share one, and the second bind failed with EINVAL.
+ * The sharing socket inherits copy mode from the UMEM's own socket. */
+static int open_socket(struct mcnp_port *p)
+{
+    uint32_t n = p->u->ring_size;
+    struct xdp_mmap_offsets off;
+    socklen_t len = sizeof(off);
+    struct sockaddr_xdp sxdp = {
+        .sxdp_family = AF_XDP,
+        .sxdp_ifindex = (uint32_t)p->ifindex,
+        .sxdp_queue_id = p->queue_id,
+        .sxdp_flags = XDP_SHARED_UMEM,
+        .sxdp_shared_umem_fd = (uint32_t)xsk_umem__fd(p->u->umem),
     };
+    int fd = socket(AF_XDP, SOCK_RAW | SOCK_CLOEXEC, 0), err;
+
+    if (fd < 0)
+        return -errno;
+    if (setsockopt(fd, SOL_XDP, XDP_RX_RING, &n, sizeof(n)) ||
+        setsockopt(fd, SOL_XDP, XDP_TX_RING, &n, sizeof(n)) ||
+        setsockopt(fd, SOL_XDP, XDP_UMEM_FILL_RING, &n, sizeof(n)) ||
+        setsockopt(fd, SOL_XDP, XDP_UMEM_COMPLETION_RING, &n, sizeof(n)) ||
+        getsockopt(fd, SOL_XDP, XDP_MMAP_OFFSETS, &off, &len)) {
+        err = -errno;
+        goto fail;
+    }
+    err = map_ring(fd, n, sizeof(uint64_t), XDP_UMEM_PGOFF_FILL_RING, &off.fr, &p->fill, 1,
+                   &p->maps[0], &p->map_lens[0]);
+    if (!err)
+        err = map_ring(fd, n, sizeof(uint64_t), XDP_UMEM_PGOFF_COMPLETION_RING, &off.cr, &p->comp, 0,
+                       &p->maps[1], &p->map_lens[1]);
+    if (!err)
+        err = map_ring(fd, n, sizeof(struct xdp_desc), XDP_PGOFF_RX_RING, &off.rx, &p->rx, 0,
+                       &p->maps[2], &p->map_lens[2]);
+    if (!err)
+        err = map_ring(fd, n, sizeof(struct xdp_desc), XDP_PGOFF_TX_RING, &off.tx, &p->tx, 1,
+                       &p->maps[3], &p->map_lens[3]);
+    if (err)
+        goto fail;
+    if (bind(fd, (struct sockaddr *)&sxdp, sizeof(sxdp)) != 0) {
+        err = -errno;
+        goto fail;
+    }
+    p->fd = fd;
+    return 0;
+fail:
+    unmap_rings(p);
+    close(fd);
+    return err;
+}
+
+static int create_socket(struct mcnp_port *p)
+{
     struct timespec pause = { 0, BIND_RETRY_NS };
     int err = 0, tries;
 
     for (tries = 0; tries < BIND_RETRIES; tries++) {
-        err = xsk_socket__create_shared(&p->xsk, ifname, p->queue_id, p->u->umem, &p->rx,
-                                        &p->tx, &p->fill, &p->comp, &cfg);
+        err = open_socket(p);
         if (err != -EBUSY)
             break;
-        p->xsk = NULL;
         nanosleep(&pause, NULL);
     }
-    if (err) {
-        p->xsk = NULL;
+    if (err)
         return err;
-    }
     raise_tx_budget(p);
     return 0;
 }
@@ -310,7 +391,7 @@ static void refill(struct mcnp_port *p)
     xsk_ring_prod__submit(&p->fill, got);
     p->st.fill_outstanding += got;
     if (got && xsk_ring_prod__needs_wakeup(&p->fill))
-        recvfrom(xsk_socket__fd(p->xsk), NULL, 0, MSG_DONTWAIT, NULL, NULL);
+        recvfrom(p->fd, NULL, 0, MSG_DONTWAIT, NULL, NULL);
 }
 
 uint32_t mcnp_port_reap(struct mcnp_port *p)
@@ -356,12 +437,13 @@ int mcnp_port_open(struct mcnp_port **out, struct mcnp_umem *u, const char *ifna
     p->u = u;
     p->queue_id = queue_id;
     p->fill_target = fill_target < u->ring_size ? fill_target : u->ring_size;
+    p->fd = -1;
     p->ifindex = (int)if_nametoindex(ifname);
     if (!p->ifindex) {
         free(p);
         return -ENODEV;
     }
-    err = create_socket(p, ifname);
+    err = create_socket(p);
     if (err) {
         free(p);
         return err < 0 ? err : -err;
@@ -376,18 +458,19 @@ void mcnp_port_close(struct mcnp_port *p)
 {
     if (!p)
         return;
-    if (p->xsk && p->st.tx_outstanding)
+    if (p->fd >= 0 && p->st.tx_outstanding)
         kick(p); /* let queued frames go out and come back to the pool */
-    if (p->xsk) {
+    if (p->fd >= 0) {
         drain_rings(p);
-        xsk_socket__delete(p->xsk);
-        p->xsk = NULL;
+        unmap_rings(p);
+        close(p->fd);
+        p->fd = -1;
         p->u->nports--;
     }
     free(p);
 }
 
-int mcnp_port_fd(struct mcnp_port *p) { return xsk_socket__fd(p->xsk); }
+int mcnp_port_fd(struct mcnp_port *p) { return p->fd; }
 
 void mcnp_port_get_stats(struct mcnp_port *p, struct mcnp_port_stats *out)
 {
@@ -416,7 +499,7 @@ int mcnp_port_rx(struct mcnp_port *p, uint64_t *addrs, uint32_t *lens, uint32_t 
 
 static int kick(struct mcnp_port *p)
 {
-    int fd = xsk_socket__fd(p->xsk);
+    int fd = p->fd;
     uint32_t tries, max_tries = p->st.tx_outstanding / p->tx_per_kick + 8;
 
     for (tries = 0; p->st.tx_outstanding > 0 && tries < max_tries; tries++) {

@@ -186,3 +186,23 @@ def test_a_killed_daemon_leaves_its_hooks_and_nothing_unjudged_passes(two_hosts)
         with nu.in_netns(node):
             K.Kernel.detach("pa")
     assert not hooked(node, "pa")
+
+
+def test_sockets_on_interfaces_with_the_same_index_in_two_namespaces():
+    """Interface indexes are per namespace: two pods' eth0 often share one. Sockets on
+    both, over one UMEM, must each get rings of their own (libxdp's shared-socket
+    helper matched them by index alone, and the second bind failed with EINVAL)."""
+    with nu.netns("x") as x, nu.netns("y") as y:
+        for ns in (x, y):
+            nu.ip("link", "add", "e0", "index", "77", "type", "veth", "peer", "name", "f0", ns=ns)
+            nu.ip("link", "set", "e0", "up", ns=ns)
+            nu.ip("link", "set", "f0", "up", ns=ns)
+        with rings.Umem(frames=512, ring_size=64) as umem:
+            with nu.in_netns(x):
+                px = rings.Port(umem, "e0", fill=32)
+            with nu.in_netns(y):
+                py = rings.Port(umem, "e0", fill=32)
+            assert px.fd != py.fd and umem.free_frames == 512 - 64
+            px.close()
+            py.close()
+            assert umem.free_frames == 512
