@@ -316,3 +316,151 @@ def test_node_comparison(benchmark, programs):
     got = {(r["workload"], r["config"], r["policies"]) for r in info["comparison"]["records"]}
     assert len(got) == 6 * 4 * len(POLICIES), "a workload or configuration was not measured"
     assert all(r["received"] > 0 for r in info["comparison"]["records"]), "a workload carried nothing"
+
+
+# --------------------------------------------------------------------------- swap
+
+
+SWAP_FLOWS = 100_000
+SWAP_ROUNDS = 5
+SWAP_ZONE_SANDBOX = "bench-swap-sandbox"
+
+
+def swap_tables():
+    """(admitting, denying): revision 1 lets the sender's UDP out to the whole test
+    range, revision 2 isolates its egress and admits nothing."""
+    from control.compile.compiler import compile_tables
+    from tests.builders import make_clusterset, make_pod, make_policy
+    pod = make_pod(nb.NAMESPACE, nb.SENDER[0], nb.SENDER[2], {"app": nb.SENDER[0]})
+    admit = make_policy(nb.NAMESPACE, "p", {}, types=["Egress"],
+                        egress=[{"to": [{"ipBlock": {"cidr": "198.18.0.0/15"}}], "ports": [{"protocol": "UDP"}]}])
+    deny = make_policy(nb.NAMESPACE, "p", {}, types=["Egress"], egress=[])
+    return (compile_tables(make_clusterset({nb.CLUSTER: [pod, admit]}), lambda p: True, 1),
+            compile_tables(make_clusterset({nb.CLUSTER: [pod, deny]}), lambda p: True, 2))
+
+
+def synthetic_flows(n: int, zone: int):
+    """``n`` UDP flows the sender opened towards distinct peers and ports, stamped with
+    revision 1, as the hooks would have cached them."""
+    from fastpath import kernel as K
+    keys = np.zeros(n, dtype=K.FLOW_KEY)
+    keys["zone"] = zone
+    keys["pod_addr"][:] = np.frombuffer(K.addr16(nb.SENDER[2]), dtype=np.uint8)
+    peer = (0xC6120100 + np.arange(n, dtype=np.uint32) % 60000).astype(">u4").view(np.uint8).reshape(n, 4)
+    keys["peer_addr"][:, 10:12] = 0xFF
+    keys["peer_addr"][:, 12:] = peer
+    keys["pod_port"] = 10000 + np.arange(n) % 50000
+    keys["peer_port"] = 9 + np.arange(n) // 60000
+    keys["proto"] = 17
+    vals = np.zeros(n, dtype=K.FLOW)
+    vals["created_ns"] = vals["last_ns"] = K.now_ns()
+    vals["revision"] = 1
+    vals["state"] = K.STATES.index("udp")
+    vals["opener"] = K.EGRESS
+    return keys, vals
+
+
+class TimedKernel:
+    """A Kernel whose ``set_config`` notes when it returned: the moment the new
+    revision is in force in the hooks (every cached flow of an older one goes to
+    userspace from then on)."""
+
+    def __init__(self, kern):
+        self._kern = kern
+        self.bumped_ns = None
+
+    def set_config(self, *args, **kwargs):
+        self._kern.set_config(*args, **kwargs)
+        self.bumped_ns = time.monotonic_ns()
+
+    def __getattr__(self, name):
+        return getattr(self._kern, name)
+
+
+def test_swap_stops_cached_flows(benchmark):
+    """100,000 cached flows, then tables that deny them all: the time until the
+    revision bump is in force, and until the re-check has removed the last one."""
+    from fastpath import flows as F, kernel as K
+    admitting, denying = swap_tables()
+    zone = K.zone_of(SWAP_ZONE_SANDBOX)
+    pods = {zone: [nb.SENDER[2]]}
+    keys, vals = synthetic_flows(SWAP_FLOWS, zone)
+    kern = K.Kernel(None, flow_capacity=131072)
+    timed = TimedKernel(kern)
+    rounds: list[dict] = []
+
+    def setup():
+        kern.set_config(1, K.DEFAULT_TIMEOUTS)
+        kern.update(keys, vals)
+        kept = F.recheck(kern, admitting, K.DEFAULT_TIMEOUTS, pods)  # all admitted under revision 1
+        assert kept["flows"] == SWAP_FLOWS and kept["cut"] == 0, kept
+
+    def swap():
+        t0 = time.monotonic_ns()
+        done = F.recheck(timed, denying, K.DEFAULT_TIMEOUTS, pods)
+        t1 = time.monotonic_ns()
+        rounds.append({"bump_ms": (timed.bumped_ns - t0) / 1e6, "recheck_ms": (t1 - t0) / 1e6, **done})
+
+    try:
+        benchmark.pedantic(swap, setup=setup, rounds=SWAP_ROUNDS, iterations=1)
+        left, _ = kern.dump()
+    finally:
+        kern.close()
+    assert all(r["cut"] == SWAP_FLOWS and r["flows"] == 0 for r in rounds), rounds
+    assert len(left) == 0, f"{len(left)} denied flows still cached"
+    total = [r["recheck_ms"] for r in rounds]
+    bump = [r["bump_ms"] for r in rounds]
+    benchmark.extra_info.update({
+        "flows": SWAP_FLOWS, "bump_p50_ms": statistics.median(bump), "bump_max_ms": max(bump),
+        "recheck_p50_ms": statistics.median(total), "recheck_max_ms": max(total), "target_ms": 100.0})
+
+
+# --------------------------------------------------------------------------- CNI ADD
+
+
+ADD_PODS = int(os.environ.get("MCNP_BENCH_ADD_PODS", "100"))
+ADD_TIMEOUT_S = 30.0
+DENIED_PORT = 8080  # served by every added pod, admitted by no policy
+PROBE_TIMEOUT_S = 0.3
+
+
+def add_and_wait(bed: Bed, i: int) -> dict:
+    """Add pod ``i`` as a kubelet would, then probe until a connection the policy
+    admits works from and to it; a denied connection that works is a fail-open."""
+    from control.lab import kubelet
+    from control.lab.probe import probe_many
+    node = (nb.SENDER if i % 2 == 0 else nb.RECEIVER)[1]
+    ports = [{"name": "echo", "containerPort": nb.ECHO_PORT, "protocol": "UDP"},
+             {"containerPort": DENIED_PORT, "protocol": "TCP"}]
+    t0 = time.monotonic()
+    pod = kubelet.add_pod(nb.CLUSTER, nb.NAMESPACE, f"add-{i}", f"198.18.2.{i + 1}", node, ports,
+                          {"app": "added"}, state_dir=bed.state["dir"])
+    added = time.monotonic()
+    admitted = [(pod["netns"], bed.recv["ip"], nb.ECHO_PORT, "UDP"), (bed.gen["netns"], pod["ip"], nb.ECHO_PORT, "UDP")]
+    denied = (bed.gen["netns"], pod["ip"], DENIED_PORT, "TCP")
+    while time.monotonic() - t0 < ADD_TIMEOUT_S:
+        ok = probe_many(admitted + [denied], tcp_timeout=PROBE_TIMEOUT_S, udp_timeout=PROBE_TIMEOUT_S, udp_tries=2)
+        if ok[-1]:
+            raise nb.BenchError(f"fail-open: pod add-{i} accepted TCP {DENIED_PORT}, which no policy admits")
+        if all(ok[:-1]):
+            return {"add_ms": (added - t0) * 1e3, "enforced_ms": (time.monotonic() - t0) * 1e3}
+    raise nb.BenchError(f"pod add-{i} not enforced within {ADD_TIMEOUT_S:.0f} s of its ADD")
+
+
+def run_adds() -> dict:
+    with tempfile.TemporaryDirectory(prefix="mcnp-nodebench-") as workdir:
+        with testbed("mcnp", 10, workdir, "add") as bed:
+            times = [add_and_wait(bed, i) for i in range(ADD_PODS)]
+    enforced = [t["enforced_ms"] for t in times]
+    adds = [t["add_ms"] for t in times]
+    return {"pods": len(times), "p50_ms": nb.percentile(enforced, 50), "p99_ms": nb.percentile(enforced, 99),
+            "max_ms": max(enforced), "add_p50_ms": nb.percentile(adds, 50), "add_p99_ms": nb.percentile(adds, 99),
+            "fail_open": 0}
+
+
+def test_cni_add_to_enforced(benchmark):
+    """ADD -> enforced over ADD_PODS pods added one by one on a running mcnp testbed
+    (from the start of the kubelet's sequence: manifest, netns, CNI ADD, workload)."""
+    info = benchmark.pedantic(run_adds, rounds=1, iterations=1)
+    benchmark.extra_info.update(info)
+    assert info["pods"] == ADD_PODS
