@@ -250,3 +250,77 @@ def test_broadcast_forged_arp_and_non_ip_frames_on_a_bridged_node(bed):
     status, stats = testbed.api_get(node_key, "/v1/stats", state_dir=state_dir)
     hooks = stats["dataplane"]["hooks"]
     assert hooks["drop_arp"] >= 3 and hooks["drop_l2"] >= 2
+
+
+SERVICE_WORLD = """\
+apiVersion: v1
+kind: Namespace
+metadata: {name: x}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: a-out, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: a}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{podSelector: {matchLabels: {app: b}}}]
+    ports: [{protocol: TCP, port: 80}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: c-out, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: c}}
+  policyTypes: [Egress]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-in, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: b}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: a}}}, {podSelector: {matchLabels: {app: c}}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: x}
+spec:
+  clusterIP: 198.19.254.20
+  ports: [{name: http, port: 8080, targetPort: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: x, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 80, protocol: TCP}]
+endpoints:
+- addresses: [198.18.6.2]
+"""
+
+
+def test_connections_through_a_cluster_ip_are_judged_against_the_backend(tmp_path):
+    """Rule S11 with egress policies: a's egress admits pods app=b on TCP 80 only, and
+    reaches b through the ClusterIP (the source's egress is judged against b, after the
+    node's NAT chose it, by b's node); c's egress admits nothing, so c cannot, though b's
+    ingress would admit it; b on another node than a."""
+    d = tmp_path / "c1"
+    d.mkdir()
+    pods = {"a": ("198.18.6.1", "n1"), "b": ("198.18.6.2", "n2"), "c": ("198.18.6.3", "n1")}
+    docs = [SERVICE_WORLD] + [POD.format(name=n, ip=ip, ports=PORTS).replace("nodeName: n1", f"nodeName: {node}")
+                              for n, (ip, node) in pods.items()]
+    (d / "objects.yaml").write_text("---\n".join(docs))
+    state_dir = str(tmp_path / "state")
+    lines: list[str] = []
+    try:
+        assert testbed.up([("c1", str(d))], mode="mcnp", cni="ptp", prefix=PREFIX, state_dir=state_dir,
+                          log=lines.append) == 0, "\n".join(lines)
+        state = testbed.load_state(state_dir)
+        ns = {ref.rsplit("/", 1)[1]: info["netns"] for ref, info in state["pods"].items()}
+        assert connects(ns["a"], "198.19.254.20", 8080, timeout=2)
+        assert not connects(ns["c"], "198.19.254.20", 8080)
+        assert connects(ns["a"], pods["b"][0], 80, timeout=2)
+        assert not connects(ns["a"], pods["c"][0], 80)  # a's egress admits app=b only
+    finally:
+        if testbed.load_state(state_dir) is not None:
+            testbed.down(state_dir, log=lambda m: None)

@@ -37,6 +37,7 @@ from typing import Any, Callable, Optional
 
 from control.node.config import Settings, SettingsError
 from control.node.metrics import Metrics
+from control.node.services import services_for
 from control.semantics.model import Options, Pod
 from control.node.sources import make_source
 from control.node.store import Changes, Snapshot, Store
@@ -350,8 +351,13 @@ class Daemon:
             tables, path = self.compiler.follow(snapshot.cset, changes, snapshot.revision)
         else:
             tables, path = self.compiler(snapshot.cset, self.local, snapshot.revision), "full"
-        if self.dataplane is not None and (path != "none" or not self.tables.published or pods_changed):
-            self.dataplane.publish(tables, self.attacher.pods_for(snapshot))
+        # Services and the hooked pods change what the packet loop is told besides the
+        # tables: a Service's endpoints (rule S11), a pod's addresses as the tables know them.
+        hand_over = path != "none" or not self.tables.published or pods_changed or \
+            self.settings.local_cluster in changes.services or bool(changes.pods)
+        if self.dataplane is not None and hand_over:
+            self.dataplane.publish(tables, self.attacher.pods_for(snapshot),
+                                   services_for(snapshot.cset, self.settings.local_cluster))
             self.tables.published = True
         return tables, path
 
