@@ -5,6 +5,8 @@ replies matched to their requests, rule hits that follow their rule across compi
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -83,7 +85,11 @@ def test_a_late_reply_is_never_taken_for_another_request():
 
     with Dataplane() as dp:
         dp.wait_ready(15)
-        with pytest.raises(DataplaneError, match="did not answer"):
-            dp._ask("stats", None, timeout=1e-6)  # its answer arrives late
+        os.kill(dp._proc.pid, signal.SIGSTOP)  # the worker answers only once continued
+        try:
+            with pytest.raises(DataplaneError, match="did not answer"):
+                dp._ask("stats", None, timeout=0.2)
+        finally:
+            os.kill(dp._proc.pid, signal.SIGCONT)
         assert dp.pods() == []  # the answer to this request, not the late stats
         assert isinstance(dp.stats(), dict)
