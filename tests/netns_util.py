@@ -8,7 +8,7 @@ even when the test fails.
 * :func:`netns` - create a namespace (with ``lo`` up), delete it afterwards.
 * :func:`veth_pair` - a veth pair with each end moved into a namespace.
 * :func:`in_netns` - run Python code in another namespace (this thread only),
-  via ``setns(2)`` through ctypes (``os.setns`` needs Python 3.12).  Sockets,
+  via :mod:`fastpath.netns` (the one place that calls ``setns(2)``).  Sockets,
   AF_XDP sockets and XDP attachments made inside stay in that namespace after
   returning.  Unlike ``ip netns exec``, this does not remount /sys, so bpffs
   mounts stay visible.
@@ -19,16 +19,13 @@ even when the test fails.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import itertools
 import os
 import subprocess
 
-NETNS_DIR = "/var/run/netns"
-PREFIX = f"mcnpt-{os.getpid()}-"
-CLONE_NEWNET = 0x40000000
+from fastpath.netns import NETNS_DIR, Namespace
 
-_libc = ctypes.CDLL(None, use_errno=True)
+PREFIX = f"mcnpt-{os.getpid()}-"
 _counter = itertools.count()
 
 
@@ -119,25 +116,8 @@ def add_address(ns: str, ifname: str, cidr: str) -> None:
     ip("addr", "add", cidr, "dev", ifname, ns=ns)
 
 
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
 @contextlib.contextmanager
 def in_netns(name: str):
     """Switch this thread into namespace ``name``; always switch back."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        target = os.open(f"{NETNS_DIR}/{name}", os.O_RDONLY)
-        try:
-            _setns(target)
-        finally:
-            os.close(target)
-        try:
-            yield
-        finally:
-            _setns(own)
-    finally:
-        os.close(own)
+    with Namespace.from_name(name) as space, space.entered():
+        yield

@@ -1,65 +1,52 @@
-"""Network-namespace primitives for the test hosts (DESIGN.md section 4).
+"""Network-namespace primitives for the test hosts (docs/architecture.md, Test hosts).
 
 Everything here works on the namespaces `ip netns` lists (files under /var/run/netns).
 Links are made with ``ip -batch`` — one process for hundreds of commands — because
 building a testbed of thirty pods one ``ip`` call at a time takes many seconds.
 
 Processes are started *inside* a namespace by switching the calling thread into it
-(``setns``) around ``Popen``: the child inherits the thread's network namespace but keeps
-the mount namespace, which matters because ``ip netns exec`` remounts /sys and hides
-bpffs from the daemon (DESIGN.md section 3).
+(``setns``, through :mod:`fastpath.netns`, the one place that calls it) around ``Popen``:
+the child inherits the thread's network namespace but keeps the mount namespace, which
+matters because ``ip netns exec`` remounts /sys and hides bpffs from the daemon
+(docs/dataplane.md, Kernel facts).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import logging
 import os
 import subprocess
 from typing import Iterable, Iterator, Optional
 
+from fastpath.netns import NETNS_DIR, Namespace
+
 logger = logging.getLogger(__name__)
 
-NETNS_DIR = "/var/run/netns"
-_CLONE_NEWNET = 0x40000000
 #: Longest name a file under /var/run/netns may have.
 _NAME_MAX = 255
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class NetError(RuntimeError):
     """An ``ip`` command or a namespace switch failed; the message says which."""
 
 
-def setns(fd: int) -> None:
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise NetError(f"setns failed: {os.strerror(err)}")
+def open_netns(name: str) -> Namespace:
+    """Open the namespace ``name`` that ``ip netns`` lists; a missing one is a NetError
+    that names it."""
+    try:
+        return Namespace.from_name(name)
+    except OSError as e:
+        raise NetError(f"network namespace {name!r} does not exist ({e.strerror})") from None
 
 
 @contextlib.contextmanager
 def in_netns(name: str) -> Iterator[None]:
     """Run the body with the calling thread in network namespace ``name``; sockets made
     and processes started in the body belong to it. Always switches back."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        try:
-            target = os.open(os.path.join(NETNS_DIR, name), os.O_RDONLY)
-        except OSError as e:
-            raise NetError(f"network namespace {name!r} does not exist ({e.strerror})") from None
-        try:
-            setns(target)
-        finally:
-            os.close(target)
-        try:
-            yield
-        finally:
-            setns(own)
-    finally:
-        os.close(own)
+    with open_netns(name) as space, space.entered():
+        yield
 
 
 def list_netns() -> set[str]:

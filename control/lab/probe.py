@@ -1,4 +1,4 @@
-"""Real connection probes between test hosts (DESIGN.md section 4).
+"""Real connection probes between test hosts (docs/architecture.md, Test hosts).
 
 A probe opens a real connection from inside a pod's network namespace to another pod's
 IP: TCP succeeds when the handshake completes, UDP when the pod server's echo comes back.
@@ -28,7 +28,8 @@ import logging
 import threading
 from typing import Iterable, Mapping
 
-from control.lab.net import NETNS_DIR, NetError, setns
+from control.lab.net import open_netns
+from fastpath.netns import Namespace
 
 logger = logging.getLogger(__name__)
 
@@ -105,29 +106,21 @@ class _Namespaces:
     probe_many's own: it is switched and switched back)."""
 
     def __init__(self):
-        self._own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        self._fds: dict[str, int] = {}
+        self._spaces: dict[str, Namespace] = {}
 
     def __enter__(self) -> "_Namespaces":
         return self
 
     def __exit__(self, *exc) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        os.close(self._own)
+        for space in self._spaces.values():
+            space.close()
 
     def socket(self, netns: str, kind: int) -> socket.socket:
-        fd = self._fds.get(netns)
-        if fd is None:
-            try:
-                fd = self._fds[netns] = os.open(os.path.join(NETNS_DIR, netns), os.O_RDONLY)
-            except OSError as e:
-                raise NetError(f"network namespace {netns!r} does not exist ({e.strerror})") from None
-        setns(fd)
-        try:
+        space = self._spaces.get(netns)
+        if space is None:
+            space = self._spaces[netns] = open_netns(netns)
+        with space.entered():
             sock = socket.socket(socket.AF_INET, kind)
-        finally:
-            setns(self._own)
         sock.setblocking(False)
         return sock
 
