@@ -250,6 +250,28 @@ int mcnp_hook_attach(struct mcnp_kernel *k, const char *ifname, uint64_t zone, u
     return err;
 }
 
+int mcnp_hook_test(struct mcnp_kernel *k, uint64_t zone, uint32_t slot, uint32_t role,
+                   const uint8_t *frame, uint32_t len)
+{
+    struct mcnp_hook_cfg cfg = { .zone = zone, .slot = slot, .role = role };
+    struct bpf_object *obj;
+    uint8_t out[4096];
+    int prog_fd, err;
+    LIBBPF_OPTS(bpf_test_run_opts, run, .data_in = frame, .data_size_in = len,
+                .data_out = out, .data_size_out = sizeof(out), .repeat = 1);
+
+    if (slot >= MCNP_XSKS_MAX || role > MCNP_ROLE_INGRESS || len > sizeof(out))
+        return -EINVAL;
+    prog_fd = load_instance(k, &cfg, &obj);
+    if (prog_fd < 0)
+        return prog_fd;
+    err = bpf_prog_test_run_opts(prog_fd, &run);
+    bpf_object__close(obj);
+    if (err)
+        return err < 0 ? err : -err;
+    return (int)run.retval;
+}
+
 int mcnp_hook_query(const char *ifname, uint32_t *prog_id, int *ours)
 {
     LIBBPF_OPTS(bpf_xdp_query_opts, q);

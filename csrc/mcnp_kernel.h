@@ -46,6 +46,10 @@ uint32_t mcnp_kernel_flow_capacity(struct mcnp_kernel *k);
  * the program id. */
 int mcnp_hook_attach(struct mcnp_kernel *k, const char *ifname, uint64_t zone, uint32_t slot,
                      uint32_t role, int xdp_mode);
+/* Run an instance of the hook on one frame (BPF_PROG_RUN, nothing attached) and
+ * return its XDP action: tests of the hook's decisions. */
+int mcnp_hook_test(struct mcnp_kernel *k, uint64_t zone, uint32_t slot, uint32_t role,
+                   const uint8_t *frame, uint32_t len);
 /* Detach the hook from ifname (caller's namespace) if it is one of ours;
  * returns 1 if one was detached, 0 if none was there. */
 int mcnp_hook_detach(const char *ifname);

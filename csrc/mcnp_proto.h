@@ -21,6 +21,21 @@ typedef __s32 int32_t;
 #endif
 
 
+/* IP protocols and ICMP types every stage names (parser, pipeline, hook). */
+#define MCNP_P_ICMP 1
+#define MCNP_P_TCP 6
+#define MCNP_P_UDP 17
+#define MCNP_P_ICMPV6 58
+#define MCNP_P_SCTP 132
+#define MCNP_ICMP_ECHO_REPLY 0
+#define MCNP_ICMP_ECHO_REQUEST 8
+#define MCNP_ICMPV6_ECHO_REQUEST 128
+#define MCNP_ICMPV6_ECHO_REPLY 129
+#define MCNP_IS_ECHO(proto, type) \
+    (((proto) == MCNP_P_ICMP && ((type) == MCNP_ICMP_ECHO_REQUEST || (type) == MCNP_ICMP_ECHO_REPLY)) || \
+     ((proto) == MCNP_P_ICMPV6 && ((type) == MCNP_ICMPV6_ECHO_REQUEST || (type) == MCNP_ICMPV6_ECHO_REPLY)))
+#define MCNP_IS_ECHO_REQUEST(type) ((type) == MCNP_ICMP_ECHO_REQUEST || (type) == MCNP_ICMPV6_ECHO_REQUEST)
+
 /* Names of the pinned maps (under the daemon's bpf directory).  The suffix is
  * the layout's version: a daemon whose structs differ makes maps of its own
  * instead of misreading another version's. */

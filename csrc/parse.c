@@ -8,6 +8,7 @@
  */
 #include <string.h>
 #include "mcnp_parse.h"
+#include "mcnp_proto.h"
 
 #define ETH_HLEN 14
 #define ETH_P_IP 0x0800
@@ -18,11 +19,11 @@
 #define MAX_TAGS 2
 #define MAX_EXT_HEADERS 8
 
-#define P_TCP 6
-#define P_UDP 17
-#define P_SCTP 132
-#define P_ICMP 1
-#define P_ICMPV6 58
+#define P_TCP MCNP_P_TCP
+#define P_UDP MCNP_P_UDP
+#define P_SCTP MCNP_P_SCTP
+#define P_ICMP MCNP_P_ICMP
+#define P_ICMPV6 MCNP_P_ICMPV6
 
 static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
 

@@ -15,11 +15,11 @@
 #include "mcnp_kernel.h"
 #include "mcnp_pipeline.h"
 
-#define P_TCP 6
-#define P_UDP 17
-#define P_ICMP 1
-#define P_ICMPV6 58
-#define P_SCTP 132
+#define P_TCP MCNP_P_TCP
+#define P_UDP MCNP_P_UDP
+#define P_ICMP MCNP_P_ICMP
+#define P_ICMPV6 MCNP_P_ICMPV6
+#define P_SCTP MCNP_P_SCTP
 #define TCP_SYN 0x02
 #define TCP_ACK 0x10
 
@@ -52,13 +52,9 @@ static const uint8_t *pod_address(const struct mcnp_hook_info *h, const uint8_t 
     return dst;
 }
 
-static int is_echo(uint8_t proto, uint8_t type)
-{
-    return (proto == P_ICMP && (type == 8 || type == 0)) ||
-           (proto == P_ICMPV6 && (type == 128 || type == 129));
-}
+static int is_echo(uint8_t proto, uint8_t type) { return MCNP_IS_ECHO(proto, type); }
 
-static int is_echo_request(uint8_t type) { return type == 8 || type == 128; }
+static int is_echo_request(uint8_t type) { return MCNP_IS_ECHO_REQUEST(type); }
 
 static uint8_t sctp_chunk(const struct mcnp_parsed *q, uint32_t i, const uint8_t *buf,
                           uint64_t buf_len, uint64_t addr)
@@ -269,7 +265,7 @@ static void log_verdict(struct mcnp_pipe *p, uint32_t r, const struct mcnp_hook_
     v->zone = h->zone;
     memcpy(v->src, p->judge_src + 16 * (size_t)r, 16);
     memcpy(v->dst, p->judge_dst + 16 * (size_t)r, 16);
-    v->sport = 0;
+    v->sport = p->parsed->sport[p->judge_idx[r]];
     v->dport = p->judge_dport[r];
     v->proto = p->judge_proto[r];
     v->role = h->role;

@@ -73,8 +73,8 @@ struct {
 } kstats SEC(".maps");
 
 #define ETH_P_ARP_ 0x0806
-#define IPPROTO_ICMPV6_ 58
-#define IPPROTO_SCTP_ 132
+#define IPPROTO_ICMPV6_ MCNP_P_ICMPV6
+#define IPPROTO_SCTP_ MCNP_P_SCTP
 #define TCP_FIN 0x01
 #define TCP_SYN 0x02
 #define TCP_RST 0x04
@@ -249,7 +249,7 @@ static __always_inline int parse_l4(void *data, void *end, int off, struct pkt *
 			return -1;
 		p->icmp_type = h[0];
 		/* echo request/reply: the identifier is both "ports" */
-		if (h[0] == 8 || h[0] == 0 || h[0] == 128 || h[0] == 129) {
+		if (MCNP_IS_ECHO(p->key.proto, h[0])) {
 			*sport = *dport = ((__u16)h[4] << 8) | h[5];
 			return 0;
 		}
@@ -263,7 +263,7 @@ static __always_inline int parse_l4(void *data, void *end, int off, struct pkt *
 	return 0;
 }
 
-static __always_inline int is_echo_request(__u8 type) { return type == 8 || type == 128; }
+static __always_inline int is_echo_request(__u8 type) { return MCNP_IS_ECHO_REQUEST(type); }
 
 /* Rule S12 for neighbour discovery sent by the pod: its source is one of its
  * addresses, link-local or unspecified (DAD); an advertisement's target too. */
@@ -426,8 +426,7 @@ int mcnp_hook(struct xdp_md *ctx)
 		p.key.pod_port = dport;
 		p.key.peer_port = sport;
 	}
-	if ((p.key.proto == IPPROTO_ICMP || p.key.proto == IPPROTO_ICMPV6_) &&
-	    (p.icmp_type == 8 || p.icmp_type == 0 || p.icmp_type == 128 || p.icmp_type == 129)) {
+	if (MCNP_IS_ECHO(p.key.proto, p.icmp_type)) {
 		/* who asked: the sender of a request, the receiver of a reply */
 		int sender_is_pod = egress;
 		int asked_by_pod = is_echo_request(p.icmp_type) ? sender_is_pod : !sender_is_pod;

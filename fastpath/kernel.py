@@ -169,6 +169,13 @@ class Kernel:
                                            XDP_MODES[mode]),
                       f"attaching the {ROLE_NAMES[role]} hook to {ifname}")
 
+    def test_run(self, frame: bytes, zone: int, role: int, slot: int = 0) -> str:
+        """The hook's decision on one frame (BPF_PROG_RUN; nothing attached): "pass",
+        "drop", "redirect" (to userspace; "drop" too when no socket is in the slot)."""
+        rc = _check(lib.mcnp_hook_test(self._c, zone, slot, role, frame, len(frame)),
+                    "running the hook on a frame")
+        return {0: "aborted", 1: "drop", 2: "pass", 3: "tx", 4: "redirect"}.get(rc, str(rc))
+
     @staticmethod
     def detach(ifname: str) -> bool:
         """Detach our hook from ``ifname`` if it has one; a missing interface is fine."""

@@ -161,7 +161,7 @@ class Dataplane:
         rows = self._counters.recent(after_seq, limit)
         return [{"seq": int(r["seq"]), "time_ns": int(r["time_ns"]), "zone": int(r["zone"]),
                  "src": K.addr_str(r["src"]), "dst": K.addr_str(r["dst"]),
-                 "dport": int(r["dport"]), "proto": int(r["proto"]),
+                 "sport": int(r["sport"]), "dport": int(r["dport"]), "proto": int(r["proto"]),
                  "direction": K.ROLE_NAMES.get(int(r["role"]), "?"),
                  "allowed": bool(r["allowed"]), "reason": int(r["reason"]),
                  "rule_egress": int(r["rule_egress"]), "rule_ingress": int(r["rule_ingress"]),
@@ -408,7 +408,9 @@ class _Worker:
         return F.listing(self.kernel, int(limit), refs)
 
     def _do_stats(self, _) -> dict:
+        umem = self.loop.umem
         return {"ports": self.loop.port_stats(), "hooks": self.kernel.kstats(),
+                "umem": {"frames": umem.frames, "free": umem.free_frames, "bad_frees": umem.bad_frees},
                 "flow_capacity": self.kernel.flow_capacity, "node_addresses": self._node_addrs}
 
     def _take_tables(self) -> None:

@@ -1,0 +1,154 @@
+"""The hook's decisions, frame by frame, with BPF_PROG_RUN (nothing attached): rule S12
+for ARP, neighbour discovery and other non-IP frames, rule S10 for the node's traffic,
+and the flow cache — revisions, idle timeouts, TCP and SCTP endings, ICMP echo
+direction, eviction.  "drop" here is what goes to userspace when no socket waits
+(the hook hands the frame to its slot, which is empty): every miss ends there, so
+a frame the cache has not admitted never passes.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from tests import netns_util as nu
+from tests.frames import arp_request, frame, mac_bytes
+
+pytestmark = [pytest.mark.privileged, pytest.mark.skipif(not nu.is_root(), reason="BPF needs root")]
+
+from fastpath import kernel as K  # noqa: E402
+
+POD, PEER, NODE = "198.18.40.1", "198.18.40.2", "198.18.40.254"
+POD_MAC, OTHER_MAC = "02:00:00:00:40:01", "02:00:00:00:40:09"
+ZONE = 4711
+SYN, ACK, FIN, RST = 0x02, 0x10, 0x01, 0x04
+
+
+@pytest.fixture
+def kern():
+    k = K.Kernel(None, flow_capacity=64)
+    k.set_pod(ZONE, [POD], mac_bytes(POD_MAC), ready=True, isolated=False)
+    k.set_node_addrs([NODE])
+    k.set_config(5, K.DEFAULT_TIMEOUTS)
+    yield k
+    k.close()
+
+
+def out(src=POD, dst=PEER, proto=6, sport=40000, dport=80, **kw) -> bytes:
+    return frame(src, dst, proto, sport, dport, src_mac=POD_MAC, **kw)
+
+
+def key(pod_port=40000, peer_port=80, proto=6, peer=PEER, initiator=0) -> np.ndarray:
+    k = np.zeros(1, dtype=K.FLOW_KEY)
+    k["zone"], k["proto"], k["pod_port"], k["peer_port"] = ZONE, proto, pod_port, peer_port
+    k["pod_addr"][0] = np.frombuffer(K.addr16(POD), np.uint8)
+    k["peer_addr"][0] = np.frombuffer(K.addr16(peer), np.uint8)
+    k["initiator"] = initiator
+    return k
+
+
+def admit(kern, k: np.ndarray, revision=5, state=0, opener=K.EGRESS) -> None:
+    v = np.zeros(1, dtype=K.FLOW)
+    v["revision"], v["state"], v["opener"] = revision, state, opener
+    v["created_ns"] = v["last_ns"] = K.now_ns()
+    kern.update(k, v)
+
+
+def arp_reply(sender_mac: str, sender_ip: str, eth_src: str | None = None) -> bytes:
+    body = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 2, mac_bytes(sender_mac),
+                       bytes(map(int, sender_ip.split("."))), b"\xff" * 6, bytes(4))
+    return (b"\xff" * 6 + mac_bytes(eth_src or sender_mac) + b"\x08\x06" + body).ljust(60, b"\0")
+
+
+def test_arp_from_the_pod_must_carry_its_own_addresses(kern):
+    run = lambda f, role=K.EGRESS: kern.test_run(f, ZONE, role)  # noqa: E731
+    assert run(arp_request(POD_MAC, POD, PEER)) == "pass"
+    assert run(arp_request(POD_MAC, "0.0.0.0", POD)) == "pass"            # a probe
+    assert run(arp_reply(POD_MAC, PEER)) == "drop"                          # claims the neighbour's IP
+    assert run(arp_reply(OTHER_MAC, POD)) == "drop"                         # not the pod's MAC
+    assert run(arp_reply(POD_MAC, POD, eth_src=OTHER_MAC)) == "drop"        # sender is not the source
+    assert run(arp_reply(OTHER_MAC, PEER), K.INGRESS) == "pass"             # into the pod: its own business
+    assert kern.kstats()["drop_arp"] == 3
+
+
+def test_non_ip_frames_only_for_pods_isolated_in_no_direction(kern):
+    lldp = (b"\x01\x80\xc2\x00\x00\x0e" + mac_bytes(POD_MAC) + b"\x88\xb5").ljust(60, b"\0")
+    assert kern.test_run(lldp, ZONE, K.EGRESS) == "pass"
+    kern.set_pod(ZONE, [POD], mac_bytes(POD_MAC), ready=True, isolated=True)
+    assert kern.test_run(lldp, ZONE, K.EGRESS) == "drop"
+    assert kern.test_run(lldp, ZONE, K.INGRESS) == "drop"
+    kern.set_pod(ZONE, [POD], mac_bytes(POD_MAC), ready=False, isolated=False)
+    assert kern.test_run(lldp, ZONE, K.EGRESS) == "drop"  # not known yet: fail closed
+
+
+def test_the_nodes_own_traffic_always_passes(kern):
+    assert kern.test_run(out(dst=NODE), ZONE, K.EGRESS) == "pass"
+    assert kern.test_run(frame(NODE, POD, 6, 1, 8080), ZONE, K.INGRESS) == "pass"
+    assert kern.test_run(out(), ZONE, K.EGRESS) == "drop"  # anyone else: judged first
+    assert kern.kstats()["pass_node"] == 2
+
+
+def test_a_cached_flow_passes_only_under_the_revision_in_force(kern):
+    admit(kern, key())
+    assert kern.test_run(out(flags=ACK), ZONE, K.EGRESS) == "pass"
+    assert kern.test_run(frame(PEER, POD, 6, 80, 40000, flags=ACK), ZONE, K.INGRESS) == "pass"  # reply
+    kern.set_config(6, K.DEFAULT_TIMEOUTS)  # new tables: every flow goes to be judged again
+    assert kern.test_run(out(flags=ACK), ZONE, K.EGRESS) == "drop"
+    admit(kern, key(), revision=6)
+    assert kern.test_run(out(flags=ACK), ZONE, K.EGRESS) == "pass"
+    kern.set_config(0, K.DEFAULT_TIMEOUTS)  # no tables (a daemon's first start): nothing cached passes
+    assert kern.test_run(out(flags=ACK), ZONE, K.EGRESS) == "drop"
+
+
+def test_counters_follow_both_directions(kern):
+    admit(kern, key())
+    for _ in range(3):
+        assert kern.test_run(out(flags=ACK), ZONE, K.EGRESS) == "pass"
+    assert kern.test_run(frame(PEER, POD, 6, 80, 40000, flags=ACK), ZONE, K.INGRESS) == "pass"
+    vals, found = kern.lookup(key())
+    assert found[0] and vals["packets"][0].tolist() == [3, 1]
+    assert vals["state"][0] == K.STATES.index("tcp_established")  # the responder spoke
+
+
+def test_spoofed_sources_and_idle_flows_are_never_passed(kern):
+    admit(kern, key())
+    assert kern.test_run(out(src="198.18.40.3", flags=ACK), ZONE, K.EGRESS) == "drop"
+    short = dict(K.DEFAULT_TIMEOUTS, tcp_opening=0.000001)
+    kern.set_config(5, short)
+    assert kern.test_run(out(flags=ACK), ZONE, K.EGRESS) == "drop"
+
+
+def test_tcp_endings_and_a_new_connection_on_the_same_tuple(kern):
+    admit(kern, key(), state=K.STATES.index("tcp_established"))
+    assert kern.test_run(out(flags=FIN | ACK), ZONE, K.EGRESS) == "pass"
+    assert kern.test_run(frame(PEER, POD, 6, 80, 40000, flags=FIN | ACK), ZONE, K.INGRESS) == "pass"
+    vals, _ = kern.lookup(key())
+    assert vals["state"][0] == K.STATES.index("tcp_closed")
+    assert kern.test_run(out(flags=SYN), ZONE, K.EGRESS) == "drop"  # judged again, as new
+    admit(kern, key(), state=K.STATES.index("tcp_established"))
+    assert kern.test_run(out(flags=RST), ZONE, K.EGRESS) == "pass"
+    vals, _ = kern.lookup(key())
+    assert vals["state"][0] == K.STATES.index("tcp_closed")
+
+
+def test_an_echo_request_from_the_other_side_is_a_new_flow(kern):
+    admit(kern, key(pod_port=7, peer_port=7, proto=1, initiator=0))  # the pod pinged the peer
+    assert kern.test_run(out(proto=1, sport=7, dport=7, icmp_type=8), ZONE, K.EGRESS) == "pass"
+    assert kern.test_run(frame(PEER, POD, 1, 7, 7, icmp_type=0), ZONE, K.INGRESS) == "pass"
+    assert kern.test_run(frame(PEER, POD, 1, 7, 7, icmp_type=8), ZONE, K.INGRESS) == "drop"
+
+
+def test_a_full_cache_evicts_and_an_evicted_flow_is_judged_again(kern):
+    for port in range(200):
+        admit(kern, key(pod_port=10000 + port))
+    keys, _ = kern.dump()
+    assert len(keys) <= 64  # the map's bound
+    kept = set(keys["pod_port"].tolist())
+    gone = [p for p in range(10000, 10200) if p not in kept]
+    assert gone
+    for port in gone[:20]:
+        assert kern.test_run(out(sport=port, flags=ACK), ZONE, K.EGRESS) == "drop"
+    for port in list(kept)[:5]:
+        assert kern.test_run(out(sport=port, flags=ACK), ZONE, K.EGRESS) == "pass"
