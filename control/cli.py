@@ -1,4 +1,4 @@
-"""``mcnp``: the command line (DESIGN.md section 5).
+"""``mcnp``: the command line (docs/interfaces.md).
 
 Subcommands: ``matrix``, ``explain`` and ``lint`` (offline, on manifest directories),
 ``run`` (the node daemon), ``observe`` (follow a node's verdicts), ``testbed up|down``

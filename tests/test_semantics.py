@@ -1,4 +1,4 @@
-"""One test (or a few) per rule of DESIGN.md section 1, on the reference evaluator.
+"""One test (or a few) per rule of docs/semantics.md, on the reference evaluator.
 
 Worlds are built with the builders in ``tests/builders.py`` through the real parser.
 """

@@ -1,5 +1,5 @@
-"""``mcnp testbed up/down`` on the node model, and real-connection probes (DESIGN.md
-sections 4 and 5).
+"""``mcnp testbed up/down`` on the node model, and real-connection probes
+(docs/architecture.md, Test hosts; docs/interfaces.md).
 
 The privileged tests build real test hosts under a prefix of their own
 (``mcnpt-<pid>-``) with a state directory of their own, always tear down, and probe with
@@ -299,7 +299,7 @@ def test_every_pod_reaches_every_pod_node_and_service(clusters, state_dir, capsy
 
 
 def hand_made_pod(node: dict, netns: str, name: str, ip: str, command: str, prev=None):
-    """A pod made with nothing but the JSON of `testbed up` and DESIGN.md section 5: `ip
+    """A pod made with nothing but the JSON of `testbed up` and docs/interfaces.md: `ip
     netns add`, then each plugin of the node's conflist run in the node netns, by hand."""
     conf_file = [f for f in os.listdir(node["cni_conf_dir"]) if f.endswith(".conflist")]
     assert len(conf_file) == 1

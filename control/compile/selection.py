@@ -10,7 +10,7 @@ except boundary cuts the address space into intervals, an ipBlock is a boolean m
 intervals, and an address finds its interval with one binary search.
 
 The meaning is the model's (``Requirement``/``Selector`` in ``control.semantics.model``) and
-DESIGN.md section 1; this module only changes how many objects are judged per call.
+docs/semantics.md; this module only changes how many objects are judged per call.
 """
 
 from __future__ import annotations

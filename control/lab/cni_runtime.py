@@ -7,7 +7,7 @@ the second plugin on, the previous plugin's result as ``prevResult``; DEL walks 
 order, both with the cached ADD result as ``prevResult``. Each
 plugin runs inside the node's network namespace with ``CNI_COMMAND``,
 ``CNI_CONTAINERID``, ``CNI_NETNS``, ``CNI_IFNAME``, ``CNI_PATH`` and ``CNI_ARGS``
-(DESIGN.md section 5). A failed ADD is rolled back with a DEL of the whole list, as a
+(docs/interfaces.md, Adding a pod by hand). A failed ADD is rolled back with a DEL of the whole list, as a
 runtime tears a failed sandbox down. Unlike libcni, DEL goes on past a failing plugin so
 that a test host is always cleaned up; the first failure is raised at the end.
 
@@ -61,7 +61,7 @@ def load_conflist(conf_dir: str) -> dict:
 
 
 def pod_args(namespace: str, name: str, container_id: str, ip: str, prefix_len: int, node_args: str = "") -> str:
-    """``CNI_ARGS`` for a pod, as DESIGN.md section 5 spells them."""
+    """``CNI_ARGS`` for a pod, as docs/interfaces.md spells them."""
     args = f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID={container_id};IP={ip}/{prefix_len}"
     return f"{args};{node_args}" if node_args else args
 

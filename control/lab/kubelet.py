@@ -1,7 +1,7 @@
 """Pods on the test hosts, made and removed as a kubelet and its container runtime would.
 
-DESIGN.md section 5 spells the sequence, and this module follows it for every pod,
-those ``testbed up`` finds in the manifests and those added later: write the Pod
+docs/interfaces.md (Adding a pod by hand) spells the sequence, and this module follows it
+for every pod, those ``testbed up`` finds in the manifests and those added later: write the Pod
 manifest (``spec.nodeName``, no IP yet) into its cluster's directory; create the pod's
 network namespace; run the node's CNI configuration list with ADD
 (``control.lab.cni_runtime``); start the pod's workload (``podserver``, serving each
@@ -183,7 +183,7 @@ def _validate_new(state: dict, cluster: str, namespace: str, name: str, ip: str,
 
 def add_pod(cluster: str, namespace: str, name: str, ip: str, node: str, container_ports: Optional[list[dict]] = None,
             labels: Optional[dict] = None, state_dir: Optional[str] = None) -> dict:
-    """Add a pod to the running testbed (DESIGN.md section 5); returns its record
+    """Add a pod to the running testbed (docs/interfaces.md, Adding a pod by hand); returns its record
     (``netns``, ``ip``, ``node``, ...). ``container_ports`` are in the Pod's own shape
     (``containerPort``, ``protocol``, ``name``); default TCP 80. The pod is reachable
     when this returns. On failure what was made is removed again."""

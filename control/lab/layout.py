@@ -1,7 +1,7 @@
 """Settings of the test hosts, in one place: address ranges, names, paths and timeouts.
 
 Everything ``mcnp testbed``, the CNI runner, the pod lifecycle and the Service
-translation agree on lives here, so that a pod added later by hand (DESIGN.md section 5)
+translation agree on lives here, so that a pod added later by hand (docs/interfaces.md)
 and a pod added by ``testbed up`` see the same world. Test hosts use addresses in
 198.18.0.0/15 only; two blocks at its top are reserved and refused as pod addresses:
 
@@ -29,7 +29,7 @@ DEFAULT_PREFIX = "mcnp-"
 #: Debian's containernetworking-plugins.
 DEFAULT_CNI_PLUGIN_DIR = "/usr/lib/cni"
 
-#: The only addresses test hosts may use (DESIGN.md section 4).
+#: The only addresses test hosts may use (docs/architecture.md, Test hosts).
 POD_NET = ipaddress.ip_network("198.18.0.0/15")
 NODE_NET = ipaddress.ip_network("198.19.255.0/24")
 SERVICE_NET = ipaddress.ip_network("198.19.254.0/24")

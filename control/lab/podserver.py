@@ -1,4 +1,4 @@
-"""The program that plays a pod's workload on the test hosts (DESIGN.md section 4).
+"""The program that plays a pod's workload on the test hosts (docs/architecture.md, Test hosts).
 
 One process per pod serves every declared container port: TCP connections are accepted
 and closed at once (a completed handshake is what a probe looks for), UDP datagrams are

@@ -1,8 +1,9 @@
 """``mcnp testbed up`` / ``down``: test hosts that act as Kubernetes nodes would.
 
 The testbed plays the container runtime, the kubelet and kube-proxy on manifest
-directories (DESIGN.md sections 4 and 5); mcnp (``--mode mcnp``) runs beside it as it
-would beside a real CNI, and ``--mode none`` is the same hosts without it, the baseline::
+directories (docs/architecture.md, Test hosts; docs/interfaces.md); mcnp (``--mode
+mcnp``) runs beside it as it would beside a real CNI, and ``--mode none`` is the same
+hosts without it, the baseline::
 
     pod netns (eth0 from the CNI)            pod netns ...
           │ veth made by ptp / bridge              │
@@ -13,7 +14,7 @@ would beside a real CNI, and ``--mode none`` is the same hosts without it, the b
 Every node of every cluster has one uplink veth into the core, whose bridge joins them
 all on one segment, and an address of its own, node *i* → 198.19.255.(i+1) (the
 reserved ``layout.NODE_NET``). Pod addresses reach their node with no per-pod step
-outside CNI ADD, so a pod added later by anyone following DESIGN.md section 5 is
+outside CNI ADD, so a pod added later by anyone following docs/interfaces.md is
 reachable as soon as its ADD returns:
 
 * routed (``--cni ptp``): the node's address sits on the uplink with the whole pod
@@ -186,7 +187,7 @@ def _build_nodes(state: dict) -> None:
 
 
 def conflist(state: dict, node: dict) -> dict:
-    """The node's CNI configuration list (DESIGN.md section 4)."""
+    """The node's CNI configuration list (docs/architecture.md, Test hosts)."""
     ipam = {"type": IPAM, "routes": [{"dst": str(SERVICE_NET), "gw": node["address"]}]}
     if state["cni"] == "bridge":
         main = {"type": "bridge", "bridge": CNI_BRIDGE, "isGateway": True, "hairpinMode": True, "ipam": ipam}
@@ -372,7 +373,7 @@ def up(cluster_specs: list[tuple[Optional[str], str]], mode: str = "mcnp", json_
 
 
 def summary(state: dict) -> dict:
-    """The ``--json`` answer, exactly the shape of DESIGN.md section 5."""
+    """The ``--json`` answer, exactly the shape docs/interfaces.md promises."""
     return {
         "pods": {r: {"netns": p["netns"], "ip": p["ip"], "node": p["node"]} for r, p in state["pods"].items()},
         "nodes": {k: {"netns": n["netns"], "cni_conf_dir": n["cni_conf_dir"], "cni_bin_dir": n["cni_bin_dir"],

@@ -1,4 +1,4 @@
-"""Manifest directories → cluster state (DESIGN.md section 5).
+"""Manifest directories → cluster state (docs/interfaces.md, Manifest directories).
 
 A directory holds files ending .yaml, .yml or .json, each with one or more documents
 (multi-document YAML, or ``kind: List`` with ``items``) of the kinds Namespace, Pod,

@@ -1,4 +1,4 @@
-"""The reference evaluator: DESIGN.md section 1, read literally, one pair at a time.
+"""The reference evaluator: the rules of docs/semantics.md, read literally, one pair at a time.
 
 It is deliberately simple — a direct transcription of rules S1–S9 and M1–M8 with the
 reasons kept — because it is the meaning of mcnp: ``mcnp explain`` answers with it, and
