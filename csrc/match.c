@@ -11,11 +11,11 @@
  *   3. per direction: ports[cell[class[subject] * atoms + atom[other]] * patoms + patom].
  *
  * Every index read from the tables was range-checked once per revision by the
- * Python side (fastpath/match.py, _check), so the loop itself has no branches
- * beyond the searches.
+ * Python side (fastpath/match.py, check_tables), so the loop itself has no
+ * branches beyond the searches.
  *
- * The block between the CDEF markers is plain C that csrc/build_match.py hands
- * to cffi's cdef(): the binding is declared once, here.
+ * The block between the CDEF markers is plain C that csrc/build.py hands to
+ * cffi's cdef(): the binding is declared once, here.
  */
 #include <stdint.h>
 #include <stddef.h>
