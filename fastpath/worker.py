@@ -411,6 +411,8 @@ class _Worker:
         umem = self.loop.umem
         return {"ports": self.loop.port_stats(), "hooks": self.kernel.kstats(),
                 "umem": {"frames": umem.frames, "free": umem.free_frames, "bad_frees": umem.bad_frees},
+                "hooked_pods": len(self.loop.pods), "kernel_pods": len(self.kernel.pod_zones()),
+                "sockets": sum(p is not None for p in self.loop.ports),
                 "flow_capacity": self.kernel.flow_capacity, "node_addresses": self._node_addrs}
 
     def _take_tables(self) -> None:
