@@ -74,9 +74,10 @@ HOST_PATHS = {"/etc/cni/net.d": "cni-install", "/opt/cni/bin": "cni-install",
 
 #: Debian packages of ./dev that only the tests and the testbed use, not the image build:
 #: capsh (the capability test), the reference CNI plugins and kube-proxy's tools of the
-#: testbed's nodes, a browser for the status page's test, the image build's own tools.
+#: testbed's nodes, iperf3 of the node benchmarks, a browser for the status page's test,
+#: the image build's own tools.
 TEST_ONLY_PACKAGES = {"ethtool", "iproute2", "libcap2-bin", "containernetworking-plugins", "iptables",
-                      "nftables", "conntrack", "chromium", "mmdebstrap", "podman", "runc"}
+                      "nftables", "conntrack", "iperf3", "chromium", "mmdebstrap", "podman", "runc"}
 
 
 # --------------------------------------------------------------------------- loading
