@@ -58,6 +58,11 @@ def world():
     ]
 
 
+def duplicates(store: Store) -> list:
+    """The objects ignored or failed closed because another source claims their name."""
+    return [e for e in store.errors() if e.reason == "duplicate"]
+
+
 def allowed(store: Store, src: str, dst: str) -> bool:
     cset = store.snapshot(1).cset
     return ReferenceEvaluator(cset).allowed(cset.pod(src), cset.pod(dst), 80, "TCP")
@@ -316,18 +321,18 @@ def test_a_duplicate_never_displaces_the_object_in_force_whatever_its_file_name(
         reload(sink, files)
         reload(sink, dict(files))  # still there: not logged again
     assert not allowed(store, "c1/x/c", "c1/x/a") and allowed(store, "c1/x/b", "c1/x/a")
-    [dup] = store.duplicates()
+    [dup] = duplicates(store)
     assert dup.source == f"{newcomer}#0" and dup.in_force == "existing" and "policy.yaml#0" in dup.message
     assert [r.getMessage() for r in caplog.records if "duplicate" in r.getMessage()] == [
         f"Cluster c1: NetworkPolicy x/allow-b from {newcomer}#0: {dup.message}"]
     # The one in force is edited: its new version applies, the newcomer is still ignored.
     files["policy.yaml"] = [deny_all("allow-b")]
     reload(sink, files)
-    assert not allowed(store, "c1/x/b", "c1/x/a") and len(store.duplicates()) == 1
+    assert not allowed(store, "c1/x/b", "c1/x/a") and len(duplicates(store)) == 1
     # The one in force goes: the other is no longer a duplicate and takes over.
     del files["policy.yaml"]
     reload(sink, files)
-    assert allowed(store, "c1/x/c", "c1/x/a") and store.duplicates() == []
+    assert allowed(store, "c1/x/c", "c1/x/a") and duplicates(store) == []
 
 
 def test_duplicates_at_a_cold_start_fail_closed_until_one_is_left():
@@ -338,7 +343,7 @@ def test_duplicates_at_a_cold_start_fail_closed_until_one_is_left():
     # Neither copy is in force: the pods either one selects admit nothing.
     assert not allowed(store, "c1/x/b", "c1/x/a") and not allowed(store, "c1/x/c", "c1/x/a")
     assert allowed(store, "c1/x/a", "c1/x/b")  # pods neither selects are untouched
-    assert {e.in_force for e in store.duplicates()} == {"fail-closed"} and len(store.duplicates()) == 2
+    assert {e.in_force for e in duplicates(store)} == {"fail-closed"} and len(duplicates(store)) == 2
     # Different pod selectors: the whole namespace is isolated.
     files["b.yaml"] = [make_policy("x", "allow-b", {"matchLabels": {"app": "b"}}, ingress=[{}])]
     reload(sink, files)
@@ -346,7 +351,7 @@ def test_duplicates_at_a_cold_start_fail_closed_until_one_is_left():
     del files["b.yaml"]
     reload(sink, files)
     assert allowed(store, "c1/x/b", "c1/x/a") and not allowed(store, "c1/x/c", "c1/x/a")
-    assert store.duplicates() == []
+    assert duplicates(store) == []
 
 
 def test_a_duplicate_pod_never_displaces_the_pod_in_force():
@@ -357,7 +362,7 @@ def test_a_duplicate_pod_never_displaces_the_pod_in_force():
     files["00-copy.yaml"] = [make_pod("x", "a", "198.18.0.99", {"app": "a"})]
     reload(sink, files)
     assert str(sink.pods[("x", "a")].ip) == "198.18.0.1"
-    [dup] = store.duplicates()
+    [dup] = duplicates(store)
     assert dup.kind == "Pod" and dup.source == "00-copy.yaml#0"
 
 
@@ -481,7 +486,7 @@ def test_duplicate_services_keep_the_one_in_force_or_fail_closed_at_a_cold_start
     files["00-shadow.yaml"] = [make_service("x", "api", "198.19.254.30", [("http", 80, "TCP")]), api_slice("198.18.9.9")]
     reload(sink, files)
     assert service_entries(store) == [("198.19.254.10", 80, [("198.18.0.1", 8080)], True)]
-    assert sorted((d.kind, d.in_force) for d in store.duplicates()) == [("EndpointSlice", "existing"), ("Service", "existing")]
+    assert sorted((d.kind, d.in_force) for d in duplicates(store)) == [("EndpointSlice", "existing"), ("Service", "existing")]
 
     cold = Store()
     sink = cold.add_cluster("c1")
@@ -490,7 +495,7 @@ def test_duplicate_services_keep_the_one_in_force_or_fail_closed_at_a_cold_start
                   "b.yaml": [other, make_slice("x", "api-1", "web", [("http", 8080, "TCP")], ["198.18.0.2"])]})
     # Neither copy is in force: every address either names, with every port, reaching nothing.
     assert service_entries(cold) == [(ip, port, [], False) for ip in ("198.19.254.10", "198.19.254.20") for port in (80, 8000)]
-    assert {d.in_force for d in cold.duplicates()} == {"fail-closed"} and len(cold.duplicates()) == 4
+    assert {d.in_force for d in duplicates(cold)} == {"fail-closed"} and len(duplicates(cold)) == 4
     assert cold.snapshot(1).cset.clusters["c1"].endpoint_slices[("x", "api-1")].service is None  # two names: the namespace
 
 

@@ -639,11 +639,6 @@ class Store:
         """Every rejected object (invalid or duplicate), for REST and metrics."""
         return [e for sink in self.sinks.values() for e in sink.error_list()]
 
-    def duplicates(self) -> list[ObjectError]:
-        """The objects ignored or failed closed because another source claims their
-        name (``reason == "duplicate"``), for REST and a metric."""
-        return [e for e in self.errors() if e.reason == "duplicate"]
-
 
 class _Addresses:
     """Address → the pods claiming it, followed pod by pod, so that a snapshot finds

@@ -8,10 +8,11 @@
   source that crashes is reported on its cluster (not ready, ``last_error``) and
   restarted, never dead and silent.
 
-What a source shows beyond the store's :class:`~control.node.store.ClusterStatus`
-(for REST and metrics): ``DirSource.file_errors``, ``DirSource.unsettled`` (files
-changed on disk whose new contents wait to be complete), ``DirSource.wakeups``;
-``KubeSource.relists``, ``KubeSource.watches``, ``KubeSource.resource_versions``.
+What a source shows beyond the store's :class:`~control.node.store.ClusterStatus`:
+``DirSource.file_errors`` (handed to its sink, so REST and metrics report them);
+for tests and debugging, ``DirSource.unsettled`` (files changed on disk whose new
+contents wait to be complete), ``DirSource.wakeups``; ``KubeSource.relists``,
+``KubeSource.watches``, ``KubeSource.resource_versions``.
 """
 
 from __future__ import annotations
