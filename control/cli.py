@@ -258,12 +258,26 @@ def cmd_observe(args) -> int:
 # --------------------------------------------------------------------------- run, testbed, demo
 
 
+def _detach_all(args) -> int:
+    """``mcnp run --detach-all``: only where the node keeps mcnp's state matters."""
+    from control.node.attach import detach_all
+    from control.node.config import Settings
+
+    settings = Settings.from_file(args.config, []) if args.config else Settings()
+    for key in ("state_dir", "bpf_dir", "netns"):
+        if getattr(args, key, None):
+            setattr(settings, key, getattr(args, key))
+    return detach_all(settings)
+
+
 def cmd_run(args) -> int:
     from control.node.config import Settings, SettingsError
     from control.node.daemon import run
 
     if args.verbose == 0:  # a daemon reports what it does: INFO unless asked otherwise
         logging.getLogger().setLevel(logging.INFO)
+    if args.detach_all:
+        return _detach_all(args)
     try:
         settings = Settings.from_args(args)
     except SettingsError as e:
@@ -332,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bpf-dir", metavar="DIR", help="bpffs directory of the maps that outlive the daemon (default /sys/fs/bpf/mcnp)")
     r.add_argument("--no-dataplane", action="store_true", default=False,
                    help="watch, explain and serve the page only: hook no pod, enforce nothing")
+    r.add_argument("--detach-all", action="store_true", default=False,
+                   help="take mcnp off this node: detach its hooks from every pod interface, remove its "
+                        "pinned maps, and exit (pods then flow on the CNI's path, unfiltered)")
     r.add_argument("--api-listen", metavar="HOST:PORT", help="REST endpoint (default 127.0.0.1:9901; unix:PATH also works)")
     r.add_argument("--default-peer-scope", choices=("local", "clusterset"), default=None,
                    help="scope of peers whose selectors do not mention the multi-cluster key (default: local)")

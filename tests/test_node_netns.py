@@ -324,3 +324,23 @@ def test_connections_through_a_cluster_ip_are_judged_against_the_backend(tmp_pat
     finally:
         if testbed.load_state(state_dir) is not None:
             testbed.down(state_dir, log=lambda m: None)
+
+
+def test_detach_all_takes_mcnp_off_the_node(bed):
+    """The operator's way off a node: every hook gone, the maps unpinned, the pods on the
+    CNI's path (unfiltered: a connection the policy denied now gets through)."""
+    import subprocess
+    import sys
+
+    state, pods, node_key, _ = bed
+    node = state["nodes"][node_key]
+    assert not connects(pods["c"], IPS["b"], 80)
+    exe = os.path.join(os.path.dirname(sys.executable), "mcnp")
+    res = subprocess.run([exe, "run", "--detach-all", "--netns", node["netns"], "--state-dir",
+                          node["daemon_state_dir"], "--bpf-dir", node["bpf_dir"]],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "detached 6 hook(s)" in res.stdout and "removed 4 pinned map(s)" in res.stdout
+    for ns in list(pods.values()) + [node["netns"]]:
+        assert "prog/xdp" not in nu.ip("-d", "link", ns=ns).stdout
+    assert connects(pods["c"], IPS["b"], 80)

@@ -20,6 +20,7 @@ addresses are in the tables in force, and fail-closed before.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import ipaddress
@@ -215,3 +216,50 @@ class Attacher:
     def status(self) -> dict:
         return {"pods": {cid: self.ref_of(sb) for cid, sb in self.sandboxes.items()},
                 "failures": dict(self.failures)}
+
+
+def detach_all(settings, out=print) -> int:
+    """``mcnp run --detach-all``: take mcnp's hooks off every pod interface of this node
+    (node-side ends in the node's namespace, pod ends in every recorded or findable pod
+    namespace) and remove its pinned maps. The pods' traffic then flows on the CNI's
+    path, unfiltered; connections are not cut. Exit code 0, or 1 if any hook stayed."""
+    from fastpath.kernel import Kernel
+    from fastpath.netlink import links
+    from fastpath.netns import Namespace
+
+    def sweep(ns: Optional[Namespace], where: str) -> tuple[int, int]:
+        done = failed = 0
+        try:
+            ctx = ns.entered() if ns is not None else contextlib.nullcontext()
+            with ctx:
+                for link in links():
+                    if Kernel.hooked(link.name):
+                        try:
+                            done += Kernel.detach(link.name)
+                        except OSError as e:
+                            failed += 1
+                            out(f"{where} {link.name}: {e}")
+        except OSError as e:
+            out(f"{where}: cannot enter ({e})")
+        return done, failed
+
+    node = Namespace.from_name(settings.netns) if settings.netns else None
+    done, failed = sweep(node, "node")
+    paths = {sb.netns for sb in load_sandboxes(settings.state_dir)}
+    for directory in NETNS_DIRS:
+        with contextlib.suppress(OSError):
+            paths |= {os.path.join(directory, name) for name in os.listdir(directory)}
+    for path in sorted(paths):
+        with contextlib.suppress(OSError), Namespace.from_path(path) as ns:
+            d, f = sweep(ns, path)
+            done, failed = done + d, failed + f
+    if node is not None:
+        node.close()
+    removed = []
+    for name in ("flows_v1", "pods_v1", "node_addrs_v1", "config_v1"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(settings.bpf_dir, name))
+            removed.append(name)
+    out(f"detached {done} hook(s){f', {failed} could not be' if failed else ''}; "
+        f"removed {len(removed)} pinned map(s) from {settings.bpf_dir}")
+    return 1 if failed else 0
