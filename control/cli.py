@@ -301,6 +301,12 @@ def cmd_testbed(args) -> int:
     return testbed.down()
 
 
+def cmd_cni(args) -> int:  # reached only through main(), which hands the arguments over
+    from control.node.cni_install import main as install_main
+
+    return install_main(args.args)
+
+
 def cmd_demo(args) -> int:
     from control.lab.demo import main as demo_main
 
@@ -372,6 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="two clusters, a daemon per node, real connections, a live policy change")
     d.add_argument("--keep", action="store_true", help="leave the testbed up at the end (tear down with `mcnp testbed down`)")
     d.set_defaults(func=cmd_demo)
+
+    n = sub.add_parser("cni", help="chain mcnp-cni into the node's CNI configuration, or take it out (the DaemonSet's installer)",
+                       add_help=False)
+    n.add_argument("args", nargs=argparse.REMAINDER, help="install [--watch] | uninstall [--hold] [--remove-binary] (see `mcnp cni --help`)")
+    n.set_defaults(func=cmd_cni)
 
     c = sub.add_parser("completion", help="print a shell completion script (source <(mcnp completion bash))")
     c.add_argument("shell", choices=("bash",), help="the shell to complete for")
@@ -505,6 +516,11 @@ def bash_completion(parser: argparse.ArgumentParser) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["cni"]:  # the installer has its own parser and flags
+        from control.node.cni_install import main as install_main
+
+        return install_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
