@@ -24,13 +24,18 @@ def mac_bytes(mac: str | int | bytes) -> bytes:
     return bytes(int(x, 16) for x in mac.split(":"))
 
 
-def _csum(data: bytes) -> int:
+def inet_sum(data: bytes) -> int:
+    """The folded one's-complement sum of 16-bit words (RFC 1071), odd length padded."""
     if len(data) % 2:
         data += b"\0"
     s = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while s >> 16:
         s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
+    return s
+
+
+def _csum(data: bytes) -> int:
+    return ~inet_sum(data) & 0xFFFF
 
 
 def _crc32c(data: bytes) -> int:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import threading
+from typing import Callable
 
 import pytest
 import yaml
@@ -176,16 +177,22 @@ class FakeDataplane:
         return getattr(self, "dead", None)
 
 
-def test_a_dead_packet_loop_makes_the_daemon_unready_and_fail(tmp_path):
-    specs = write_world(str(tmp_path))
-    planes = []
+def with_fake_dataplane(tmp_path) -> tuple[Settings, list[FakeDataplane], Callable]:
+    """Settings of a daemon that enforces, on the test world, and a factory that makes
+    its dataplanes fakes (listed in the order they were made)."""
+    planes: list[FakeDataplane] = []
 
     def factory(settings):
         planes.append(FakeDataplane(settings))
         return planes[-1]
 
-    settings = dir_settings(specs, dataplane=True, state_dir=str(tmp_path / "state"),
+    settings = dir_settings(write_world(str(tmp_path)), dataplane=True, state_dir=str(tmp_path / "state"),
                             cni_socket=str(tmp_path / "cni.sock"))
+    return settings, planes, factory
+
+
+def test_a_dead_packet_loop_makes_the_daemon_unready_and_fail(tmp_path):
+    settings, planes, factory = with_fake_dataplane(tmp_path)
 
     async def main():
         async with running(settings, compiler=RecordingCompiler(), dataplane_factory=factory) as (daemon, client):
@@ -201,16 +208,8 @@ def test_a_dead_packet_loop_makes_the_daemon_unready_and_fail(tmp_path):
 
 
 def test_compile_runs_off_the_event_loop_and_publishes_to_the_dataplane(tmp_path):
-    specs = write_world(str(tmp_path))
+    settings, planes, factory = with_fake_dataplane(tmp_path)
     compiler = RecordingCompiler()
-    planes = []
-
-    def factory(settings):
-        planes.append(FakeDataplane(settings))
-        return planes[-1]
-
-    settings = dir_settings(specs, dataplane=True, state_dir=str(tmp_path / "state"),
-                            cni_socket=str(tmp_path / "cni.sock"))
 
     async def main():
         async with running(settings, compiler=compiler, dataplane_factory=factory) as (daemon, client):

@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 from fastpath import parse
 from fastpath.parse import ParsedBatch, fix_l4_checksums, parse_batch
 
+from .frames import inet_sum
+
 MAC_A = bytes.fromhex("020000000001")
 MAC_B = bytes.fromhex("020000000002")
 V4_A, V4_B = "198.18.0.1", "198.18.0.2"
@@ -315,15 +317,6 @@ def test_batch_larger_than_capacity_is_refused():
 
 
 # ---- checksums ----------------------------------------------------------------
-
-def inet_sum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
-
 
 def pseudo(frame_l3: bytes, family: int, proto: int, l4_len: int) -> bytes:
     if family == 4:

@@ -368,15 +368,26 @@ def seed(server: FakeApiServer, pods: int = 3) -> None:
     server.apply(make_policy("x", "deny", {}, ingress=[]))
 
 
+def seeded() -> FakeApiServer:
+    """A fake API server holding namespace x, pods p0..p2 and a deny-all policy."""
+    server = FakeApiServer()
+    seed(server)
+    return server
+
+
 async def until(predicate, timeout: float = 3.0):
     async def check():
         return predicate()
     return await eventually(check, timeout=timeout, interval=0.01)
 
 
+async def until_watching(server: FakeApiServer, sink) -> None:
+    """Until the source has listed every kind and watches each of them."""
+    await until(lambda: sink.status.ready and server.open_watches == len(KINDS))
+
+
 def test_list_then_watch_adds_modifies_and_deletes(tmp_path):
-    server = FakeApiServer()
-    seed(server)
+    server = seeded()
 
     async def main():
         async with kube(tmp_path, server) as (source, sink):
@@ -397,12 +408,11 @@ def test_list_then_watch_adds_modifies_and_deletes(tmp_path):
 
 
 def test_bookmark_moves_the_resume_point(tmp_path):
-    server = FakeApiServer()
-    seed(server)
+    server = seeded()
 
     async def main():
         async with kube(tmp_path, server) as (source, sink):
-            await until(lambda: sink.status.ready and server.open_watches == len(KINDS))
+            await until_watching(server, sink)
             server.apply(make_namespace("unrelated"))  # bumps the version; pods see nothing
             server.bookmark()
             bookmark_rv = str(server.rv)
@@ -418,12 +428,11 @@ def test_bookmark_moves_the_resume_point(tmp_path):
 
 
 def test_gone_relists_and_sees_what_happened_meanwhile(tmp_path):
-    server = FakeApiServer()
-    seed(server)
+    server = seeded()
 
     async def main():
         async with kube(tmp_path, server) as (source, sink):
-            await until(lambda: sink.status.ready and server.open_watches == len(KINDS))
+            await until_watching(server, sink)
             # Events happen while the client is cut off, then history is compacted.
             server.withhold = True
             server.apply(make_pod("x", "late", "198.18.2.50"))
@@ -438,12 +447,11 @@ def test_gone_relists_and_sees_what_happened_meanwhile(tmp_path):
 
 
 def test_dropped_connection_reconnects_without_relisting(tmp_path):
-    server = FakeApiServer()
-    seed(server)
+    server = seeded()
 
     async def main():
         async with kube(tmp_path, server) as (source, sink):
-            await until(lambda: sink.status.ready and server.open_watches == len(KINDS))
+            await until_watching(server, sink)
             for _ in range(3):
                 before = len(server.requests)
                 server.drop_watches()
@@ -474,12 +482,11 @@ def test_slow_and_failing_responses_are_waited_out(tmp_path):
 
 
 def test_outage_keeps_state_and_reconnects(tmp_path):
-    server = FakeApiServer()
-    seed(server)
+    server = seeded()
 
     async def main():
         async with kube(tmp_path, server) as (source, sink):
-            await until(lambda: sink.status.ready and server.open_watches == len(KINDS))
+            await until_watching(server, sink)
             await server.stop()
             await until(lambda: not sink.status.connected)
             assert len(sink.pods) == 3  # fail-static
@@ -492,8 +499,7 @@ def test_outage_keeps_state_and_reconnects(tmp_path):
 
 
 def test_cluster_property_must_name_the_cluster(tmp_path):
-    server = FakeApiServer()
-    seed(server)
+    server = seeded()
     server.cluster_property = "someone-else"
 
     async def main():
@@ -506,8 +512,7 @@ def test_cluster_property_must_name_the_cluster(tmp_path):
 
 
 def test_credentials_are_never_logged(tmp_path, caplog):
-    server = FakeApiServer()
-    seed(server)
+    server = seeded()
     server.fail_next = 2
 
     async def main():
@@ -541,12 +546,11 @@ def test_unreadable_kubeconfig_is_reported_by_name(tmp_path):
 
 
 def test_a_crashing_kube_source_is_reported_and_restarted(tmp_path):
-    server = FakeApiServer()
-    seed(server)
+    server = seeded()
 
     async def main():
         async with kube(tmp_path, server) as (source, sink):
-            await until(lambda: sink.status.ready and server.open_watches == len(KINDS))
+            await until_watching(server, sink)
             real = source._event
 
             def event(kind, ev, rv):
@@ -595,8 +599,7 @@ def test_a_password_in_a_malformed_server_url_is_never_shown(tmp_path, caplog):
 
 
 def test_services_and_endpoint_slices_are_listed_and_watched(tmp_path):
-    server = FakeApiServer()
-    seed(server)
+    server = seeded()
     server.apply(make_service("x", "api", "198.19.254.10", [("http", 80, "TCP")]))
     server.apply(make_slice("x", "api-1", "api", [("http", 8080, "TCP")], ["198.18.2.1"]))
 
@@ -605,7 +608,7 @@ def test_services_and_endpoint_slices_are_listed_and_watched(tmp_path):
             def entries():
                 return [(e["service"], e["endpoints"], e["defer"]) for e in services_for(sink.store.snapshot(1).cset, "c2")]
 
-            await until(lambda: sink.status.ready and server.open_watches == len(KINDS))
+            await until_watching(server, sink)
             assert entries() == [("c2/x/api", [["198.18.2.1", 8080]], True)]
             assert {"Service", "EndpointSlice"} <= {what for what, _ in server.requests}
             server.apply(make_slice("x", "api-1", "api", [("http", 8080, "TCP")], ["198.18.2.1", ("198.18.2.2", False)]))
