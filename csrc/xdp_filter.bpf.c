@@ -355,7 +355,10 @@ static __always_inline int to_userspace(void)
 	return count(action == XDP_REDIRECT ? MCNP_K_REDIRECT : MCNP_K_DROP_NO_SOCKET, action);
 }
 
-SEC("xdp")
+/* Frags-aware: it reads only the headers, which are always in the linear part, so
+ * the kernel need not linearize a GSO packet for it (generic mode) and may attach
+ * it to interfaces whose MTU exceeds a page (native mode). */
+SEC("xdp.frags")
 int mcnp_hook(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
