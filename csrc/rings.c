@@ -422,6 +422,14 @@ static void drain_rings(struct mcnp_port *p)
         pool_put(p->u, *xsk_ring_prod__fill_addr(&p->fill, i));
     p->st.fill_outstanding = 0;
     mcnp_port_reap(p);
+    /* Frames queued for transmission that never completed (the interface went down,
+     * the socket closed first): the last tx_outstanding descriptors before the
+     * producer.  Copy mode copied whatever the kernel took, so after the socket is
+     * closed every one of them is the pool's again (pool_put refuses one it has). */
+    prod = p->tx.cached_prod;
+    for (i = prod - p->st.tx_outstanding; i != prod; i++)
+        pool_put(p->u, xsk_ring_prod__tx_desc(&p->tx, i)->addr);
+    p->st.tx_outstanding = 0;
 }
 
 int mcnp_port_open(struct mcnp_port **out, struct mcnp_umem *u, const char *ifname,
@@ -461,10 +469,10 @@ void mcnp_port_close(struct mcnp_port *p)
     if (p->fd >= 0 && p->st.tx_outstanding)
         kick(p); /* let queued frames go out and come back to the pool */
     if (p->fd >= 0) {
+        close(p->fd); /* the kernel lets go of the rings' frames; the maps stay readable */
+        p->fd = -1;
         drain_rings(p);
         unmap_rings(p);
-        close(p->fd);
-        p->fd = -1;
         p->u->nports--;
     }
     free(p);

@@ -206,3 +206,23 @@ def test_sockets_on_interfaces_with_the_same_index_in_two_namespaces():
             px.close()
             py.close()
             assert umem.free_frames == 512
+
+
+def test_a_failing_transmit_stays_that_sockets_fault(two_hosts):
+    """A kick the kernel refuses (the interface went down) is counted on its socket and
+    returns the frames queued; it never raises out of the batch (one pod's fault must not
+    stop the node's packet loop)."""
+    node, _, _ = two_hosts
+    frame = np.frombuffer(_arp_request(bytes.fromhex("02000000aa01")), np.uint8)
+    with rings.Umem(frames=256, ring_size=64) as umem:
+        with nu.in_netns(node):
+            port = rings.Port(umem, "pa", fill=16)
+        nu.ip("link", "set", "pa", "down", ns=node)
+        addrs = umem.alloc(8)
+        for addr in addrs:
+            umem.buf[int(addr):int(addr) + len(frame)] = frame
+        queued = port.tx(addrs, np.full(len(addrs), len(frame), np.uint32))
+        assert queued == 8
+        assert port.stats()["kick_errors"] >= 1
+        port.close()
+        assert umem.free_frames == 256  # nothing lost on the way
