@@ -8,14 +8,20 @@ boundary through shared memory without pickling arrays (:meth:`PolicyTables.pack
 
 How a packet is judged (``fastpath.match``) — the arrays, in the order they are used:
 
+Slots, in this order: ``m`` ipBlock intervals (slot = interval index), then one per
+identity (slot ``m + identity``: a pod), then one per address that two clusters claim
+and a local pod is among the claimants (rule M8: judged as that pod when it is the
+subject, as its interval when it is the peer). ``slots`` is their total.
+
 ``ip_keys`` ``uint8[n, 16]`` sorted, ``ip_slot`` ``int32[n]``
     Exact lookup of an address (IPv4 as IPv4-mapped IPv6, network order) to its
-    *slot*: the identity (pod) that alone owns it. Addresses claimed by two pods are
-    absent (rule M8: they are unknown addresses). ``ip_hash_keys``/``ip_hash_slot``
-    hold the same map as a hash table (:func:`build_ip_hash`) for the C kernel.
+    *slot*: the identity (pod) that alone owns it, or the extra slot of a conflicted
+    local address. Other addresses claimed by two pods are absent (rule M8: they are
+    unknown addresses). ``ip_hash_keys``/``ip_hash_slot`` hold the same map as a hash
+    table (:func:`build_ip_hash`, -1 marks an empty bucket) for the C kernel.
 ``net_bounds`` ``uint8[m, 16]`` sorted, first entry all zero
     Interval starts over every ipBlock boundary. An address not in ``ip_keys`` gets
-    slot ``n_identities + interval``.
+    the slot of the interval it falls in.
 ``port_bounds`` ``int32[k]`` sorted, first entry 0; ``proto_index`` ``int8[256]``
     Port atoms: the key ``proto_index[proto] << 16 | port`` (TCP 0, UDP 1, SCTP 2,
     every other protocol 3 with port 0) falls into one interval ``patom``.
@@ -28,6 +34,9 @@ How a packet is judged (``fastpath.match``) — the arrays, in the order they ar
 
 Egress: ``eg_ports[eg_cell[eg_class[src], eg_atom[dst]], patom]``; ingress the same
 with ``in_*`` and the roles of source and destination swapped.
+
+``local_ips`` ``uint8[l, 16]`` sorted: the addresses of the endpoints judged on their
+own side here (:meth:`PolicyTables.local_endpoint_ips`); not used by the lookup.
 """
 
 from __future__ import annotations
