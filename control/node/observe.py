@@ -76,7 +76,7 @@ def stream(node: str, params: dict[str, Any]) -> Iterator[dict]:
         if not resp.headers.get("Content-Type", "").startswith("application/x-ndjson"):
             body = json.loads(resp.read())
             if not body.get("dataplane"):
-                logger.warning("%s has no pod ports attached: it records no verdicts", node)
+                logger.warning("%s runs no packet loop (--no-dataplane): it records no verdicts", node)
             yield from body.get("verdicts", [])
             return
         while True:
