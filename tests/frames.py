@@ -1,16 +1,13 @@
-"""Frame crafting for tests and benchmarks: exact Ethernet frames with correct
-checksums (:func:`frame`, :func:`arp_request`) and :class:`FrameBuffer`, frames laid
-out as the packet loop gets them from the UMEM (offset, length), so parser and
-pipeline can be driven without sockets."""
+"""Frame crafting for tests: exact Ethernet frames with correct
+checksums (:func:`frame`, :func:`arp_request`), so parser, hooks and pipeline can be
+driven with frames whose every byte is known."""
 
 from __future__ import annotations
 
 import ipaddress
 import socket
 import struct
-import time
 
-import numpy as np
 
 # ---------------------------------------------------------------------------
 # frame crafting
@@ -110,30 +107,3 @@ def arp_request(src_mac, src_ip: str, target_ip: str) -> bytes:
                        socket.inet_aton(src_ip), b"\0" * 6, socket.inet_aton(target_ip))
     f = b"\xff" * 6 + mac_bytes(src_mac) + b"\x08\x06" + body
     return f + b"\0" * (60 - len(f))
-
-
-class FrameBuffer:
-    """Frames laid out in one numpy buffer as (address, length) descriptors.
-
-    The same shape the packet loop gets from the UMEM, so the parser and the
-    pipeline can be driven without sockets.  ``frame_size``
-    bounds each frame; ``spare`` extra frame slots are kept free for copies.
-    """
-
-    def __init__(self, frames: list[bytes], frame_size: int = 2048, spare: int = 0):
-        total = len(frames) + spare
-        self.frame_size = frame_size
-        self.buf = np.zeros(max(total, 1) * frame_size, dtype=np.uint8)
-        self.addrs = np.arange(len(frames), dtype=np.uint64) * np.uint64(frame_size)
-        self.lens = np.zeros(len(frames), dtype=np.uint32)
-        for i, f in enumerate(frames):
-            f = f[:frame_size]
-            a = int(self.addrs[i])
-            self.buf[a:a + len(f)] = np.frombuffer(f, dtype=np.uint8)
-            self.lens[i] = len(f)
-        self.free = list(range(len(frames) * frame_size, total * frame_size, frame_size))
-
-    def bytes_of(self, addr: int, length: int) -> bytes:
-        return self.buf[int(addr):int(addr) + int(length)].tobytes()
-
-
