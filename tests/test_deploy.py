@@ -300,7 +300,7 @@ def test_pod_runs_on_the_host_network_with_exactly_the_documented_capabilities()
     added = {f"CAP_{c}" for c in sc["capabilities"]["add"]}
     documented = documented_capabilities()
     assert added == documented, f"manifest adds {sorted(added)}, README documents {sorted(documented)}"
-    # And the design's measured list (DESIGN.md §3) is what the README documents.
+    # And it is the list shown necessary and sufficient (deploy/README.md, Privileges).
     # CAP_SYS_ADMIN: the pod's end of its veth is hooked from inside its namespace; it
     # also grants what CAP_BPF would (the kernel's bpf_capable()), so that one is not added.
     assert documented == {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_SYS_ADMIN"}
