@@ -68,6 +68,7 @@ RTT_GAP_S = 0.002
 RTT_TIMEOUT_S = 1.0
 FLOW_SPORT = 4000
 READY_TIMEOUT = 180.0
+UP_ATTEMPTS = 2
 SENDER_REF = f"{nb.CLUSTER}/{nb.NAMESPACE}/{nb.SENDER[0]}"
 RECEIVER_REF = f"{nb.CLUSTER}/{nb.NAMESPACE}/{nb.RECEIVER[0]}"
 
@@ -118,7 +119,7 @@ def pin_session(leader: int, cpu: int) -> None:
 
 
 @contextlib.contextmanager
-def testbed(mode: str, policies: int, workdir: str, tag: str):
+def node_testbed(mode: str, policies: int, workdir: str, tag: str):
     """``mcnp testbed up`` (ptp) for the body with ``policies`` policies, its pods'
     and daemons' processes pinned to ``RECV_CPU``; always taken down."""
     from control.lab import state as st, testbed as tb
@@ -126,8 +127,14 @@ def testbed(mode: str, policies: int, workdir: str, tag: str):
     nb.write_world(cluster_dir, policies)
     state_dir = os.path.join(workdir, f"state-{tag}")
     prefix = f"nb{os.getpid() % 100000}{tag}-"
-    rc = tb.up([(nb.CLUSTER, cluster_dir)], mode=mode, cni="ptp", prefix=prefix, state_dir=state_dir,
-               log=logger.info, ready_timeout=READY_TIMEOUT)
+    rc = 1
+    for attempt in range(UP_ATTEMPTS):  # a failed up removes what it made; try once more
+        rc = tb.up([(nb.CLUSTER, cluster_dir)], mode=mode, cni="ptp", prefix=prefix, state_dir=state_dir,
+                   log=logger.info, ready_timeout=READY_TIMEOUT)
+        if rc == 0:
+            break
+        logger.warning("testbed up (%s, %d policies) failed with code %d (attempt %d)", mode, policies, rc, attempt + 1)
+        time.sleep(5)
     try:
         if rc != 0:
             raise nb.BenchError(f"testbed up ({mode}, {policies} policies) failed with code {rc}")
@@ -278,11 +285,11 @@ def comparison_round(rnd: int, policies: int, programs: dict, workdir: str) -> l
     baseline = [c for c in nb.order(rnd) if c != "mcnp"]
     for config in nb.order(rnd):
         if config == "mcnp":
-            with testbed("mcnp", policies, workdir, f"m{rnd}") as bed:
+            with node_testbed("mcnp", policies, workdir, f"m{rnd}") as bed:
                 records += measure(bed, "mcnp", policies, rnd, programs)
         elif config == baseline[0]:
             tag = f"n{rnd}"
-            with testbed("none", policies, workdir, tag) as bed:
+            with node_testbed("none", policies, workdir, tag) as bed:
                 for c in baseline:
                     if c == "xdp-pass":
                         with xdp.pass_hooks(programs["pass"], bed.veth_ends()):
@@ -449,7 +456,7 @@ def add_and_wait(bed: Bed, i: int) -> dict:
 
 def run_adds() -> dict:
     with tempfile.TemporaryDirectory(prefix="mcnp-nodebench-") as workdir:
-        with testbed("mcnp", 10, workdir, "add") as bed:
+        with node_testbed("mcnp", 10, workdir, "add") as bed:
             times = [add_and_wait(bed, i) for i in range(ADD_PODS)]
     enforced = [t["enforced_ms"] for t in times]
     adds = [t["add_ms"] for t in times]
