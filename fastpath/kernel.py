@@ -235,10 +235,6 @@ class Kernel:
             cfg.timeout_ns[i] = int(timeouts[name] * 1e9)
         _check(lib.mcnp_config_set(self._c, cfg), "setting the hooks' config")
 
-    def config_revision(self) -> int:
-        _check(lib.mcnp_config_get(self._c, self._cfg), "reading the hooks' config")
-        return int(self._cfg.revision)
-
     def kstats(self) -> dict[str, int]:
         _check(lib.mcnp_kstats(self._c, self._kstats), "reading the hooks' counters")
         return dict(zip(KSTATS, (int(v) for v in self._kstats)))

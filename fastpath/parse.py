@@ -126,16 +126,6 @@ class ParsedBatch:
         modules that parse into them (``fastpath.loop``)."""
         return int(ffi.cast("uintptr_t", self._c))
 
-    def malformed(self) -> np.ndarray:
-        """Boolean mask of the last batch's malformed frames (length ``n``)."""
-        return self.status[: self.n] >= MALFORMED_MIN
-
-    def status_counts(self) -> dict[str, int]:
-        """Frames of the last batch per status name (for counters)."""
-        counts = np.bincount(self.status[: self.n], minlength=MALFORMED_MIN + 16)
-        return {STATUS_NAMES.get(code, f"status_{code}"): int(c)
-                for code, c in enumerate(counts) if c}
-
 
 def _u8_buffer(buf):
     """cdata over a contiguous byte buffer (numpy uint8 array, bytes, bytearray)."""

@@ -98,10 +98,13 @@ class Dataplane:
         "mac"}}`` for those found behind a veth of this node."""
         return self._ask("discover", {"ips": ips, "dirs": netns_dirs}, timeout=timeout)
 
-    def publish(self, tables, pods: dict[str, dict], services: list[dict] | None = None) -> None:
+    def publish(self, tables, pods: dict[str, dict], services: list[dict] | None = None,
+                audit_tables=None) -> None:
         """Hand over a tables revision, what each attached pod is in it (``{sandbox:
-        {"ref", "ips", "ready"}}``) and the Service addresses."""
-        self._pub.publish(tables, {"pods": pods, "services": services or []})
+        {"ref", "ips", "ready"}}``) and the Service addresses; in audit mode also
+        ``audit_tables`` (every policy: what full enforcement would do), against which
+        new flows ``tables`` admit are judged again and recorded as "would deny"."""
+        self._pub.publish(tables, {"pods": pods, "services": services or []}, audit_tables)
         self._tables = tables
 
     def ready(self) -> bool:
@@ -375,7 +378,7 @@ class _Worker:
 
     def _do_discover(self, request: dict) -> dict:
         wanted, found = set(request["ips"]), {}
-        node = {link.index: link.name for link in links()}
+        node = {link.index: link for link in links()}
         for directory in request["dirs"]:
             try:
                 names = sorted(os.listdir(directory))
@@ -390,9 +393,11 @@ class _Worker:
                     continue
                 for ip, index in addrs:
                     link = pod_links.get(index)
-                    if ip in wanted and ip not in found and link and link.peer_index in node:
+                    peer = node.get(link.peer_index) if link else None
+                    # a veth whose two ends name each other: this node's end of that pod
+                    if ip in wanted and ip not in found and peer and peer.peer_index == link.index:
                         found[ip] = {"id": f"netns-{name}", "netns": path, "ifname": link.name,
-                                     "host_ifname": node[link.peer_index], "mac": link.mac}
+                                     "host_ifname": peer.name, "mac": link.mac}
         return found
 
     def _do_detach(self, sandbox_id: str) -> bool:
@@ -418,9 +423,10 @@ class _Worker:
     def _take_tables(self) -> None:
         gen, header, data, extra, hits = self.reader.take()
         tables = self._unpack(header, data)
+        audit = self._unpack(*self.reader.audit) if self.reader.audit is not None else None
         self.pods_extra = extra.get("pods", {})
         self.loop.pipeline.set_services(extra.get("services", []))
-        self.loop.set_tables(tables, self.timeouts, hits)
+        self.loop.set_tables(tables, self.timeouts, hits, audit)
         for sandbox, h in self.loop.pods.items():
             info = self.pods_extra.get(sandbox, {})
             ips = info.get("ips") or h.ips

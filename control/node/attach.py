@@ -28,7 +28,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Optional
 
-from control.node.cni import CniError, Sandbox, load_sandboxes, remove_sandbox
+from control.node.cni import CniError, Sandbox, load_sandboxes, remove_sandbox, save_sandbox
 
 if TYPE_CHECKING:  # pragma: no cover
     from control.node.daemon import Daemon
@@ -175,6 +175,7 @@ class Attacher:
                     logger.error("Pod %s found at %s could not be hooked: %s", pod.ref, sb.netns, e)
                     continue
                 self.sandboxes[sb.container_id] = sb
+                save_sandbox(self.daemon.settings.state_dir, sb)  # a restart or --detach-all finds it
                 logger.info("Pod %s found without a sandbox record (at %s) and hooked.", pod.ref, sb.netns)
 
     # -- what the packet loop is told ------------------------------------------------------
@@ -245,10 +246,9 @@ def detach_all(settings, out=print) -> int:
 
     node = Namespace.from_name(settings.netns) if settings.netns else None
     done, failed = sweep(node, "node")
+    # The pods' own ends: only the sandboxes this node recorded (found pods are recorded
+    # too). Never every namespace of the machine: another node's pods may live there.
     paths = {sb.netns for sb in load_sandboxes(settings.state_dir)}
-    for directory in NETNS_DIRS:
-        with contextlib.suppress(OSError):
-            paths |= {os.path.join(directory, name) for name in os.listdir(directory)}
     for path in sorted(paths):
         with contextlib.suppress(OSError), Namespace.from_path(path) as ns:
             d, f = sweep(ns, path)
