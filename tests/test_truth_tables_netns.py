@@ -26,13 +26,13 @@ E2E = [p for p in case_files("netpol-e2e") if any(k in os.path.basename(p) for k
 MULTICLUSTER = case_files("multicluster")
 
 
-def run_case(path, tmp_path):
+def run_case(path, tmp_path, cni="ptp"):
     case = load_case(path)
     specs = write_case(case, str(tmp_path / "clusters"))
     prefix = f"mcnpt-{os.getpid()}-tt-"
     state_dir = str(tmp_path / "testbed")
     log = []
-    code = testbed.up(specs, mode="mcnp", log=log.append, prefix=prefix, state_dir=state_dir)
+    code = testbed.up(specs, mode="mcnp", cni=cni, log=log.append, prefix=prefix, state_dir=state_dir)
     try:
         assert code == 0, "\n".join(log)
         state = testbed.load_state(state_dir)
@@ -58,6 +58,9 @@ def test_e2e_truth_table_with_real_connections(path, tmp_path):
 
 
 @pytest.mark.MultiClusterNetworkPolicyLabelExtensions
+@pytest.mark.parametrize("cni", ["ptp", "bridge"])
 @pytest.mark.parametrize("path", MULTICLUSTER, ids=[os.path.basename(p)[:-5] for p in MULTICLUSTER])
-def test_multicluster_truth_table_with_real_connections(path, tmp_path):
-    run_case(path, tmp_path)
+def test_multicluster_truth_table_with_real_connections(path, tmp_path, cni):
+    """Both kinds of CNI: routed (ptp) and one L2 segment (bridge), where broadcasts and
+    ARP reach every pod of a node."""
+    run_case(path, tmp_path, cni)
