@@ -344,3 +344,57 @@ def test_detach_all_takes_mcnp_off_the_node(bed):
     for ns in list(pods.values()) + [node["netns"]]:
         assert "prog/xdp" not in nu.ip("-d", "link", ns=ns).stdout
     assert connects(pods["c"], IPS["b"], 80)
+
+
+@pytest.mark.parametrize("bed", ["ptp", "bridge"], indirect=True)
+def test_flow_counters_agree_with_what_was_carried_and_new_tables_cut_flows(bed):
+    """Ten UDP echoes on one admitted flow are ten packets each way in both pods' views of
+    it (the kernel carried all but the first); then new tables that deny an established
+    TCP connection stop it at once, while the connection they still admit goes on."""
+    state, pods, node_key, state_dir = bed
+    rx = _sock(pods["a"], kind=socket.SOCK_DGRAM)
+    with rx:
+        rx.settimeout(1.0)
+        for i in range(10):
+            rx.sendto(b"%02d" % i, (IPS["c"], 53))
+            assert rx.recv(64) == b"%02d" % i
+        sport = rx.getsockname()[1]
+    _, flows = testbed.api_get(node_key, "/v1/flows?limit=1000", state_dir=state_dir)
+    mine = [f for f in flows["flows"] if f["protocol"] == "UDP" and f["sport"] == sport]
+    assert sorted(f["pod"] for f in mine) == ["c1/x/a", "c1/x/c"]
+    assert all(f["packets"] == [10, 10] for f in mine), mine
+
+    servers = [Echo(pods["b"], IPS["b"], 81)]
+    for s in servers:
+        s.start()
+    try:
+        conn = _sock(pods["a"])
+        conn.settimeout(3)
+        conn.connect((IPS["b"], 81))
+        assert echo(conn, b"before")
+        _, before = testbed.api_get(node_key, "/v1/tables", state_dir=state_dir)
+        objects = os.path.join(state["clusters"][0][1], "objects.yaml")
+        text = open(objects).read().replace("{protocol: TCP, port: 80}, {protocol: TCP, port: 81}",
+                                            "{protocol: TCP, port: 80}")
+        tmp = objects + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.rename(tmp, objects)  # the safe way to change a watched file
+        deadline = time.monotonic() + 10
+        while True:
+            _, now = testbed.api_get(node_key, "/v1/tables", state_dir=state_dir)
+            _, stats = testbed.api_get(node_key, "/v1/stats", state_dir=state_dir)
+            dp = stats["dataplane"]
+            if now["compiled_revision"] > before["compiled_revision"] and \
+                    dp["generation_in_force"] == dp["published_generation"]:
+                break
+            assert time.monotonic() < deadline, "the change did not come into force"
+            time.sleep(0.05)
+        assert not echo(conn, b"after"), "a flow the new tables deny must stop at the swap"
+        conn.close()
+        assert not connects(pods["a"], IPS["b"], 81)
+        assert connects(pods["a"], IPS["b"], 80)
+    finally:
+        for s in servers:
+            s.stop.set()
+            s.join(2)
