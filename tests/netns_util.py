@@ -121,3 +121,14 @@ def in_netns(name: str):
     """Switch this thread into namespace ``name``; always switch back."""
     with Namespace.from_name(name) as space, space.entered():
         yield
+
+
+def echo_ok(conn, payload: bytes = b"ping", timeout: float = 2.0) -> bool:
+    """Send ``payload`` on a connected TCP socket and whether the same bytes came back
+    within ``timeout`` (an echo server at the other end)."""
+    conn.settimeout(timeout)
+    try:
+        conn.sendall(payload)
+        return conn.recv(64) == payload
+    except OSError:
+        return False

@@ -176,15 +176,6 @@ def tcp_connect(ns, ip, port, timeout):
     return c
 
 
-def echo_ok(c, payload=b"ping", timeout=2.0):
-    c.settimeout(timeout)
-    try:
-        c.sendall(payload)
-        return c.recv(64) == payload
-    except OSError:
-        return False
-
-
 def udp_echo(ns, ip, port, timeout):
     with nu.in_netns(ns):
         c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -213,7 +204,7 @@ def test_tcp_and_udp_allowed_denied_and_replies(net):
     with server(hosts["b"], IPS["b"], 8080, "tcp"), server(hosts["b"], IPS["b"], 9090, "tcp"), \
             server(hosts["b"], IPS["b"], 5353, "udp"), server(hosts["a"], IPS["a"], 7070, "tcp"):
         c = tcp_connect(hosts["a"], IPS["b"], 8080, 3)
-        assert c is not None and echo_ok(c)
+        assert c is not None and nu.echo_ok(c)
         c.close()
         assert tcp_connect(hosts["a"], IPS["b"], 9090, DENY_WAIT) is None   # port not allowed
         assert tcp_connect(hosts["c"], IPS["b"], 8080, DENY_WAIT) is None   # peer not allowed
@@ -221,7 +212,7 @@ def test_tcp_and_udp_allowed_denied_and_replies(net):
         assert not udp_echo(hosts["c"], IPS["b"], 5353, DENY_WAIT)
         # b's egress and a's ingress are not isolated: b may open to a.
         c = tcp_connect(hosts["b"], IPS["a"], 7070, 3)
-        assert c is not None and echo_ok(c)
+        assert c is not None and nu.echo_ok(c)
         c.close()
     stats = dp.stats()
     assert stats["verdicts"]["drop"]["denied_ingress"] >= 3
@@ -235,11 +226,11 @@ def test_policy_change_cuts_an_established_connection(net):
     publish(dp, 10)
     with server(hosts["b"], IPS["b"], 8080, "tcp"):
         c = tcp_connect(hosts["a"], IPS["b"], 8080, 3)
-        assert c is not None and echo_ok(c)
+        assert c is not None and nu.echo_ok(c)
         assert any(f["dport"] == 8080 and f["state"] == "tcp_established" for f in dp.flows())
         publish(dp, 11, tcp=False)
         try:
-            assert not echo_ok(c, b"after", timeout=DENY_WAIT)
+            assert not nu.echo_ok(c, b"after", timeout=DENY_WAIT)
         finally:
             c.close()
     assert dp.stats()["flows_cut"] >= 1

@@ -127,13 +127,8 @@ class Echo(threading.Thread):
         self.sock.close()
 
 
-def echo(conn: socket.socket, payload: bytes, timeout: float = 1.5) -> bool:
-    conn.settimeout(timeout)
-    try:
-        conn.sendall(payload)
-        return conn.recv(64) == payload
-    except OSError:
-        return False
+def echo(conn: socket.socket, payload: bytes) -> bool:
+    return nu.echo_ok(conn, payload, timeout=1.5)
 
 
 def test_a_killed_daemon_fails_static_and_a_restarted_one_takes_over(bed):
