@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 from control.semantics.manifests import load_clusterset, parse_cluster_arg
 from control.semantics.model import PROTOCOLS, ClusterSet, InvalidObject, Options, Pod
-from control.semantics.reference import ReferenceEvaluator, resolve_endpoint
+from control.semantics.reference import resolve_endpoint
 
 EXIT_DENIED = 1
 EXIT_INVALID = 2
@@ -199,22 +199,35 @@ def cmd_matrix(args) -> int:
 # --------------------------------------------------------------------------- explain
 
 
-def render_explain(src: str, dst: str, port: int, protocol: str, verdict) -> str:
-    word = "ALLOWED" if verdict.allowed else "DENIED"
+def render_explain(src: str, dst: str, port: int, protocol: str, verdict: dict) -> str:
+    """``explain``'s answer (the JSON of :func:`control.semantics.audit.explain`) for people."""
+    word = "ALLOWED" if verdict["allowed"] else "DENIED"
+    if verdict.get("would_deny"):
+        word += " (would be DENIED: policies in audit mode)"
     lines = [f"{src} -> {dst} {protocol}/{port}: {word}"]
-    for side in (verdict.egress, verdict.ingress):
-        what = "egress " if side.direction == "Egress" else "ingress"
-        by = f"enforced by {side.cluster}" if side.cluster else "not enforced"
-        mark = "allow" if side.allowed else "deny "
-        lines.append(f"  {what} [{mark}] ({by}) {side.reason}")
-        if side.rejected:
-            lines.append(f"           rejected policies enforced fail-closed: {', '.join(side.rejected)}")
+    for name in ("egress", "ingress"):
+        side = verdict[name]
+        by = f"enforced by {side['cluster']}" if side["cluster"] else "not enforced"
+        mark = "allow" if side["allowed"] else "deny "
+        lines.append(f"  {name:<7} [{mark}] ({by}) {side['reason']}")
+        if side.get("rejected"):
+            lines.append(f"           rejected policies enforced fail-closed: {', '.join(side['rejected'])}")
+        if side.get("audit_policies"):
+            would = "WOULD DENY: " if side["would_deny"] else ""
+            lines.append(f"           in audit mode: {', '.join(side['audit_policies'])}; "
+                         f"fully enforced: {would}{side['audit_reason']}")
     return "\n".join(lines)
 
 
 def cmd_explain(args) -> int:
+    from control.semantics import audit
+
     cset = _load(args)
     dirs = dict(parse_cluster_arg(c) for c in args.cluster)
+    try:
+        scope = audit.AuditScope.parse(args.audit)
+    except ValueError as e:
+        raise UsageError(f"--audit: {e}") from None
 
     def endpoint(flag: str, text: str):
         try:
@@ -225,12 +238,12 @@ def cmd_explain(args) -> int:
             raise UsageError(f"{flag}: {e}{where}") from None
 
     src, dst = endpoint("--from", args.from_), endpoint("--to", args.to)
-    verdict = ReferenceEvaluator(cset).evaluate(src, dst, args.port, args.protocol)
+    verdict = audit.explain(cset, scope, src, dst, args.port, args.protocol)
     if args.json:
-        print(json.dumps(verdict.to_json()))
+        print(json.dumps(verdict))
     else:
         print(render_explain(args.from_, args.to, args.port, args.protocol, verdict))
-    return 0 if verdict.allowed else EXIT_DENIED
+    return 0 if verdict["allowed"] else EXIT_DENIED
 
 
 # --------------------------------------------------------------------------- lint, observe, completion
@@ -363,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stale-after", metavar="DURATION", help="revoke a remote cluster's state after it has been unreachable this long (e.g. 5m)")
     r.add_argument("--netns", metavar="NAME", help="the node's network namespace (under /var/run/netns) when it is not this process's own; the packet loop enters it")
     _observability_flags(r)
+    _audit_flag(r)
     r.set_defaults(func=cmd_run)
 
     t = sub.add_parser("testbed", help="test hosts in network namespaces")
@@ -420,6 +434,7 @@ def _offline_commands(sub) -> None:
     e.add_argument("--port", type=_port, required=True, help="destination port")
     e.add_argument("--protocol", type=_protocol, required=True, help=PROTOCOL_HELP)
     _semantics_flags(e)
+    _audit_flag(e)
     e.add_argument("--json", action="store_true", help="machine-readable output (the JSON of /v1/explain)")
     e.set_defaults(func=cmd_explain)
 
@@ -438,7 +453,7 @@ def _observe_command(sub) -> None:
     o.add_argument("--node", metavar="HOST:PORT", default="127.0.0.1:9901",
                    help="the node's REST endpoint (default 127.0.0.1:9901; unix:PATH also works)")
     o.add_argument("--verdict", action="append", default=[], choices=("allowed", "denied", "would-deny"),
-                   help="only these verdicts (repeatable)")
+                   help="only these verdicts (repeatable; would-deny: passed because a policy is in audit mode)")
     o.add_argument("--pod", metavar="GLOB", help="only records with an end matching this pod reference or glob")
     o.add_argument("--namespace", metavar="NS", help="only records with an end in this namespace")
     o.add_argument("--cluster", metavar="NAME", help="only records with an end in this cluster")
@@ -447,6 +462,13 @@ def _observe_command(sub) -> None:
     o.add_argument("--no-follow", dest="follow", action="store_false", help="print what is kept and exit")
     o.add_argument("--json", action="store_true", help="one JSON object per line")
     o.set_defaults(func=cmd_observe)
+
+
+def _audit_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--audit", action="append", default=[], metavar="SCOPE",
+                   help="audit mode for CLUSTER, CLUSTER/NAMESPACE or CLUSTER/NAMESPACE/POLICY (repeatable; "
+                        'also the annotation mcnp.io/audit: "true"): what its policies would deny passes and is '
+                        "recorded as would-deny")
 
 
 def _observability_flags(r: argparse.ArgumentParser) -> None:

@@ -22,7 +22,8 @@ enum {
     MCNP_R_ESTABLISHED = 0, MCNP_R_REPLY = 1, MCNP_R_ALLOWED = 2, MCNP_R_RECHECKED = 3,
     MCNP_R_NO_TABLES = 4, MCNP_R_POD_NOT_READY = 5, MCNP_R_SPOOFED = 6,
     MCNP_R_DENIED_EGRESS = 7, MCNP_R_DENIED_INGRESS = 8, MCNP_R_NON_IP = 9,
-    MCNP_R_NO_PEER = 10, MCNP_R_UNKNOWN_PORT = 11, MCNP_R_CACHE_ERROR = 12
+    MCNP_R_NO_PEER = 10, MCNP_R_UNKNOWN_PORT = 11, MCNP_R_CACHE_ERROR = 12,
+    MCNP_R_WOULD_DENY = 13  /* passed: admitted, but the audit tables deny it */
 };
 
 /* What a gathered row asks of the matcher. */
@@ -124,11 +125,15 @@ uint32_t mcnp_pipe_classify(struct mcnp_pipe *p, uint8_t *buf, uint64_t buf_len,
  * the cache and remove re-checked ones that are now denied (before anything is
  * sent, so a frame sent on finds its flow), fix L4 checksums, and sort every
  * frame into the TX list of the other end of its pod's veth or the drop list.
- * Counts every frame once. */
+ * Counts every frame once.  audit (NULL: no policy is in audit mode) holds the
+ * audit tables' egress and ingress rule ids, two per row: a new flow that ok
+ * admits and the audit tables deny (a DENIED side) passes with reason
+ * MCNP_R_WOULD_DENY, its record carrying the audit rule ids. */
 void mcnp_pipe_finish(struct mcnp_pipe *p, uint8_t *buf, uint64_t buf_len,
                       const uint64_t *addrs, const uint32_t *lens,
                       const int16_t *in_port, uint32_t n, uint64_t now_ns,
-                      const uint8_t *ok, const int32_t *egress, const int32_t *ingress);
+                      const uint8_t *ok, const int32_t *egress, const int32_t *ingress,
+                      const int32_t *audit);
 
 struct mcnp_port;
 struct mcnp_umem;

@@ -282,10 +282,11 @@ static void count_rule(struct mcnp_pipe *p, int32_t rule)
         p->rule_hits[rule]++;
 }
 
-/* Apply row r's verdict to its frame; admitted flows are queued for the cache. */
+/* Apply row r's verdict to its frame; admitted flows are queued for the cache.
+ * audit: the audit tables' (egress, ingress) rule ids of the row, or NULL. */
 static void apply(struct mcnp_pipe *p, uint32_t r, const uint32_t *lens, const int16_t *in_port,
-                  uint64_t now_ns, int ok, int32_t eg, int32_t in, uint32_t *n_new,
-                  uint32_t *n_old)
+                  uint64_t now_ns, int ok, int32_t eg, int32_t in, const int32_t *audit,
+                  uint32_t *n_new, uint32_t *n_old)
 {
     const struct mcnp_parsed *q = p->parsed;
     uint32_t i = p->judge_idx[r];
@@ -309,8 +310,8 @@ static void apply(struct mcnp_pipe *p, uint32_t r, const uint32_t *lens, const i
         f->created_ns = now_ns;
         f->state = opening_state(q->proto[i], q->frag[i]);
         f->opener = h->role;
-        f->packets[0] = 1;
-        f->bytes[0] = lens[i];
+        /* no packet counted here: the frame is counted by the hook when it comes
+         * back through it, sent on into the other end of the veth */
         count_rule(p, eg);
         count_rule(p, in);
     }
@@ -319,13 +320,20 @@ static void apply(struct mcnp_pipe *p, uint32_t r, const uint32_t *lens, const i
     f->rule_egress = eg;
     f->rule_ingress = in;
     (*n_new)++;
+    if (audit && !recheck && (audit[0] == -1 || audit[1] == -1)) {
+        /* audit mode: enforcement admits it, full enforcement would not */
+        p->reason[i] = MCNP_R_WOULD_DENY;
+        eg = audit[0];
+        in = audit[1];
+    }
     log_verdict(p, r, h, 1, (uint8_t)p->reason[i], eg, in, now_ns);
 }
 
 void mcnp_pipe_finish(struct mcnp_pipe *p, uint8_t *buf, uint64_t buf_len,
                       const uint64_t *addrs, const uint32_t *lens,
                       const int16_t *in_port, uint32_t n, uint64_t now_ns,
-                      const uint8_t *ok, const int32_t *egress, const int32_t *ingress)
+                      const uint8_t *ok, const int32_t *egress, const int32_t *ingress,
+                      const int32_t *audit)
 {
     uint32_t i, r, n_new = 0, n_old = 0;
     int any_fix = 0;
@@ -338,7 +346,8 @@ void mcnp_pipe_finish(struct mcnp_pipe *p, uint8_t *buf, uint64_t buf_len,
             p->reason[fi] = MCNP_R_NO_TABLES;
             continue;
         }
-        apply(p, r, lens, in_port, now_ns, ok[r], egress[r], ingress[r], &n_new, &n_old);
+        apply(p, r, lens, in_port, now_ns, ok[r], egress[r], ingress[r],
+              audit ? audit + 2 * (size_t)r : NULL, &n_new, &n_old);
     }
     *p->gauge_judged += p->n_judge;
     /* The cache first: a frame sent on must find its flow when it comes back. */
@@ -432,7 +441,7 @@ int32_t mcnp_pipe_step(struct mcnp_pipe *p, struct mcnp_port **ports, struct mcn
         return 0;
     if (mcnp_pipe_classify(p, buf, buf_len, addrs, lens, in_port, n, now_ns) > 0)
         return 1; /* rows to judge: the caller completes the batch */
-    mcnp_pipe_finish(p, buf, buf_len, addrs, lens, in_port, n, now_ns, NULL, NULL, NULL);
+    mcnp_pipe_finish(p, buf, buf_len, addrs, lens, in_port, n, now_ns, NULL, NULL, NULL, NULL);
     mcnp_pipe_send(p, ports, umem);
     return 0;
 }

@@ -24,7 +24,8 @@ PASS, DROP = 0, 1
 VERDICT_NAMES = ("pass", "drop")
 
 #: Why a frame was passed or dropped.  Parser statuses >= MALFORMED_MIN are
-#: reasons too (frames dropped as malformed), under their parser names.
+#: reasons too (frames dropped as malformed), under their parser names.  The
+#: first ``N_PIPELINE_REASONS`` are csrc/mcnp_pipeline.h's MCNP_R_* codes.
 REASONS = (
     "established",     # pass: a cached flow that raced its own installation
     "reply",           # pass: the same, reply direction
@@ -39,9 +40,11 @@ REASONS = (
     "no_peer",         # drop: the other end of the pod's veth has no socket
     "unknown_port",    # drop: a frame from a socket the loop does not know
     "cache_error",     # drop: the flow cache refused the admitted flow (not sent: it would loop)
+    "would_deny",      # pass: a new flow enforcement admits and the audit tables deny (audit mode)
 ) + tuple(name for code, name in sorted(parse.STATUS_NAMES.items())
           if code >= parse.MALFORMED_MIN)
 REASON = {name: i for i, name in enumerate(REASONS)}
+N_PIPELINE_REASONS = REASON["would_deny"] + 1
 #: reason index of each parser status (malformed ones only; others -1)
 STATUS_REASON = np.full(256, -1, dtype=np.int16)
 for _code, _name in parse.STATUS_NAMES.items():

@@ -12,7 +12,9 @@ the loop sees the rest:
    cache's word (a flow that raced its own installation passes, a flow of an
    older revision is judged again in its opening direction);
 3. judge the gathered rows with ONE tables revision (the matcher, once per
-   batch; Services in Python);
+   batch; Services in Python) — and, while some policy is in audit mode, again
+   with the audit tables (every policy), so that a new flow enforcement admits
+   but full enforcement would not passes as "would deny";
 4. finish (C): write admitted flows to the cache in one batch, fix L4
    checksums, and send each allowed frame into the *other* end of its pod's
    veth, so it crosses the hook again, finds its flow and continues on the
@@ -40,7 +42,7 @@ import numpy as np
 
 from fastpath import kernel as K
 from fastpath._dp import ffi, lib
-from fastpath.counters import GAUGE, REASON, REASONS, STATUS_REASON, Counters
+from fastpath.counters import GAUGE, N_PIPELINE_REASONS, REASON, REASONS, STATUS_REASON, Counters
 from fastpath.match import DENIED, NOT_ENFORCED, judge
 from fastpath.netns import Namespace
 from fastpath.parse import ParsedBatch
@@ -57,7 +59,7 @@ J_EGRESS, J_BOTH, J_SERVICE = lib.MCNP_J_EGRESS, lib.MCNP_J_BOTH, lib.MCNP_J_SER
 
 def _check_reason_codes() -> None:
     """The C pipeline names reasons by number: they must be counters.REASONS' order."""
-    for name in REASONS[:13]:
+    for name in REASONS[:N_PIPELINE_REASONS]:
         if getattr(lib, "MCNP_R_" + name.upper()) != REASON[name]:
             raise RuntimeError(f"csrc/mcnp_pipeline.h and fastpath/counters.py disagree on {name!r}")
 
@@ -114,6 +116,9 @@ class Pipeline:
         self.counters = counters
         self.parsed = ParsedBatch(batch)
         self.tables = None
+        #: What full enforcement would do while some policy is in audit mode (the
+        #: tables in force leave audited policies out); None otherwise.
+        self.audit_tables = None
         self.judge = judge
         self.services = Services()
         c = self._c = ffi.new("struct mcnp_pipe *")
@@ -179,8 +184,9 @@ class Pipeline:
         self._c.rule_hits = _ptr("int64_t *", hits)
         self._c.max_rules = max(len(hits) - 1, 0)
 
-    def set_tables(self, tables, timeouts: dict[str, float]) -> None:
+    def set_tables(self, tables, timeouts: dict[str, float], audit_tables=None) -> None:
         self.tables = tables
+        self.audit_tables = audit_tables if tables is not None else None
         self._c.revision = tables.revision if tables is not None else 0
         for i, name in enumerate(K.STATES):
             self._c.timeout_ns[i] = int(timeouts[name] * 1e9)
@@ -206,12 +212,24 @@ class Pipeline:
     # -- the part Python keeps ---------------------------------------------------------
 
     def verdicts(self, n_judge: int):
-        """Verdicts of the gathered rows: (ok, egress rule, ingress rule)."""
-        c = self._c
+        """Verdicts of the gathered rows by the tables in force: (ok, egress rule,
+        ingress rule)."""
+        self._c.n_judge = n_judge
+        return self._judge_rows(self.tables, n_judge)
+
+    def audit_verdicts(self, n_judge: int):
+        """The audit tables' (egress, ingress) rule ids of the gathered rows, two per
+        row as ``mcnp_pipe_finish`` takes them; None when no policy is in audit."""
+        if self.audit_tables is None:
+            return None
+        _, eg, ing = self._judge_rows(self.audit_tables, n_judge)
+        return np.ascontiguousarray(np.stack([eg, ing], axis=1), dtype=np.int32)
+
+    def _judge_rows(self, tables, n_judge: int):
         src, dst = self.judge_src[:n_judge], self.judge_dst[:n_judge]
         proto, dport = self.judge_proto[:n_judge], self.judge_dport[:n_judge]
         kind = self.judge_kind[:n_judge]
-        j = self.judge(self.tables, src, dst, proto, dport)
+        j = self.judge(tables, src, dst, proto, dport)
         eg = np.array(j.egress, dtype=np.int32)
         ing = np.array(j.ingress, dtype=np.int32)
         ok = np.array(j.allowed, dtype=np.uint8)
@@ -219,12 +237,11 @@ class Pipeline:
         ok[egress_only] = eg[egress_only] != DENIED
         ing[egress_only] = NOT_ENFORCED
         for r in np.nonzero(kind == J_SERVICE)[0]:
-            ok[r], eg[r] = self._service(int(r))
+            ok[r], eg[r] = self._service(tables, int(r))
             ing[r] = NOT_ENFORCED
-        c.n_judge = n_judge
         return ok, eg, ing
 
-    def _service(self, r: int) -> tuple[int, int]:
+    def _service(self, tables, r: int) -> tuple[int, int]:
         """Rule S11 for a row leaving a pod towards a Service address."""
         key = bytes(self.judge_dst[r]) + bytes([int(self.judge_proto[r]), 0]) + \
             int(self.judge_dport[r]).to_bytes(2, "big")
@@ -241,7 +258,7 @@ class Pipeline:
         dst = np.stack([np.frombuffer(K.addr16(ip), dtype=np.uint8) for ip, _ in eps])
         proto = np.full(n, self.judge_proto[r], dtype=np.uint8)
         dport = np.array([port for _, port in eps], dtype=np.uint16)
-        j = self.judge(self.tables, src, dst, proto, dport)
+        j = self.judge(tables, src, dst, proto, dport)
         if bool(np.all(j.egress != DENIED)):
             return 1, int(j.egress[0])
         return 0, DENIED
@@ -250,13 +267,14 @@ class Pipeline:
                n_judge: int) -> None:
         if self.tables is None:
             lib.mcnp_pipe_finish(self._c, buf_c, buf_len, addrs_c, lens_c, in_port_c, n, now,
-                                 ffi.NULL, ffi.NULL, ffi.NULL)
+                                 ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL)
             return
         ok, eg, ing = self.verdicts(n_judge)
+        audit = self.audit_verdicts(n_judge)
         fb = ffi.from_buffer
         lib.mcnp_pipe_finish(self._c, buf_c, buf_len, addrs_c, lens_c, in_port_c, n, now,
-                             fb("uint8_t[]", ok), fb("int32_t[]", eg), fb("int32_t[]", ing))
-
+                             fb("uint8_t[]", ok), fb("int32_t[]", eg), fb("int32_t[]", ing),
+                             ffi.NULL if audit is None else fb("int32_t[]", audit))
 
     def process(self, buf: np.ndarray, addrs: np.ndarray, lens: np.ndarray,
                 in_port: np.ndarray, n: int, now: int | None = None):
@@ -409,8 +427,8 @@ class Loop:
 
     # -- batches --------------------------------------------------------------------------
 
-    def set_tables(self, tables, timeouts: dict[str, float], hits: np.ndarray) -> None:
-        self.pipeline.set_tables(tables, timeouts)
+    def set_tables(self, tables, timeouts: dict[str, float], hits: np.ndarray, audit_tables=None) -> None:
+        self.pipeline.set_tables(tables, timeouts, audit_tables)
         self.pipeline.set_rule_hits(hits)
 
     def step(self, now: int | None = None) -> int:

@@ -5,8 +5,8 @@ Two things cross the process boundary without pickling arrays:
 * **Policy tables.**  Every :meth:`TablesPublisher.publish` writes a whole new
   segment named ``<prefix>-t<generation>`` (JSON header with the tables'
   layout and what the loop needs besides — the pods' addresses, the Service
-  addresses —, the packed arrays, and room for the rule hits of this
-  revision) and only *then*
+  addresses —, the packed arrays, room for the rule hits of this revision and,
+  while some policy is in audit mode, the packed audit tables) and only *then*
   stores the generation number in the control block.  The worker polls that
   one integer between batches; when it changes, it maps the named segment,
   which is complete by construction, and swaps it in.  A segment is never
@@ -86,19 +86,28 @@ class TablesPublisher:
         self.folded: dict[str, int] = {}
         self.generation = 0
 
-    def publish(self, tables, extra: dict) -> int:
-        """Write a new generation and announce it; returns its number."""
+    def publish(self, tables, extra: dict, audit_tables=None) -> int:
+        """Write a new generation and announce it; returns its number.
+        ``audit_tables`` (audit mode: what full enforcement would do) travel in the
+        same segment, after the rule hits, so both are swapped in at once."""
         header, data = tables.pack()
-        head = json.dumps({"tables": header, "extra": extra}).encode()
+        n_hits = len(tables.rules) + 1
+        body = {"tables": header, "extra": extra, "hits": n_hits}
+        if audit_tables is not None:
+            audit_header, audit_data = audit_tables.pack()
+            body["audit"] = {"tables": audit_header, "length": len(audit_data)}
+        head = json.dumps(body).encode()
         start = _aligned(_HEAD.size + len(head))
         hits_at = _aligned(start + len(data))
-        n_hits = len(tables.rules) + 1
+        audit_at = _aligned(hits_at + 8 * n_hits)
+        size = audit_at + (len(audit_data) if audit_tables is not None else 0)
         gen = self.generation + 1
-        seg = shared_memory.SharedMemory(f"{self.prefix}-t{gen}", create=True,
-                                         size=hits_at + 8 * n_hits)
+        seg = shared_memory.SharedMemory(f"{self.prefix}-t{gen}", create=True, size=size)
         _HEAD.pack_into(seg.buf, 0, len(head), len(data))
         seg.buf[_HEAD.size:_HEAD.size + len(head)] = head
         seg.buf[start:start + len(data)] = data
+        if audit_tables is not None:
+            seg.buf[audit_at:audit_at + len(audit_data)] = audit_data
         hits = np.ndarray(n_hits, dtype=np.int64, buffer=seg.buf, offset=hits_at)
         hits[:] = 0
         self._segments[gen] = (seg, list(tables.rules), hits)
@@ -150,6 +159,9 @@ class TablesReader:
         self.counters_map = attach(f"{prefix}-c")
         self.generation = 0
         self._maps: list[mmap.mmap] = []
+        #: The audit tables of the generation last taken, ``(header, data)`` as
+        #: ``PolicyTables.unpack`` takes them; None when no policy is in audit.
+        self.audit = None
 
     def changed(self) -> bool:
         """One integer read: is a newer generation published?"""
@@ -170,7 +182,13 @@ class TablesReader:
         start = _aligned(_HEAD.size + head_len)
         data = memoryview(m)[start:start + data_len]
         hits_at = _aligned(start + data_len)
-        hits = np.ndarray((len(m) - hits_at) // 8, dtype=np.int64, buffer=m, offset=hits_at)
+        n_hits = int(head["hits"])
+        hits = np.ndarray(n_hits, dtype=np.int64, buffer=m, offset=hits_at)
+        self.audit = None
+        audit = head.get("audit")
+        if audit is not None:
+            audit_at = _aligned(hits_at + 8 * n_hits)
+            self.audit = (audit["tables"], memoryview(m)[audit_at:audit_at + audit["length"]])
         self._maps.append(m)
         self.generation = gen
         return gen, head["tables"], data, head["extra"], hits

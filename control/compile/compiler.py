@@ -33,7 +33,7 @@ Incremental recompiles (:class:`Compiler`):
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -49,11 +49,13 @@ logger = logging.getLogger(__name__)
 Local = Callable[[Pod], bool]
 
 
-def compile_tables(cset: ClusterSet, local: Local, revision: int, clusters=None) -> PolicyTables:
+def compile_tables(cset: ClusterSet, local: Local, revision: int, clusters=None,
+                   audited: Optional[Callable[[Policy], bool]] = None) -> PolicyTables:
     """Compile ``cset`` for the endpoints ``local`` accepts (this node's pods; every
     pod for an offline whole-clusterset view), enforcing the policies of ``clusters``
-    (None: every cluster's)."""
-    return Compiler(cset, local, clusters=clusters).tables(revision)
+    (None: every cluster's) except those ``audited`` accepts (audit mode: they take
+    no part, ``control.semantics.audit``)."""
+    return Compiler(cset, local, clusters=clusters, audited=audited).tables(revision)
 
 
 class Compiler:
@@ -62,19 +64,25 @@ class Compiler:
     ``clusters`` names the clusters whose policies this node can enforce (the daemon:
     its own cluster, rule M3); None means every cluster. Policies of other clusters
     take no part at all — not in the tables, not in what a change costs — and pods of
-    other clusters are never local endpoints."""
+    other clusters are never local endpoints. Nor do the policies ``audited`` accepts
+    (audit mode): the tables are then what enforcement does without them."""
 
-    def __init__(self, cset: ClusterSet, local: Local, compact_after: int = 2000, clusters=None):
+    def __init__(self, cset: ClusterSet, local: Local, compact_after: int = 2000, clusters=None,
+                 audited: Optional[Callable[[Policy], bool]] = None):
         self.cset = cset
         self._local = local
         self.clusters = None if clusters is None else frozenset(clusters)
+        self.audited = audited
         self.compact_after = compact_after
         self.full_compiles = 0
         self.incremental_changes = 0
         self._build()
 
     def enforces(self, policy: Policy) -> bool:
-        return self.clusters is None or policy.cluster in self.clusters
+        """The one place that says which policies the tables hold."""
+        if self.clusters is not None and policy.cluster not in self.clusters:
+            return False
+        return self.audited is None or not self.audited(policy)
 
     def local(self, pod: Pod) -> bool:
         return (self.clusters is None or pod.cluster in self.clusters) and bool(self._local(pod))
@@ -168,6 +176,8 @@ class Compiler:
             cluster, ns, name = ref.split("/", 2)
             state = cset.clusters.get(cluster)
             new = state.policies.get((ns, name)) if state is not None else None
+            if new is not None and not self.enforces(new):
+                new = None  # put in audit mode: it leaves the tables as if removed
             old = self.policies.get(ref)
             if (self.clusters is not None and cluster not in self.clusters) or new == old:
                 continue

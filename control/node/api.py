@@ -35,7 +35,8 @@ from control.compile.matrix import compiled_matrix
 from control.node.metrics import CONTENT_TYPE
 from control.node.verdicts import CAPACITY, Filters, FilterError, VerdictFeed
 from control.semantics.model import PROTOCOLS
-from control.semantics.reference import ReferenceEvaluator, resolve_endpoint
+from control.semantics import audit
+from control.semantics.reference import resolve_endpoint
 
 if TYPE_CHECKING:  # pragma: no cover
     from control.node.daemon import Daemon
@@ -118,10 +119,12 @@ async def policies(request: web.Request) -> web.Response:
     """Every policy in force with whether it was accepted as written; every rejected
     object (policies, pods, namespaces, files) with why and what stands in for it."""
     d = _daemon(request)
+    scope = d.settings.audit
     out = []
     for name, sink in d.store.sinks.items():
         for key, policy in sorted(sink.policies.items()):
             err = sink.errors.get(("NetworkPolicy", key, None))
+            audit_by = scope.by(policy)
             out.append({
                 "cluster": name,
                 "namespace": policy.namespace,
@@ -131,13 +134,15 @@ async def policies(request: web.Request) -> web.Response:
                 "status": "rejected" if err else "accepted",
                 "in_force": err.in_force if err else "as-written",
                 "error": f"{err.field}: {err.message}" if err else None,
+                "audit": audit_by is not None,
+                "audit_by": audit_by,
             })
     rejected = [e.to_json() for e in d.store.errors()]
     for name, sink in d.store.sinks.items():
         for path, msg in sink.file_errors.items():
             rejected.append({"cluster": name, "kind": "File", "object": path, "source": path, "field": "-",
                              "error": msg, "in_force": "last-valid"})
-    return web.json_response({"policies": out, "rejected": rejected})
+    return web.json_response({"policies": out, "rejected": rejected, "audit_setting": scope.to_json()})
 
 
 async def tables(request: web.Request) -> web.Response:
@@ -156,6 +161,8 @@ async def tables(request: web.Request) -> web.Response:
     if t.tables is not None:
         body["summary"] = t.tables.summary()
         body["sizes"] = {name: list(arr.shape) for name, arr in t.tables.arrays.items()}
+    # audit mode: the second tables (every policy) the packet loop judges new flows with
+    body["audit"] = t.audit_tables.summary() if t.audit_tables is not None else None
     return web.json_response(body)
 
 
@@ -185,8 +192,7 @@ async def explain(request: web.Request) -> web.Response:
         dst = resolve_endpoint(snap.cset, dst_text)
     except LookupError as e:
         return _error(400, str(e))
-    verdict = ReferenceEvaluator(snap.cset).evaluate(src, dst, port, protocol)
-    return web.json_response(verdict.to_json())
+    return web.json_response(audit.explain(snap.cset, d.settings.audit, src, dst, port, protocol))
 
 
 # --------------------------------------------------------------------------- dataplane

@@ -21,6 +21,10 @@ Config file example::
     default-peer-scope: local
     stale-after: 5m
     multicluster: true
+    audit:                       # audit mode (also: the policy annotation mcnp.io/audit: "true")
+      clusters: [cluster-2]
+      namespaces: [cluster-1/staging]
+      policies: [cluster-1/shop/api-from-frontends]
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
+from control.semantics.audit import NO_SETTING, AuditScope
 from control.semantics.objects import DNS_LABEL
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -148,6 +153,11 @@ class Settings:
     stale_after: Optional[float] = None
     #: Rule M7: False makes the multi-cluster label an ordinary one.
     multicluster: bool = True
+    #: Audit mode (docs/operations.md): policies of these clusters, namespaces
+    #: (``cluster/ns``) and names (``cluster/ns/name``), besides those annotated
+    #: ``mcnp.io/audit: "true"``, are not enforced; what they would deny passes and is
+    #: recorded as "would deny". Flag ``--audit SCOPE`` (repeatable, added to the file's).
+    audit: AuditScope = NO_SETTING
     #: Network namespace the dataplane enters before attaching its ports.
     netns: Optional[str] = None
     # ---- tuning (config file only)
@@ -247,6 +257,11 @@ class Settings:
                 setattr(s, key, _convert(key, value))
             except (ValueError, TypeError) as e:
                 problems.append(f"--{key.replace('_', '-')}: {e}")
+        if getattr(args, "audit", None):
+            try:
+                s.audit = s.audit.merge(AuditScope.parse(args.audit))
+            except ValueError as e:
+                problems.append(f"--audit: {e}")
         if getattr(args, "no_multicluster", False):
             s.multicluster = False
         if getattr(args, "no_dataplane", False):
@@ -280,6 +295,8 @@ class Settings:
                 out.append(f"--cluster {c.name}: unknown source kind {c.kind!r}")
         if self.local_cluster and self.clusters and self.local_cluster not in seen:
             out.append(f"--local-cluster {self.local_cluster}: not among the --cluster names ({', '.join(sorted(seen))})")
+        for name in sorted(self.audit.cluster_names() - seen) if self.clusters else ():
+            out.append(f"--audit: cluster {name!r} is not among the --cluster names ({', '.join(sorted(seen))})")
         if self.dataplane:
             for name, path in (("cni-socket", self.cni_socket), ("state-dir", self.state_dir),
                                ("bpf-dir", self.bpf_dir)):
@@ -346,6 +363,8 @@ def _convert(key: str, value: Any) -> Any:
         if not isinstance(value, list):
             raise TypeError("must be a list of NAME=SOURCE or a mapping NAME: SOURCE")
         return [v if isinstance(v, ClusterSource) else ClusterSource.parse(str(v)) for v in value]
+    if key == "audit":
+        return AuditScope.from_mapping(value)
     if key == "stale_after":
         return None if value in (None, "", "never") else parse_duration(value)
     if key in ("dir_poll_interval", "dir_rescan_interval", "dir_settle_interval", "coalesce_delay",

@@ -38,6 +38,7 @@ from typing import Any, Callable, Optional
 from control.node.config import Settings, SettingsError
 from control.node.metrics import Metrics
 from control.node.services import services_for
+from control.semantics.audit import NO_SETTING, AuditScope, any_audited
 from control.semantics.model import Options, Pod
 from control.node.sources import make_source
 from control.node.store import Changes, Snapshot, Store
@@ -56,6 +57,9 @@ class TablesInfo:
 
     revision: int = 0
     tables: Any = None  # fastpath.tables.PolicyTables
+    #: Audit mode: the tables with every policy (what full enforcement would do), of
+    #: the same revision; None while no policy is in audit.
+    audit_tables: Any = None
     compiled_revision: Optional[int] = None
     compile_seconds: Optional[float] = None
     compiled_at: Optional[float] = None  # wall clock
@@ -70,33 +74,62 @@ class TablesInfo:
 
 class IncrementalCompile:
     """The daemon's compiler: a ``control.compile.compiler.Compiler`` kept between revisions
-    and told what changed. Used from the compile thread only."""
+    and told what changed. Used from the compile thread only.
 
-    def __init__(self, local: Callable[[Pod], bool], clusters):
+    Audit mode (``control.semantics.audit``): the enforced tables leave the audited
+    policies out; while some local policy is in audit, a second compiler follows the
+    same changes with every policy, for ``audit_tables`` (what full enforcement would
+    do, at the same revision); otherwise there is no second compile at all."""
+
+    def __init__(self, local: Callable[[Pod], bool], clusters, audit: AuditScope = NO_SETTING):
         self.local = local
         self.clusters = frozenset(clusters)
+        self.audit = audit
         self.compiler = None
+        self.audit_compiler = None
         self.tables = None
+        self.audit_tables = None
 
     def follow(self, cset, changes: Changes, revision: int) -> tuple[Any, str]:
-        """``(tables, path)``: the tables for ``cset`` and how they were made; with
-        path ``"none"`` they are the previous tables (nothing enforced here changed)."""
+        """``(tables, path)``: the enforced tables for ``cset`` and how they were made;
+        with path ``"none"`` they are the previous tables (nothing enforced here
+        changed, nor anything in audit). ``audit_tables`` follow alongside."""
         from control.compile.compiler import Compiler
 
         if self.compiler is None:
-            self.compiler = Compiler(cset, self.local, clusters=self.clusters)
+            self.compiler = Compiler(cset, self.local, clusters=self.clusters, audited=self.audit.covers)
             path = "full"
         else:
             path = self.compiler.update(cset, changes)
+        audit_path = self._follow_audit(cset, changes)
+        if audit_path != "none" and path == "none":
+            path = "incremental"  # the same revision for both tables: records name one
         if path != "none" or self.tables is None:
             self.tables = self.compiler.tables(revision)
+            self.audit_tables = self.audit_compiler.tables(revision) if self.audit_compiler else None
         return self.tables, path
+
+    def _follow_audit(self, cset, changes: Changes) -> str:
+        """Keep the every-policy compiler while some local policy is in audit; its path
+        (``"gone"`` when the last audited policy left)."""
+        from control.compile.compiler import Compiler
+
+        if not any_audited(cset, self.audit, self.clusters):
+            gone = self.audit_compiler is not None
+            self.audit_compiler = None
+            return "gone" if gone else "none"
+        if self.audit_compiler is None:
+            self.audit_compiler = Compiler(cset, self.local, clusters=self.clusters)
+            return "full"
+        return self.audit_compiler.update(cset, changes)
 
     def reset(self) -> None:
         """Forget everything: the next revision is compiled in full (after a failure
         left the compiler's state in doubt)."""
         self.compiler = None
+        self.audit_compiler = None
         self.tables = None
+        self.audit_tables = None
 
 
 def default_compiler(settings: Settings, local: Callable[[Pod], bool]) -> Optional[IncrementalCompile]:
@@ -106,7 +139,7 @@ def default_compiler(settings: Settings, local: Callable[[Pod], bool]) -> Option
     except ImportError as e:
         logger.warning("The policy compiler is not available (%s): serving explain only", e)
         return None
-    return IncrementalCompile(local, [settings.local_cluster])
+    return IncrementalCompile(local, [settings.local_cluster], getattr(settings, "audit", NO_SETTING))
 
 
 def default_dataplane(settings: Settings):
@@ -330,6 +363,7 @@ class Daemon:
             else:
                 elapsed = time.perf_counter() - started
                 self.tables.tables, self.tables.compiled_revision = tables, revision
+                self.tables.audit_tables = getattr(self.compiler, "audit_tables", None)
                 self.tables.compile_seconds, self.tables.compiled_at = elapsed, time.time()
                 self.tables.error = None
                 self.tables.compiles += 1
@@ -356,8 +390,10 @@ class Daemon:
         hand_over = path != "none" or not self.tables.published or pods_changed or \
             self.settings.local_cluster in changes.services or bool(changes.pods)
         if self.dataplane is not None and hand_over:
+            audit = self.compiler.audit_tables if isinstance(self.compiler, IncrementalCompile) else None
+            extra = {"audit_tables": audit} if audit is not None else {}
             self.dataplane.publish(tables, self.attacher.pods_for(snapshot),
-                                   services_for(snapshot.cset, self.settings.local_cluster))
+                                   services_for(snapshot.cset, self.settings.local_cluster), **extra)
             self.tables.published = True
         return tables, path
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional
 
 from control.node.config import parse_duration
+from control.semantics.audit import NO_SETTING, AuditScope, enforced
 from control.semantics.reference import EGRESS, INGRESS, ReferenceEvaluator
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,27 +45,45 @@ REVISIONS_KEPT = 16
 
 
 PROTOCOL_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6", 132: "SCTP"}
+#: The packet loop's reason for a flow admitted only because a policy is in audit.
+WOULD_DENY_REASON = "would_deny"
+#: A side's rule id when the tables deny it (``fastpath.tables.DENIED``).
+DENIED_RULE = -1
 
 
 def normalize(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """A record in the documented shape (``verdict``, ``protocol``, ``rule``, ``time``
-    in unix seconds), also from the packet loop's raw log row (``allowed``, ``proto``,
-    ``rule_egress``/``rule_ingress``, ``time_ns`` on CLOCK_MONOTONIC, ``reason`` as the
-    index of ``fastpath.counters.REASONS``)."""
+    """A record in the documented shape (``verdict``, ``protocol``, ``rule``, ``side``,
+    ``time`` in unix seconds), also from the packet loop's raw log row (``allowed``,
+    ``proto``, ``rule_egress``/``rule_ingress``, ``time_ns`` on CLOCK_MONOTONIC,
+    ``reason`` as the index of ``fastpath.counters.REASONS``). ``side`` is the side that
+    decided: the hook's for an admission, the side the tables denied for a denial and
+    for a "would deny" (audit mode: the audit tables' rule ids)."""
     rec = dict(raw)
-    if "verdict" not in rec and "allowed" in rec:
-        rec["verdict"] = "allowed" if rec.pop("allowed") else "denied"
-    if "protocol" not in rec and "proto" in rec:
-        rec["protocol"] = PROTOCOL_NAMES.get(int(rec["proto"]), str(rec["proto"]))
-    if "rule" not in rec:
-        rec["rule"] = int(rec.get("rule_ingress" if rec.get("direction") == "ingress" else "rule_egress", -1))
-    if "time" not in rec and "time_ns" in rec:
-        rec["time"] = time.time() - (time.monotonic_ns() - int(rec["time_ns"])) / 1e9
     if isinstance(rec.get("reason"), int):
         rec["reason"] = reason_name(rec["reason"])
+    if "verdict" not in rec and "allowed" in rec:
+        allowed = rec.pop("allowed")
+        rec["verdict"] = "would-deny" if rec.get("reason") == WOULD_DENY_REASON else \
+            "allowed" if allowed else "denied"
+    if "protocol" not in rec and "proto" in rec:
+        rec["protocol"] = PROTOCOL_NAMES.get(int(rec["proto"]), str(rec["proto"]))
+    if "side" not in rec:
+        rec["side"] = _deciding_side(rec)
+    if "rule" not in rec:
+        rec["rule"] = int(rec.get("rule_ingress" if rec["side"] == "ingress" else "rule_egress", -1))
+    if "time" not in rec and "time_ns" in rec:
+        rec["time"] = time.time() - (time.monotonic_ns() - int(rec["time_ns"])) / 1e9
     rec.setdefault("sport", None)
     rec.setdefault("pod", None)
     return rec
+
+
+def _deciding_side(rec: Mapping[str, Any]) -> str:
+    if rec.get("verdict") != "allowed":
+        for side in ("egress", "ingress"):
+            if rec.get(f"rule_{side}") == DENIED_RULE:
+                return side
+    return "egress" if rec.get("direction") == "egress" else "ingress"
 
 
 def reason_name(index: int) -> str:
@@ -150,13 +169,17 @@ def parse_since(text: Optional[str], now: float) -> Optional[float]:
 
 
 class Resolver:
-    """Addresses → pod references and rule ids → policy names, cached per revision."""
+    """Addresses → pod references and rule ids → policy names, cached per revision.
+    ``audit`` is the node's audit setting: a denial names the policies enforcement
+    isolates with, a "would deny" those full enforcement would (audit mode)."""
 
-    def __init__(self) -> None:
+    def __init__(self, audit: AuditScope = NO_SETTING) -> None:
+        self.audit = audit
         self._by_ip: dict[str, Optional[str]] = {}
         self._ip_revision: Optional[int] = None
         self._rules: "collections.OrderedDict[int, list]" = collections.OrderedDict()
-        self._isolating: dict[tuple, list[str]] = {}
+        self._isolating: dict[tuple, list[tuple[str, bool]]] = {}
+        self._enforced = None
 
     def remember_tables(self, tables: Any) -> None:
         """Keep the rule names of ``tables`` (a PolicyTables) for records of its revision."""
@@ -180,6 +203,7 @@ class Resolver:
             self._by_ip = {ip: refs[0] if len(refs) == 1 else None for ip, refs in owners.items()}
             self._ip_revision = snapshot.revision
             self._isolating.clear()
+            self._enforced = None
         return self._by_ip
 
     def rule_name(self, revision: int, rule_id: int) -> Optional[Mapping[str, Any]]:
@@ -188,19 +212,29 @@ class Resolver:
             return None
         return rules[rule_id]
 
-    def isolating(self, snapshot: Any, ref: Optional[str], direction: str) -> list[str]:
-        """The policies isolating pod ``ref`` for ``direction`` in the state in force."""
+    def isolating(self, snapshot: Any, ref: Optional[str], direction: str, full: bool = False) -> list[tuple[str, bool]]:
+        """The policies isolating pod ``ref`` for ``direction`` in the state in force, each
+        with whether it is in audit: as enforced (audited policies left out), or with
+        every policy (``full``: what full enforcement would do)."""
         if snapshot is None or ref is None:
             return []
-        key = (ref, direction)
+        key = (ref, direction, full)
         if key not in self._isolating:
-            pod = snapshot.cset.pod(ref)
-            found = ReferenceEvaluator(snapshot.cset).isolating(pod, direction) if pod is not None else []
-            self._isolating[key] = [p.ref for p in found]
+            if full:
+                cset = snapshot.cset
+            else:
+                if self._enforced is None:
+                    self._enforced = enforced(snapshot.cset, self.audit)
+                cset = self._enforced
+            pod = cset.pod(ref)
+            found = ReferenceEvaluator(cset).isolating(pod, direction) if pod is not None else []
+            self._isolating[key] = [(p.ref, self.audit.covers(p)) for p in found]
         return self._isolating[key]
 
     def resolve(self, raw: Mapping[str, Any], snapshot: Any) -> dict[str, Any]:
-        """One dataplane record with pod references and the deciding policy added."""
+        """One dataplane record with pod references and the deciding policy added: the
+        admitting rule of an admission; for a denial (or a "would deny") the policies
+        isolating the pod on the side that denied, and which of them are in audit."""
         by_ip = self._pods_by_ip(snapshot)
         rec = normalize(raw)
         rec["src_pod"] = by_ip.get(str(raw.get("src")))
@@ -209,16 +243,20 @@ class Resolver:
         subject = rec.get("pod") or (rec["src_pod"] if direction == EGRESS else rec["dst_pod"])
         rec["pod"] = subject
         rec["cluster"] = subject.split("/")[0] if subject else None
-        name = self.rule_name(int(rec.get("revision", -1)), int(rec["rule"]))
+        name = self.rule_name(int(rec.get("revision", -1)), int(rec["rule"])) if rec["verdict"] == "allowed" else None
+        rec["policy"] = rec["policy_rule"] = None
+        rec["policies"], rec["audit_policies"] = [], []
         if name is not None:
             side = "egress" if name.get("direction") == EGRESS else "ingress"
             rec["policy"] = name.get("policy")
             rec["policy_rule"] = f"{side}[{name.get('rule')}]"
             rec["policies"] = [name.get("policy")]
-        else:
-            rec["policy"] = rec["policy_rule"] = None
-            rec["policies"] = (self.isolating(snapshot, subject, direction)
-                               if rec["verdict"] in ("denied", "would-deny") else [])
+        elif rec["verdict"] != "allowed":
+            side = EGRESS if rec["side"] == "egress" else INGRESS
+            decider = subject if side == direction else rec["src_pod"] if side == EGRESS else rec["dst_pod"]
+            found = self.isolating(snapshot, decider, side, full=rec["verdict"] == "would-deny")
+            rec["policies"] = [ref for ref, _ in found]
+            rec["audit_policies"] = [ref for ref, audited in found if audited]
         return rec
 
 
@@ -231,6 +269,9 @@ def describe(rec: Mapping[str, Any]) -> str:
     word = str(rec.get("verdict", "?")).upper()
     if rec.get("policy"):
         why = f"by {rec['policy']} {rec.get('policy_rule') or ''}".rstrip()
+    elif rec.get("verdict") == "would-deny":
+        side = f"{rec.get('side')} " if rec.get("side") != rec.get("direction") else ""
+        why = f"{side}isolated by {', '.join(rec.get('audit_policies') or rec.get('policies') or ['?'])} (in audit)"
     elif rec.get("policies"):
         why = f"{rec.get('reason')} ({', '.join(rec['policies'])})"
     else:
@@ -247,7 +288,7 @@ class VerdictFeed:
         self.daemon = daemon
         self.records: collections.deque = collections.deque(maxlen=capacity)
         self.poll_interval = poll_interval
-        self.resolver = Resolver()
+        self.resolver = Resolver(getattr(daemon.settings, "audit", NO_SETTING))
         self.last_seq = -1  # the packet loop's first record is 0
         self.lost = 0
         #: (verdict, direction, reason) -> records

@@ -16,6 +16,8 @@ from typing import Mapping, Optional, Union
 MC_KEY = "networking.k8s.io/multicluster-name"
 #: The label the API server sets on every namespace.
 NS_NAME_KEY = "kubernetes.io/metadata.name"
+#: The NetworkPolicy annotation that puts a policy in audit mode ("true" or "false").
+AUDIT_ANNOTATION = "mcnp.io/audit"
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 
@@ -164,6 +166,9 @@ class Policy:
     source: str = ""
     #: Set when the object was invalid and this is its fail-closed stand-in (rule S9).
     rejected: Optional[str] = None
+    #: The annotation ``mcnp.io/audit: "true"``: traffic this policy would deny passes
+    #: and is recorded as "would deny" (docs/operations.md, "Audit mode").
+    audit: bool = False
 
     @property
     def key(self) -> str:

@@ -14,6 +14,7 @@ import re
 from typing import Any, Mapping, Optional
 
 from control.semantics.model import (
+    AUDIT_ANNOTATION,
     EVERYTHING,
     NS_NAME_KEY,
     PROTOCOLS,
@@ -305,7 +306,21 @@ def network_policy(obj: Mapping[str, Any], cluster: str, source: str) -> Policy:
     types = policy_types(ctx, spec)
     ingress = tuple(rule(ctx, r, f"spec.ingress[{i}]", "from") for i, r in enumerate(_list(ctx, spec.get("ingress"), "spec.ingress")))
     egress = tuple(rule(ctx, r, f"spec.egress[{i}]", "to") for i, r in enumerate(_list(ctx, spec.get("egress"), "spec.egress")))
-    return Policy(cluster, ns, name, pod_sel, types, ingress, egress, source)
+    return Policy(cluster, ns, name, pod_sel, types, ingress, egress, source, audit=audit_annotation(ctx, obj))
+
+
+def audit_annotation(ctx: _Ctx, obj: Mapping[str, Any]) -> bool:
+    """The ``mcnp.io/audit`` annotation: ``"true"`` puts the policy in audit mode,
+    ``"false"`` or none leaves it enforced; anything else is invalid (never guessed:
+    a typo must not quietly stop enforcement). A fail-closed stand-in (rule S9) never
+    reads it: an invalid object's annotations are not trusted either."""
+    annotations = _mapping(ctx, obj["metadata"].get("annotations"), "metadata.annotations")
+    value = annotations.get(AUDIT_ANNOTATION)
+    if value is None:
+        return False
+    if value in ("true", "false"):
+        return value == "true"
+    raise ctx.fail(f"metadata.annotations[{AUDIT_ANNOTATION}]", f'must be the string "true" or "false", not {value!r}')
 
 
 def fail_closed_policy(obj: Mapping[str, Any], cluster: str, source: str, error: InvalidObject) -> Optional[Policy]:
