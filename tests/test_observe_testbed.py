@@ -48,13 +48,15 @@ def test_observe_shows_the_demos_denied_connection_and_its_policy(tmp_path):
         admitted = in_netns(pods["west/shop/web"]["netns"], sys.executable, "-c", CONNECT, api, "80")
         assert (denied.stdout.strip(), admitted.stdout.strip()) == ("failed", "connected")
 
-        denial = ("east/ops/monitor -> east/shop/api TCP/80 ingress DENIED", "(east/shop/api-from-frontends)")
-        admission = "west/shop/web -> east/shop/api TCP/80 ingress ALLOWED by east/shop/api-from-frontends ingress[0]"
+        # lines name the source port too: "east/ops/monitor:51210 -> east/shop/api TCP/80 ..."
+        denial = ("east/ops/monitor:", "-> east/shop/api TCP/80 ingress DENIED", "(east/shop/api-from-frontends)")
+        admission = ("west/shop/web:", "-> east/shop/api TCP/80 ingress ALLOWED by east/shop/api-from-frontends ingress[0]")
         for _ in range(20):  # the daemon reads the packet loop's records every 0.25 s
             out = in_netns(node["netns"], MCNP, "observe", "--node", node["api"], "--no-follow", "--last", "50")
             assert out.returncode == 0, out.stderr
             lines = out.stdout.splitlines()
-            if any(all(part in line for part in denial) for line in lines) and any(admission in line for line in lines):
+            if any(all(part in line for part in denial) for line in lines) and \
+                    any(all(part in line for part in admission) for line in lines):
                 break
             time.sleep(0.25)
         else:
