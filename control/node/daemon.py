@@ -66,7 +66,6 @@ class TablesInfo:
     published: bool = False
     error: Optional[str] = None
     compiles: int = 0
-    history: list = field(default_factory=list)  # (revision, monotonic time in force)
     #: How revisions were compiled: "full", "incremental", "none" (tables unchanged).
     paths: dict = field(default_factory=dict)
     last_path: Optional[str] = None
@@ -238,10 +237,11 @@ class Daemon:
         self._wake()
 
     async def _supervise_dataplane(self, interval: float = 0.5) -> None:
-        """A packet loop that died enforces nothing: its XDP programs are detached with
-        it, so the pods are cut off. Report it (``/readyz`` 503, the log) and stop the
-        daemon with a failure so that its supervisor (the DaemonSet) restarts it —
-        rather than a daemon that looks healthy around a dead dataplane."""
+        """A packet loop that died judges nothing new: its hooks stay and keep passing the
+        flows already admitted, and drop everything else until a new loop takes them over
+        (fail static). Report it (``/readyz`` 503, the log) and stop the daemon with a
+        failure so that its supervisor (the DaemonSet) restarts it — rather than a daemon
+        that looks healthy around a dead dataplane."""
         while True:
             await asyncio.sleep(interval)
             reason = self.dataplane.failure() if self.dataplane is not None else None
