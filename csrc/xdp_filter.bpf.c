@@ -210,6 +210,22 @@ static __always_inline int parse_v6(void *data, void *end, struct pkt *p)
 	__builtin_memcpy(p->src, ip + 8, 16);
 	__builtin_memcpy(p->dst, ip + 24, 16);
 	p->key.proto = ip[6];
+	if (ip[6] == 0) {
+		/* One hop-by-hop header (MLD reports carry a router alert): look past it,
+		 * so the listener reports of a pod are checked here like the rest of ND. */
+		__u8 *h = ip + 40;
+		__u32 hlen;
+
+		if ((void *)(h + 8) > end)
+			return -1;
+		hlen = ((__u32)h[1] + 1) * 8;
+		if (hlen > 64 || h[0] != IPPROTO_ICMPV6_) {
+			p->trackable = 0; /* userspace parses longer chains */
+			return 0;
+		}
+		p->key.proto = IPPROTO_ICMPV6_;
+		return sizeof(struct ethhdr) + 40 + hlen;
+	}
 	switch (ip[6]) {
 	case IPPROTO_TCP:
 	case IPPROTO_UDP:
@@ -267,9 +283,10 @@ static __always_inline int is_echo_request(__u8 type) { return MCNP_IS_ECHO_REQU
 
 /* Rule S12 for neighbour discovery sent by the pod: its source is one of its
  * addresses, link-local or unspecified (DAD); an advertisement's target too. */
-static __always_inline int nd_ok(void *data, void *end, struct pkt *p, const struct mcnp_pod *pod)
+static __always_inline int nd_ok(void *data, void *end, int l4, struct pkt *p,
+				 const struct mcnp_pod *pod)
 {
-	__u8 *icmp = data + sizeof(struct ethhdr) + 40;
+	__u8 *icmp = data + (l4 & 0xff);
 
 	if (!(link_local6(p->src) || unspecified6(p->src) || pod_owns(pod, p->src)))
 		return 0;
@@ -403,7 +420,7 @@ int mcnp_hook(struct xdp_md *ctx)
 	if (l4 == 0)
 		sport = dport = 0;
 	if (p.key.proto == IPPROTO_ICMPV6_ && is_nd(p.icmp_type) && l4 > 0) {
-		if (!egress || nd_ok(data, end, &p, pod))
+		if (!egress || nd_ok(data, end, l4, &p, pod))
 			return count(MCNP_K_PASS_ND, XDP_PASS);
 		return count(MCNP_K_DROP_ND, XDP_DROP);
 	}

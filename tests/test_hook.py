@@ -152,3 +152,19 @@ def test_a_full_cache_evicts_and_an_evicted_flow_is_judged_again(kern):
         assert kern.test_run(out(sport=port, flags=ACK), ZONE, K.EGRESS) == "drop"
     for port in list(kept)[:5]:
         assert kern.test_run(out(sport=port, flags=ACK), ZONE, K.EGRESS) == "pass"
+
+
+def test_mld_reports_behind_a_hop_by_hop_header_are_checked_in_the_kernel(kern):
+    """A listener report (ICMPv6 143 behind a router-alert hop-by-hop header) from the
+    pod's link-local address passes; one from an address that is not the pod's does not."""
+    def mld(src: str) -> bytes:
+        import ipaddress
+        hbh = bytes([58, 0, 5, 2, 0, 0, 1, 0])  # next: ICMPv6; router alert
+        icmp = bytes([143, 0, 0, 0, 0, 0, 0, 1]) + bytes([4, 0, 0, 0]) + ipaddress.IPv6Address("ff02::1:3").packed
+        body = hbh + icmp
+        ip6 = bytes([0x60, 0, 0, 0]) + len(body).to_bytes(2, "big") + bytes([0, 1]) + \
+            ipaddress.IPv6Address(src).packed + ipaddress.IPv6Address("ff02::16").packed
+        return b"\x33\x33\x00\x00\x00\x16" + mac_bytes(POD_MAC) + b"\x86\xdd" + ip6 + body
+    assert kern.test_run(mld("fe80::1"), ZONE, K.EGRESS) == "pass"
+    assert kern.test_run(mld("2001:db8::66"), ZONE, K.EGRESS) == "drop"
+    assert kern.kstats()["pass_nd"] == 1 and kern.kstats()["drop_nd"] == 1
