@@ -24,7 +24,7 @@ BPF_OBJECTS = [("csrc/xdp_filter.bpf.c", "fastpath/xdp_filter.bpf.o")]
 CNI_PLUGIN = ("csrc/mcnp_cni.c", "control/node/mcnp-cni")
 
 # One builder module, csrc/build.py, declares every cffi module.
-CFFI_MODULES = ["csrc/build.py:dataplane", "csrc/build.py:matcher", "csrc/build.py:trafgen"]
+CFFI_MODULES = ["csrc/build.py:dataplane", "csrc/build.py:matcher"]
 
 
 def compile_bpf(src: str, dst: str) -> None:

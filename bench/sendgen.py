@@ -6,8 +6,8 @@ of 1,024 crafted frames to the kernel per ``sendmmsg`` call (ctypes; Python's so
 module has no ``sendmmsg``), from a process pinned to one CPU in the pod's network
 namespace. The frames take the path any packet of the pod takes: out of ``eth0``,
 into the host-side end of its veth, through whatever the configuration put there.
-(``BPF_PROG_RUN`` live frames, ``bench.trafgen``, would be faster but this kernel
-refuses it with EPERM.)
+(``BPF_PROG_RUN`` with live frames would be faster, but this kernel refuses it with
+EPERM.)
 
 With ``new_flows`` the generator rewrites the UDP ports of every frame of a batch
 before sending it — source port ``SPORT_BASE + n % SPORT_SPAN``, destination port

@@ -1,16 +1,15 @@
-"""cffi (API mode) builders of mcnp's C modules, one pattern for all three.
+"""cffi (API mode) builders of mcnp's C modules, one pattern for both.
 
 Each module's declarations are the blocks between ``/* CDEF BEGIN */`` and
 ``/* CDEF END */`` of its headers (or of its single source), so every binding
 is declared exactly once, in C.  API mode is required: the ring operations in
 ``<xdp/xsk.h>`` are ``static inline``.  ``setup.py`` names ``dataplane``,
-``matcher`` and ``trafgen`` as its ``cffi_modules``.
+``matcher`` as its ``cffi_modules``.
 
 - ``fastpath._dp``: the packet path — frame parser, AF_XDP rings, the kernel
   side (maps, hooks, flow cache) and the per-batch pipeline, one module so a
   batch never crosses between extension modules.
 - ``fastpath._match``: the batch matcher (also used offline).
-- ``bench._trafgen``: the benchmarks' traffic generator (BPF_PROG_RUN).
 """
 
 import os
@@ -44,10 +43,8 @@ def builder(module: str, headers: list[str], sources: list[str], libraries=(),
     if inline:
         preamble = "".join(f'#include "{s}"\n' for s in sources)
         sources = []
-    elif all(h.endswith(".h") for h in headers):
+    else:
         preamble = "".join(f'#include "{h}"\n' for h in headers)
-    else:  # declared in its own source: the declarations are the preamble
-        preamble = "#include <stdint.h>\n" + declarations
     ffi.set_source(module, preamble, sources=[source(s) for s in sources],
                    include_dirs=[HERE], libraries=list(libraries), extra_compile_args=CFLAGS)
     return ffi
@@ -60,8 +57,7 @@ dataplane = builder(
     libraries=["xdp", "bpf"],
 )
 matcher = builder("fastpath._match", ["match.c"], ["match.c"], inline=True)
-trafgen = builder("bench._trafgen", ["trafgen.c"], ["trafgen.c"], libraries=["bpf"])
 
 if __name__ == "__main__":
-    for ffi in (dataplane, matcher, trafgen):
+    for ffi in (dataplane, matcher):
         ffi.compile(verbose=True)
