@@ -443,13 +443,29 @@ int mcnp_flows_update(struct mcnp_kernel *k, const struct mcnp_flow_key *keys,
 int mcnp_flows_delete(struct mcnp_kernel *k, const struct mcnp_flow_key *keys, uint32_t n)
 {
     int fd = k->fds[MCNP_MAP_FLOWS];
-    uint32_t i, gone = 0;
+    uint32_t done = 0, gone = 0, count, i;
 
-    /* Per key: a batch delete stops at the first key already gone (an LRU map
-     * evicts by itself), leaving the rest in place. */
-    for (i = 0; i < n; i++)
-        if (bpf_map_delete_elem(fd, &keys[i]) == 0)
-            gone++;
+    /* In batches; a batch stops at the first key already gone (an LRU map evicts by
+     * itself), so that one is skipped and the batch goes on after it. */
+    while (done < n) {
+        count = n - done;
+        if (bpf_map_delete_batch(fd, keys + done, &count, NULL) == 0) {
+            gone += count;
+            break;
+        }
+        gone += count;
+        done += count;
+        if (errno == ENOENT) {
+            done++;
+            continue;
+        }
+        if (errno != EINVAL && errno != ENOTSUPP && errno != EOPNOTSUPP)
+            return -errno;
+        for (i = done; i < n; i++) /* kernels without batch ops for this map type */
+            if (bpf_map_delete_elem(fd, &keys[i]) == 0)
+                gone++;
+        break;
+    }
     return (int)gone;
 }
 

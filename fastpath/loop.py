@@ -51,7 +51,7 @@ from fastpath.rings import Port, Umem
 logger = logging.getLogger(__name__)
 
 #: The packet loop's defaults, in one place (docs/dataplane.md).
-DEFAULTS = dict(batch=256, frames=8192, frame_size=4096, ring_size=512, fill=32,
+DEFAULTS = dict(batch=256, frames=16384, frame_size=4096, ring_size=512, fill=128,
                 spin_us=200, poll_ms=10, xdp_mode="generic")
 MAX_PORTS = lib.MCNP_XSKS_MAX
 J_EGRESS, J_BOTH, J_SERVICE = lib.MCNP_J_EGRESS, lib.MCNP_J_BOTH, lib.MCNP_J_SERVICE
@@ -337,7 +337,11 @@ class Loop:
 
     def _open(self, ifname: str) -> int:
         i = self._free_index()
-        port = Port(self.umem, ifname, fill=self.opt["fill"])
+        # A deep fill ring absorbs a burst while the loop sleeps; shared fairly when
+        # many pods are hooked (the pool holds every socket's fill frames).
+        sockets = sum(p is not None for p in self.ports) + 1
+        fill = min(self.opt["fill"], max(16, self.opt["frames"] // (2 * sockets)))
+        port = Port(self.umem, ifname, fill=fill)
         self.ports[i] = port
         self._cports[i] = port._c
         self.kernel.register(i, port.fd)
