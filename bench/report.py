@@ -420,70 +420,6 @@ def control_section(benches: list[dict], charts: dict) -> list[str]:
     return out[:2] + (["![event to enforcement](img/bench-control.svg)", ""] if rows else []) + out[2:]
 
 
-def _scaled(value, factor: float):
-    """A number (or the sum of a list of numbers) times ``factor``; anything else is
-    returned as it is, for ``measurement`` to reject."""
-    if isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        value = sum(value)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return value * factor
-    return value
-
-
-def forward_rows(rounds: list[dict], baseline: str = "bridge") -> list[dict]:
-    """bench_forward.py's UDP runs as throughput rows, each round against the mean of
-    its own ``baseline`` runs."""
-    rows = []
-    for i, r in enumerate(rounds):
-        measured = {}
-        for name, runs in r.get("udp", {}).items():
-            runs = runs if isinstance(runs, list) else [runs]
-            where = f"bench_forward round {i + 1} {name}"
-            if not runs or not all(isinstance(x, dict) for x in runs):
-                raise ReportError(f"{where}: expected one run or a list of runs (objects)")
-            measured[name] = _mean_of([measurement(
-                {"received": _scaled(x.get("mpps"), 1e6), "offered": _scaled(x.get("offered_mpps"), 1e6),
-                 # cpu_busy holds per-CPU busy fractions: their sum is busy CPU-seconds per second
-                 "cpu_s": _scaled(x.get("cpu_busy"), 1.0), "seconds": 1.0}, where, "pps") for x in runs])
-        base = measured.get(baseline)
-        for name, m in measured.items():
-            rows.append({"round": i + 1, "configuration": name, **throughput_cells(m, "pps"),
-                         f"received ÷ {baseline}": _ratio(m["received"], base and base["received"]),
-                         f"per busy CPU-s ÷ {baseline}": _ratio(m["per_cpu_s"], base and base["per_cpu_s"])})
-    return rows
-
-
-def forward_section(benches: list[dict], charts: dict) -> list[str]:
-    out = ["## Forwarding (64-byte UDP through one node)", ""]
-    for b in benches:
-        info = b["extra_info"]
-        ratios = info.get("median_ratios") or {}
-        if ratios:
-            out += [table([{"measure": k, "value": v} for k, v in sorted(ratios.items())], ["measure", "value"]), ""]
-        rounds = info.get("rounds") or []
-        if not rounds:
-            continue
-        rows = forward_rows(rounds)
-        last = [r for r in rows if r["round"] == len(rounds)]
-        if last:
-            charts["bench-forward.svg"] = bar_chart("64-byte UDP through one node (last round)",
-                                                    [r["configuration"] for r in last],
-                                                    {"received pps": [r["received pps"] for r in last]}, "packets/s")
-            out += ["![packet rate](img/bench-forward.svg)", "", table(rows, list(rows[0])), ""]
-        other = []
-        for i, r in enumerate(rounds):
-            row = {"round": i + 1, "load average": r.get("load_average", "")}
-            for name, v in (r.get("rtt_ms") or {}).items():
-                row[f"RTT {name} ms"] = statistics.fmean(v) if isinstance(v, list) else v
-            for name, v in (r.get("tcp_gbps") or {}).items():
-                row[f"TCP {name} Gbit/s"] = statistics.fmean(v) if isinstance(v, list) else v
-            other.append(row)
-        out += ["This benchmark records no CPU time, offered rate or drops for its TCP and round-trip runs "
-                "(the side-by-side comparison above does, when present).", "",
-                table(other, list(dict.fromkeys(k for row in other for k in row))), ""]
-    return out
-
-
 def render(data: dict, source: str) -> tuple[str, dict]:
     benches = data["benchmarks"]
     modules = defaultdict(list)
@@ -500,7 +436,7 @@ def render(data: dict, source: str) -> tuple[str, dict]:
         f"* machine: {mi.get('cpu', {}).get('brand_raw', mi.get('processor', '?'))}, "
         f"{mi.get('cpu', {}).get('count', '?')} CPUs, Python {mi.get('python_version', '?')}, {mi.get('system', '')} {mi.get('release', '')}",
         f"* commit: {data.get('commit_info', {}).get('id', '?')[:12]}",
-        "* reproduce: `./dev bench` (as root: the forwarding benchmark builds network namespaces), then "
+        "* reproduce: `./dev bench` (as root: the node benchmarks build network namespaces), then "
         "`.venv/bin/python -m bench.report`",
         "",
         "These machines are shared and noisy: compare ratios taken in the same run, not absolute figures across runs.",
@@ -520,8 +456,6 @@ def render(data: dict, source: str) -> tuple[str, dict]:
                 lines += generic_section("Matcher: numpy fallback and policy-count independence", rest)
         elif module.endswith("bench_control.py"):
             lines += control_section(items, charts)
-        elif module.endswith("bench_forward.py"):
-            lines += forward_section(items, charts)
         elif module.endswith("bench_compile.py"):
             lines += generic_section("Compiler", items, COMPILER_KEYS)
         else:

@@ -145,27 +145,6 @@ def test_main_refuses_malformed_results_and_writes_nothing(tmp_path, monkeypatch
     assert not (tmp_path / "img").exists()
 
 
-def test_forwarding_rounds_show_cpu_offered_and_drops_against_the_bridge(tmp_path):
-    rounds = [{"udp": {"bridge": [{"mpps": 0.4, "offered_mpps": 0.4, "cpu_busy": [0.9, 0.1]},
-                                  {"mpps": 0.6, "offered_mpps": 0.6, "cpu_busy": [0.9, 0.1]}],
-                       "mcnp_10": {"mpps": 0.5, "offered_mpps": 2.0, "cpu_busy": [0.9, 0.9]}},
-               "tcp_gbps": {"bridge": [10.0, 12.0], "mcnp_10": 2.0}, "rtt_ms": {"bridge": [0.1, 0.1], "mcnp_10": 0.3}}]
-    data = {**DATA, "benchmarks": [result("test_forwarding_bridge_vs_mcnp", "bench_forward.py", extra={"rounds": rounds})]}
-    text, charts = report.render(data, str(tmp_path / "r.json"))
-    assert ("| round | configuration | received pps | offered pps | dropped pps | dropped % | busy CPUs | "
-            "pps per busy CPU-s | received ÷ bridge | per busy CPU-s ÷ bridge |") in text
-    assert "| 1 | bridge | 500k | 500k | 0 | 0 | 1 | 500k | 1 | 1 |" in text
-    assert "| 1 | mcnp_10 | 500k | 2M | 1.5M | 75 | 1.8 | 278k | 1 | 0.556 |" in text
-    assert "| 1 |  | 0.1 | 0.3 | 11 | 2 |" in text  # round trips and TCP, bridge runs averaged
-    assert "bench-forward.svg" in charts
-    rounds[0]["udp"]["mcnp_10"]["cpu_busy"] = ["0.9"]
-    with pytest.raises(report.ReportError, match="bench_forward round 1 mcnp_10: field 'cpu_s'"):
-        report.render(data, str(tmp_path / "r.json"))
-    del rounds[0]["udp"]["mcnp_10"]["mpps"]
-    with pytest.raises(report.ReportError, match="bench_forward round 1 mcnp_10: field 'received'"):
-        report.render(data, str(tmp_path / "r.json"))
-
-
 def test_main_writes_document_and_images(tmp_path, monkeypatch):
     src = tmp_path / "latest.json"
     src.write_text(json.dumps(comparison(FULL)))
