@@ -23,7 +23,9 @@ enum {
     MCNP_R_NO_TABLES = 4, MCNP_R_POD_NOT_READY = 5, MCNP_R_SPOOFED = 6,
     MCNP_R_DENIED_EGRESS = 7, MCNP_R_DENIED_INGRESS = 8, MCNP_R_NON_IP = 9,
     MCNP_R_NO_PEER = 10, MCNP_R_UNKNOWN_PORT = 11, MCNP_R_CACHE_ERROR = 12,
-    MCNP_R_WOULD_DENY = 13  /* passed: admitted, but the audit tables deny it */
+    MCNP_R_WOULD_DENY = 13, /* passed: admitted, but the audit tables deny it */
+    MCNP_R_OVERSIZE = 14    /* judged and recorded, not delivered: the headers of a first
+                               packet too long for a UMEM frame (MCNP_JUDGE_ONLY_MAC) */
 };
 
 /* What a gathered row asks of the matcher. */

@@ -36,6 +36,14 @@ typedef __s32 int32_t;
      ((proto) == MCNP_P_ICMPV6 && ((type) == MCNP_ICMPV6_ECHO_REQUEST || (type) == MCNP_ICMPV6_ECHO_REPLY)))
 #define MCNP_IS_ECHO_REQUEST(type) ((type) == MCNP_ICMP_ECHO_REQUEST || (type) == MCNP_ICMPV6_ECHO_REQUEST)
 
+/* A first packet longer than a UMEM frame takes cannot go to userspace whole (copy
+ * mode, no multi-buffer): the hook sends its first MCNP_JUDGE_ONLY_LEN bytes, lengths
+ * rewritten to match and the destination MAC set to this mark, so userspace judges the
+ * flow and records it but delivers nothing; the flow's next packets pass in the kernel. */
+#define MCNP_USER_FRAME_MAX 3840
+#define MCNP_JUDGE_ONLY_LEN 256
+#define MCNP_JUDGE_ONLY_MAC 0x026d636e7001ULL  /* 02:6d:63:6e:70:01 */
+
 /* Names of the pinned maps (under the daemon's bpf directory).  The suffix is
  * the layout's version: a daemon whose structs differ makes maps of its own
  * instead of misreading another version's. */
@@ -142,7 +150,9 @@ enum {
     MCNP_K_DROP_ND = 7,       /* neighbour discovery whose addresses are not the pod's */
     MCNP_K_DROP_L2 = 8,       /* non-IP frame of an isolated pod */
     MCNP_K_DROP_NO_SOCKET = 9,/* userspace not there (daemon away): nothing unjudged passes */
-    MCNP_K_COUNT = 10
+    MCNP_K_JUDGE_ONLY = 10,   /* a first packet too long for userspace: its headers sent to be judged */
+    MCNP_K_DROP_OVERSIZE = 11,/* such a packet that could not be cut */
+    MCNP_K_COUNT = 12
 };
 
 /* CDEF END */

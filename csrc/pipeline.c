@@ -370,6 +370,10 @@ void mcnp_pipe_finish(struct mcnp_pipe *p, uint8_t *buf, uint64_t buf_len,
         int pass = p->alive[i] && peer >= 0 && (uint32_t)peer < p->n_ports;
         if (p->alive[i] && !pass)
             p->reason[i] = MCNP_R_NO_PEER;
+        if (pass && p->parsed->eth_dst[i] == MCNP_JUDGE_ONLY_MAC) {
+            pass = 0; /* its flow is recorded; the packet itself was cut by the hook */
+            p->reason[i] = MCNP_R_OVERSIZE;
+        }
         p->fix_mask[i] = (uint8_t)(pass && p->fix_checksums);
         any_fix |= p->fix_mask[i];
         p->verdicts[(pass ? 0 : p->n_reasons) + (uint32_t)p->reason[i]]++;

@@ -41,10 +41,11 @@ REASONS = (
     "unknown_port",    # drop: a frame from a socket the loop does not know
     "cache_error",     # drop: the flow cache refused the admitted flow (not sent: it would loop)
     "would_deny",      # pass: a new flow enforcement admits and the audit tables deny (audit mode)
+    "oversize",        # drop: a first packet too long for userspace: its flow judged, itself not delivered
 ) + tuple(name for code, name in sorted(parse.STATUS_NAMES.items())
           if code >= parse.MALFORMED_MIN)
 REASON = {name: i for i, name in enumerate(REASONS)}
-N_PIPELINE_REASONS = REASON["would_deny"] + 1
+N_PIPELINE_REASONS = REASON["oversize"] + 1
 #: reason index of each parser status (malformed ones only; others -1)
 STATUS_REASON = np.full(256, -1, dtype=np.int16)
 for _code, _name in parse.STATUS_NAMES.items():

@@ -43,7 +43,7 @@ DEFAULT_TIMEOUTS = {
     "sctp_closing": 30, "sctp_closed": 10, "other": 30,
 }
 KSTATS = ("pass_flow", "pass_node", "pass_arp", "pass_nd", "pass_l2", "redirect",
-          "drop_arp", "drop_nd", "drop_l2", "drop_no_socket")
+          "drop_arp", "drop_nd", "drop_l2", "drop_no_socket", "judge_only", "drop_oversize")
 
 FLOW_KEY = np.dtype([("zone", "<u8"), ("pod_addr", "u1", 16), ("peer_addr", "u1", 16),
                      ("pod_port", "<u2"), ("peer_port", "<u2"), ("proto", "u1"),

@@ -54,9 +54,9 @@ def tables(revision: int, tcp: bool):
 GATEWAY = "198.18.10.254"
 
 
-def wire_ptp(node: str, pod_ns: str, host_if: str, ip: str) -> None:
+def wire_ptp(node: str, pod_ns: str, host_if: str, ip: str, mtu: int = 1500) -> None:
     """What the ptp plugin does for one pod."""
-    nu.veth_pair("eth0", pod_ns, host_if, node)
+    nu.veth_pair("eth0", pod_ns, host_if, node, mtu=mtu)
     nu.add_address(pod_ns, "eth0", f"{ip}/32")
     nu.ip("route", "add", GATEWAY, "dev", "eth0", "scope", "link", ns=pod_ns)
     nu.ip("route", "add", "198.18.0.0/15", "via", GATEWAY, "dev", "eth0", ns=pod_ns)
@@ -77,7 +77,7 @@ def net():
 
 
 @contextlib.contextmanager
-def built_net():
+def built_net(mtu: int = 1500):
     """Namespaces, veths, routes and a running Dataplane; torn down whatever happens."""
     from fastpath.worker import Dataplane
     with contextlib.ExitStack() as stack:
@@ -85,7 +85,7 @@ def built_net():
         hosts = {name: stack.enter_context(nu.netns(name)) for name in "abcr"}
         nu.run_in(node, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
         for name in "abc":
-            wire_ptp(node, hosts[name], f"p{name}", IPS[name])
+            wire_ptp(node, hosts[name], f"p{name}", IPS[name], mtu)
         nu.veth_pair("eth0", hosts["r"], "upl", node)
         nu.add_address(node, "upl", "198.18.20.254/24")
         nu.add_address(hosts["r"], "eth0", f"{IPS['r']}/24")
@@ -308,3 +308,48 @@ def test_pods_come_and_go_without_leaking_sockets_frames_or_map_entries(net):
         assert after[k] == before[k], k
     assert after["umem"]["free"] == before["umem"]["free"] and after["umem"]["bad_frees"] == 0
     assert not dp.detach("no-such-sandbox")
+
+
+def test_pods_with_mtu_9000():
+    """Jumbo frames: TCP segments of 8,000 bytes pass (the SYN is judged, the rest goes in
+    the kernel); a UDP flow whose first datagram is longer than a UMEM frame has it judged
+    from its headers at each end that sees the flow first (the source's, then the
+    destination's), recorded and not delivered, and its next datagrams pass. A denied
+    jumbo datagram stays denied."""
+    with built_net(mtu=9000) as (dp, hosts, _):
+        publish(dp, 1)
+        with server(hosts["b"], IPS["b"], 8080, "tcp"), server(hosts["b"], IPS["b"], 5353, "udp"):
+            c = tcp_connect(hosts["a"], IPS["b"], 8080, 3)
+            assert c is not None
+            with c:
+                big = b"x" * 8000
+                for _ in range(5):
+                    c.sendall(big)
+                    got = b""
+                    while len(got) < len(big):
+                        chunk = c.recv(65536)
+                        assert chunk
+                        got += chunk
+                    assert got == big
+            with nu.in_netns(hosts["a"]):
+                u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            with u:
+                u.settimeout(1.0)
+                for _ in range(2):  # the first at a's end, the second at b's: judged, not delivered
+                    u.sendto(b"y" * 6000, (IPS["b"], 5353))
+                    with pytest.raises(socket.timeout):
+                        u.recv(9000)
+                u.sendto(b"z" * 6000, (IPS["b"], 5353))
+                assert len(u.recv(9000)) > 0  # the flow passes now (the server echoes what it read)
+            with nu.in_netns(hosts["c"]):
+                d = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            with d:
+                d.settimeout(0.5)
+                for _ in range(2):
+                    d.sendto(b"w" * 6000, (IPS["b"], 5353))  # c may not reach b on UDP 5353
+                    with pytest.raises(socket.timeout):
+                        d.recv(9000)
+        stats = dp.stats()
+        # a's flow: cut at a's end and at b's; c's: cut at c's end (admitted), then denied at b's
+        assert stats["verdicts"]["drop"].get("oversize", 0) >= 3
+        assert stats["hooks"]["judge_only"] >= 4 and stats["verdicts"]["drop"]["denied_ingress"] >= 1
