@@ -32,14 +32,15 @@ struct mcnp_kernel {
     char obj_path[4096];
     int fds[MCNP_MAP_COUNT];
     uint32_t flow_capacity;
+    uint32_t class_capacity;
 };
 
 static const char *const MAP_NAMES[MCNP_MAP_COUNT] = {
-    "xsks", "flows", "pods", "node_addrs", "config", "kstats",
+    "xsks", "flows", "pods", "node_addrs", "config", "kstats", "classes",
 };
 /* Pinned maps outlive the daemon; NULL: this run's own. */
 static const char *const PIN_NAMES[MCNP_MAP_COUNT] = {
-    NULL, MCNP_PIN_FLOWS, MCNP_PIN_PODS, MCNP_PIN_NODE, MCNP_PIN_CONFIG, NULL,
+    NULL, MCNP_PIN_FLOWS, MCNP_PIN_PODS, MCNP_PIN_NODE, MCNP_PIN_CONFIG, NULL, MCNP_PIN_CLASSES,
 };
 
 struct map_shape {
@@ -47,16 +48,23 @@ struct map_shape {
     uint32_t key, value, max;
 };
 
-static struct map_shape shape_of(int which, uint32_t flows, uint32_t pods)
+struct capacities {
+    uint32_t flows, pods, classes;
+};
+
+static struct map_shape shape_of(int which, struct capacities cap)
 {
     switch (which) {
     case MCNP_MAP_XSKS:
         return (struct map_shape){ BPF_MAP_TYPE_XSKMAP, 4, 4, MCNP_XSKS_MAX };
     case MCNP_MAP_FLOWS:
         return (struct map_shape){ BPF_MAP_TYPE_LRU_HASH, sizeof(struct mcnp_flow_key),
-                                   sizeof(struct mcnp_flow), flows };
+                                   sizeof(struct mcnp_flow), cap.flows };
+    case MCNP_MAP_CLASSES:
+        return (struct map_shape){ BPF_MAP_TYPE_LRU_HASH, sizeof(struct mcnp_flow_key),
+                                   sizeof(struct mcnp_flow), cap.classes };
     case MCNP_MAP_PODS:
-        return (struct map_shape){ BPF_MAP_TYPE_HASH, 8, sizeof(struct mcnp_pod), pods };
+        return (struct map_shape){ BPF_MAP_TYPE_HASH, 8, sizeof(struct mcnp_pod), cap.pods };
     case MCNP_MAP_NODE:
         return (struct map_shape){ BPF_MAP_TYPE_HASH, 16, 1, NODE_ADDRS_MAX };
     case MCNP_MAP_CONFIG:
@@ -90,10 +98,9 @@ static int open_pinned(const char *path, struct map_shape s)
     return fd;
 }
 
-static int open_map(struct mcnp_kernel *k, int which, const char *pin_dir, uint32_t flows,
-                    uint32_t pods, int *reused)
+static int open_map(int which, const char *pin_dir, struct capacities cap, int *reused)
 {
-    struct map_shape s = shape_of(which, flows, pods);
+    struct map_shape s = shape_of(which, cap);
     char path[4200];
     int fd;
 
@@ -116,8 +123,10 @@ static int open_map(struct mcnp_kernel *k, int which, const char *pin_dir, uint3
 }
 
 int mcnp_kernel_open(struct mcnp_kernel **out, const char *obj_path, const char *pin_dir,
-                     uint32_t flow_capacity, uint32_t pod_capacity, int *reused)
+                     uint32_t flow_capacity, uint32_t class_capacity, uint32_t pod_capacity,
+                     int *reused)
 {
+    struct capacities cap = { flow_capacity, pod_capacity, class_capacity };
     struct mcnp_kernel *k;
     struct bpf_map_info info = {};
     uint32_t len = sizeof(info);
@@ -126,7 +135,7 @@ int mcnp_kernel_open(struct mcnp_kernel **out, const char *obj_path, const char 
     *out = NULL;
     *reused = 0;
     if (!obj_path || strlen(obj_path) >= sizeof(k->obj_path) || flow_capacity < 64 ||
-        pod_capacity < 1)
+        class_capacity < 64 || pod_capacity < 1)
         return -EINVAL;
     if (pin_dir && *pin_dir && mkdir(pin_dir, 0700) != 0 && errno != EEXIST)
         return -errno;
@@ -137,7 +146,7 @@ int mcnp_kernel_open(struct mcnp_kernel **out, const char *obj_path, const char 
     for (i = 0; i < MCNP_MAP_COUNT; i++)
         k->fds[i] = -1;
     for (i = 0; i < MCNP_MAP_COUNT; i++) {
-        fd = open_map(k, i, pin_dir, flow_capacity, pod_capacity, reused);
+        fd = open_map(i, pin_dir, cap, reused);
         if (fd < 0) {
             mcnp_kernel_close(k);
             return fd;
@@ -147,6 +156,10 @@ int mcnp_kernel_open(struct mcnp_kernel **out, const char *obj_path, const char 
     k->flow_capacity = flow_capacity;
     if (bpf_obj_get_info_by_fd(k->fds[MCNP_MAP_FLOWS], &info, &len) == 0)
         k->flow_capacity = info.max_entries;
+    k->class_capacity = class_capacity;
+    len = sizeof(info);
+    if (bpf_obj_get_info_by_fd(k->fds[MCNP_MAP_CLASSES], &info, &len) == 0)
+        k->class_capacity = info.max_entries;
     *out = k;
     return 0;
 }
@@ -167,7 +180,16 @@ int mcnp_kernel_map_fd(struct mcnp_kernel *k, int which)
     return which >= 0 && which < MCNP_MAP_COUNT ? k->fds[which] : -EINVAL;
 }
 
-uint32_t mcnp_kernel_flow_capacity(struct mcnp_kernel *k) { return k->flow_capacity; }
+uint32_t mcnp_kernel_capacity(struct mcnp_kernel *k, int which)
+{
+    return which == MCNP_MAP_CLASSES ? k->class_capacity : k->flow_capacity;
+}
+
+/* The flow cache or the classes: the maps of flow keys. */
+static int flow_map(struct mcnp_kernel *k, int which)
+{
+    return which == MCNP_MAP_CLASSES ? k->fds[MCNP_MAP_CLASSES] : k->fds[MCNP_MAP_FLOWS];
+}
 
 /* ---- hooks ---------------------------------------------------------------- */
 
@@ -422,10 +444,10 @@ int mcnp_kstats(struct mcnp_kernel *k, uint64_t *out)
 
 /* ---- the flow cache ---------------------------------------------------------- */
 
-int mcnp_flows_update(struct mcnp_kernel *k, const struct mcnp_flow_key *keys,
+int mcnp_flows_update(struct mcnp_kernel *k, int which, const struct mcnp_flow_key *keys,
                       const struct mcnp_flow *vals, uint32_t n)
 {
-    int fd = k->fds[MCNP_MAP_FLOWS];
+    int fd = flow_map(k, which);
     uint32_t count = n, i;
 
     if (n == 0)
@@ -440,9 +462,10 @@ int mcnp_flows_update(struct mcnp_kernel *k, const struct mcnp_flow_key *keys,
     return (int)n;
 }
 
-int mcnp_flows_delete(struct mcnp_kernel *k, const struct mcnp_flow_key *keys, uint32_t n)
+int mcnp_flows_delete(struct mcnp_kernel *k, int which, const struct mcnp_flow_key *keys,
+                      uint32_t n)
 {
-    int fd = k->fds[MCNP_MAP_FLOWS];
+    int fd = flow_map(k, which);
     uint32_t done = 0, gone = 0, count, i;
 
     /* In batches; a batch stops at the first key already gone (an LRU map evicts by
@@ -469,10 +492,10 @@ int mcnp_flows_delete(struct mcnp_kernel *k, const struct mcnp_flow_key *keys, u
     return (int)gone;
 }
 
-int mcnp_flows_lookup(struct mcnp_kernel *k, const struct mcnp_flow_key *keys, uint32_t n,
-                      struct mcnp_flow *vals, uint8_t *found)
+int mcnp_flows_lookup(struct mcnp_kernel *k, int which, const struct mcnp_flow_key *keys,
+                      uint32_t n, struct mcnp_flow *vals, uint8_t *found)
 {
-    int fd = k->fds[MCNP_MAP_FLOWS];
+    int fd = flow_map(k, which);
     uint32_t i;
     int hits = 0;
 
@@ -483,10 +506,10 @@ int mcnp_flows_lookup(struct mcnp_kernel *k, const struct mcnp_flow_key *keys, u
     return hits;
 }
 
-int mcnp_flows_dump(struct mcnp_kernel *k, struct mcnp_flow_key *keys, struct mcnp_flow *vals,
-                    uint32_t capacity)
+int mcnp_flows_dump(struct mcnp_kernel *k, int which, struct mcnp_flow_key *keys,
+                    struct mcnp_flow *vals, uint32_t capacity)
 {
-    int fd = k->fds[MCNP_MAP_FLOWS];
+    int fd = flow_map(k, which);
     struct mcnp_flow_key batch;
     uint32_t total = 0, count;
     void *in = NULL;

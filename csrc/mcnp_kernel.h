@@ -2,7 +2,7 @@
  * share, loading and attaching a hook on one end of a pod's veth, and batch
  * operations on the flow cache.
  *
- * Maps that must outlive the daemon (flows, pods, node addresses, config) are
+ * Maps that must outlive the daemon (flows, classes, pods, node addresses, config) are
  * pinned under a directory on a bpffs, so a restarted or upgraded daemon finds
  * the flows its predecessor admitted and the hooks it left attached keep
  * working while it is away.  The XSKMAP and the counters belong to one run of
@@ -28,17 +28,19 @@ enum {
 };
 
 enum { MCNP_MAP_XSKS = 0, MCNP_MAP_FLOWS = 1, MCNP_MAP_PODS = 2, MCNP_MAP_NODE = 3,
-       MCNP_MAP_CONFIG = 4, MCNP_MAP_KSTATS = 5, MCNP_MAP_COUNT = 6 };
+       MCNP_MAP_CONFIG = 4, MCNP_MAP_KSTATS = 5, MCNP_MAP_CLASSES = 6, MCNP_MAP_COUNT = 7 };
 
 /* Open (or create and pin) the maps under pin_dir (NULL or "": nothing
  * pinned, for tests) for the hook program in obj_path.  A pinned map whose
  * layout differs is replaced; *reused tells whether the flow cache was found
  * (a restart) rather than made. */
 int mcnp_kernel_open(struct mcnp_kernel **out, const char *obj_path, const char *pin_dir,
-                     uint32_t flow_capacity, uint32_t pod_capacity, int *reused);
+                     uint32_t flow_capacity, uint32_t class_capacity, uint32_t pod_capacity,
+                     int *reused);
 void mcnp_kernel_close(struct mcnp_kernel *k);
 int mcnp_kernel_map_fd(struct mcnp_kernel *k, int which);
-uint32_t mcnp_kernel_flow_capacity(struct mcnp_kernel *k);
+/* Entries the flow cache (MCNP_MAP_FLOWS) or the classes (MCNP_MAP_CLASSES) hold. */
+uint32_t mcnp_kernel_capacity(struct mcnp_kernel *k, int which);
 
 /* Load an instance of the hook for (zone, slot, role) and attach it to
  * ifname in the caller's network namespace, replacing any program there
@@ -71,17 +73,18 @@ int mcnp_config_get(struct mcnp_kernel *k, struct mcnp_config *cfg);
 /* The hooks' per-CPU counters summed: out[MCNP_K_COUNT]. */
 int mcnp_kstats(struct mcnp_kernel *k, uint64_t *out);
 
-/* Flow cache, in batches: one system call for many flows where the kernel
- * allows it. */
-int mcnp_flows_update(struct mcnp_kernel *k, const struct mcnp_flow_key *keys,
+/* The flow cache and the flow classes (which: MCNP_MAP_FLOWS or MCNP_MAP_CLASSES),
+ * in batches: one system call for many entries where the kernel allows it. */
+int mcnp_flows_update(struct mcnp_kernel *k, int which, const struct mcnp_flow_key *keys,
                       const struct mcnp_flow *vals, uint32_t n);
-int mcnp_flows_delete(struct mcnp_kernel *k, const struct mcnp_flow_key *keys, uint32_t n);
+int mcnp_flows_delete(struct mcnp_kernel *k, int which, const struct mcnp_flow_key *keys,
+                      uint32_t n);
 /* found[i] = 1 and vals[i] filled for each key present. */
-int mcnp_flows_lookup(struct mcnp_kernel *k, const struct mcnp_flow_key *keys, uint32_t n,
-                      struct mcnp_flow *vals, uint8_t *found);
+int mcnp_flows_lookup(struct mcnp_kernel *k, int which, const struct mcnp_flow_key *keys,
+                      uint32_t n, struct mcnp_flow *vals, uint8_t *found);
 /* Copy up to capacity entries; returns how many. */
-int mcnp_flows_dump(struct mcnp_kernel *k, struct mcnp_flow_key *keys, struct mcnp_flow *vals,
-                    uint32_t capacity);
+int mcnp_flows_dump(struct mcnp_kernel *k, int which, struct mcnp_flow_key *keys,
+                    struct mcnp_flow *vals, uint32_t capacity);
 /* CLOCK_MONOTONIC in ns, the clock the hooks stamp flows with. */
 uint64_t mcnp_now_ns(void);
 

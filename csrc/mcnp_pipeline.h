@@ -114,6 +114,9 @@ struct mcnp_pipe {
     struct mcnp_flow_key *new_keys;   /* [capacity] flows to write */
     struct mcnp_flow *new_vals;
     struct mcnp_flow_key *old_keys;   /* [capacity] flows to remove */
+    int32_t classes;                  /* 1: record the class of each new flow admitted */
+    struct mcnp_flow_key *class_keys; /* [capacity] classes to write */
+    struct mcnp_flow *class_vals;
 };
 
 /* Parse the batch and sort its frames: dropped at once, passed as a flow the
@@ -127,7 +130,10 @@ uint32_t mcnp_pipe_classify(struct mcnp_pipe *p, uint8_t *buf, uint64_t buf_len,
  * the cache and remove re-checked ones that are now denied (before anything is
  * sent, so a frame sent on finds its flow), fix L4 checksums, and sort every
  * frame into the TX list of the other end of its pod's veth or the drop list.
- * Counts every frame once.  audit (NULL: no policy is in audit mode) holds the
+ * With classes set, the class of each new TCP, UDP or SCTP flow admitted
+ * between the pod's own address and a peer that is not a Service address is
+ * written too (mcnp_proto.h; flows the audit tables would deny are left out, so
+ * every one of them is logged).  Counts every frame once.  audit (NULL: no policy is in audit mode) holds the
  * audit tables' egress and ingress rule ids, two per row: a new flow that ok
  * admits and the audit tables deny (a DENIED side) passes with reason
  * MCNP_R_WOULD_DENY, its record carrying the audit rule ids. */

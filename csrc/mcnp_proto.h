@@ -51,6 +51,7 @@ typedef __s32 int32_t;
 #define MCNP_PIN_PODS   "pods_v1"
 #define MCNP_PIN_NODE   "node_addrs_v1"
 #define MCNP_PIN_CONFIG "config_v1"
+#define MCNP_PIN_CLASSES "classes_v1"
 
 /* CDEF BEGIN */
 
@@ -81,6 +82,17 @@ enum {
     MCNP_CTS_COUNT = 11
 };
 
+/* What a key names: one flow, or a flow class (the flows one end of a pod's veth
+ * opens between two addresses to one destination port, whatever their source
+ * port: the verdict never depends on it).  A class lives in the classes map,
+ * its opener's source port 0; the hook admits a new flow of a class userspace
+ * admitted under the tables in force without asking userspace again. */
+enum {
+    MCNP_KIND_FLOW = 0,
+    MCNP_KIND_CLASS_EGRESS = 1,   /* opened by the pod: pod_port 0 */
+    MCNP_KIND_CLASS_INGRESS = 2   /* opened by the peer: peer_port 0 */
+};
+
 /* A flow as one pod sees it: the key is oriented by the pod, not by the
  * packet, so both directions of a connection find the same entry from either
  * end of the pod's veth.  Every pod has its own zone: a flow between two pods
@@ -93,13 +105,15 @@ struct mcnp_flow_key {
     uint16_t peer_port;
     uint8_t proto;
     uint8_t initiator;        /* ICMP echo: 0 the pod asked, 1 the peer asked */
-    uint8_t pad[2];
+    uint8_t kind;             /* MCNP_KIND_* */
+    uint8_t pad;
 };
 
 struct mcnp_flow {
     uint64_t created_ns;      /* CLOCK_MONOTONIC (bpf_ktime_get_ns) */
     uint64_t last_ns;
-    uint64_t packets[2];      /* [0] from the side that opened the flow, [1] replies */
+    uint64_t packets[2];      /* [0] from the side that opened the flow, [1] replies;
+                                 a class: [0] flows the hook admitted by it */
     uint64_t bytes[2];
     uint32_t revision;        /* tables revision that admitted (or re-checked) it */
     int32_t rule_egress;      /* rule ids as the matcher names them */
@@ -132,9 +146,13 @@ struct mcnp_hook_cfg {
     uint32_t role;            /* MCNP_ROLE_* */
 };
 
+enum {
+    MCNP_CFG_CLASSES = 1      /* admit new flows of admitted classes in the hook */
+};
+
 struct mcnp_config {
     uint32_t revision;        /* tables revision in force; 0: none yet */
-    uint32_t pad;
+    uint32_t flags;           /* MCNP_CFG_* */
     uint64_t timeout_ns[11];  /* MCNP_CTS_COUNT */
 };
 
@@ -152,7 +170,8 @@ enum {
     MCNP_K_DROP_NO_SOCKET = 9,/* userspace not there (daemon away): nothing unjudged passes */
     MCNP_K_JUDGE_ONLY = 10,   /* a first packet too long for userspace: its headers sent to be judged */
     MCNP_K_DROP_OVERSIZE = 11,/* such a packet that could not be cut */
-    MCNP_K_COUNT = 12
+    MCNP_K_PASS_CLASS = 12,   /* a new flow of a class admitted under the tables in force */
+    MCNP_K_COUNT = 13
 };
 
 /* CDEF END */

@@ -199,7 +199,7 @@ static void classify_one(struct mcnp_pipe *p, uint8_t *buf, uint64_t buf_len, ui
     }
     flow_key(q, i, h, &p->keys[i]);
     chunk = sctp_chunk(q, i, buf, buf_len, addr);
-    if (mcnp_flows_lookup(p->kernel, &p->keys[i], 1, &p->cached[i], &p->found[i]) < 0)
+    if (mcnp_flows_lookup(p->kernel, MCNP_MAP_FLOWS, &p->keys[i], 1, &p->cached[i], &p->found[i]) < 0)
         p->found[i] = 0;
     if (p->found[i]) {
         const struct mcnp_flow *f = &p->cached[i];
@@ -276,6 +276,57 @@ static void log_verdict(struct mcnp_pipe *p, uint32_t r, const struct mcnp_hook_
     v->revision = p->revision;
 }
 
+/* The class of a new flow the verdict admitted (see mcnp_proto.h), if it has one
+ * the hook may admit others by: TCP, UDP or SCTP, not a later fragment, between the
+ * pod's own address and a peer that is not a Service address. */
+static void queue_class(struct mcnp_pipe *p, uint32_t r, const struct mcnp_flow *f,
+                        const struct mcnp_hook_info *h, uint32_t *n_class)
+{
+    uint32_t i = p->judge_idx[r];
+    const struct mcnp_flow_key *k = &p->keys[i];
+    struct mcnp_flow_key *ck;
+    struct mcnp_flow *cv;
+    uint64_t admitted;
+    uint32_t j;
+    uint8_t found;
+
+    if (!p->classes || p->parsed->frag[i] == 2 || p->judge_kind[r] == MCNP_J_SERVICE ||
+        (k->proto != P_TCP && k->proto != P_UDP && k->proto != P_SCTP) || !owns(h, k->pod_addr))
+        return;
+    ck = &p->class_keys[*n_class];
+    cv = &p->class_vals[*n_class];
+    *ck = *k;
+    if (h->role == MCNP_ROLE_EGRESS) {
+        ck->kind = MCNP_KIND_CLASS_EGRESS;
+        ck->pod_port = 0;
+    } else {
+        ck->kind = MCNP_KIND_CLASS_INGRESS;
+        ck->peer_port = 0;
+    }
+    for (j = 0; j < *n_class; j++)
+        if (memcmp(&p->class_keys[j], ck, sizeof(*ck)) == 0)
+            return; /* already queued in this batch */
+    /* Flows of a class queued before the class was recorded reach us after it:
+     * a class in force is left alone, and one written again keeps its count
+     * (what the rule hits are folded from). */
+    if (mcnp_flows_lookup(p->kernel, MCNP_MAP_CLASSES, ck, 1, cv, &found) < 0)
+        found = 0;
+    if (found && cv->revision == p->revision && cv->opener == h->role &&
+        cv->state < MCNP_CTS_COUNT &&
+        (cv->last_ns >= f->last_ns || f->last_ns - cv->last_ns <= p->timeout_ns[cv->state]))
+        return;
+    admitted = found ? cv->packets[0] : 0;
+    (*n_class)++;
+    memset(cv, 0, sizeof(*cv));
+    cv->packets[0] = admitted;
+    cv->created_ns = cv->last_ns = f->last_ns;
+    cv->revision = f->revision;
+    cv->rule_egress = f->rule_egress;
+    cv->rule_ingress = f->rule_ingress;
+    cv->state = f->state;
+    cv->opener = h->role;
+}
+
 static void count_rule(struct mcnp_pipe *p, int32_t rule)
 {
     if (rule >= 0 && (uint32_t)rule < p->max_rules)
@@ -286,7 +337,7 @@ static void count_rule(struct mcnp_pipe *p, int32_t rule)
  * audit: the audit tables' (egress, ingress) rule ids of the row, or NULL. */
 static void apply(struct mcnp_pipe *p, uint32_t r, const uint32_t *lens, const int16_t *in_port,
                   uint64_t now_ns, int ok, int32_t eg, int32_t in, const int32_t *audit,
-                  uint32_t *n_new, uint32_t *n_old)
+                  uint32_t *n_new, uint32_t *n_old, uint32_t *n_class)
 {
     const struct mcnp_parsed *q = p->parsed;
     uint32_t i = p->judge_idx[r];
@@ -325,6 +376,8 @@ static void apply(struct mcnp_pipe *p, uint32_t r, const uint32_t *lens, const i
         p->reason[i] = MCNP_R_WOULD_DENY;
         eg = audit[0];
         in = audit[1];
+    } else if (!recheck) {
+        queue_class(p, r, f, h, n_class);
     }
     log_verdict(p, r, h, 1, (uint8_t)p->reason[i], eg, in, now_ns);
 }
@@ -335,7 +388,7 @@ void mcnp_pipe_finish(struct mcnp_pipe *p, uint8_t *buf, uint64_t buf_len,
                       const uint8_t *ok, const int32_t *egress, const int32_t *ingress,
                       const int32_t *audit)
 {
-    uint32_t i, r, n_new = 0, n_old = 0;
+    uint32_t i, r, n_new = 0, n_old = 0, n_class = 0;
     int any_fix = 0;
 
     if (n > p->capacity)
@@ -347,11 +400,11 @@ void mcnp_pipe_finish(struct mcnp_pipe *p, uint8_t *buf, uint64_t buf_len,
             continue;
         }
         apply(p, r, lens, in_port, now_ns, ok[r], egress[r], ingress[r],
-              audit ? audit + 2 * (size_t)r : NULL, &n_new, &n_old);
+              audit ? audit + 2 * (size_t)r : NULL, &n_new, &n_old, &n_class);
     }
     *p->gauge_judged += p->n_judge;
     /* The cache first: a frame sent on must find its flow when it comes back. */
-    if (n_new && mcnp_flows_update(p->kernel, p->new_keys, p->new_vals, n_new) < 0) {
+    if (n_new && mcnp_flows_update(p->kernel, MCNP_MAP_FLOWS, p->new_keys, p->new_vals, n_new) < 0) {
         (*p->gauge_cache_errors)++;
         for (r = 0; r < p->n_judge; r++) /* not recorded: not sent (it would loop) */
             if (p->alive[p->judge_idx[r]]) {
@@ -360,7 +413,12 @@ void mcnp_pipe_finish(struct mcnp_pipe *p, uint8_t *buf, uint64_t buf_len,
             }
     }
     if (n_old)
-        mcnp_flows_delete(p->kernel, p->old_keys, n_old);
+        mcnp_flows_delete(p->kernel, MCNP_MAP_FLOWS, p->old_keys, n_old);
+    /* Classes after their flows; one that fails to be written only means its next
+     * flows are judged here as this one was. */
+    if (n_class && mcnp_flows_update(p->kernel, MCNP_MAP_CLASSES, p->class_keys, p->class_vals,
+                                     n_class) < 0)
+        (*p->gauge_cache_errors)++;
 
     memset(p->tx_count, 0, sizeof(uint32_t) * p->n_ports);
     p->n_drop = 0;

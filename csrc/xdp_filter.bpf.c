@@ -12,7 +12,11 @@
  *      other non-IP frames pass only for a pod isolated in no direction.
  *   2. The node's own traffic to and from its pods passes (rule S10).
  *   3. A flow userspace admitted under the tables in force passes on the CNI's
- *      path, with its state, counters and idle time kept here.
+ *      path, with its state, counters and idle time kept here.  A new TCP,
+ *      UDP or SCTP flow of a class userspace admitted under those tables
+ *      (same end, addresses, protocol and destination port: mcnp_proto.h)
+ *      is recorded here as userspace would record it, and passes — only while
+ *      this end's socket is bound (the daemon is there to revise the class).
  *   4. Everything else goes to the AF_XDP socket of this end, where userspace
  *      judges it, records the flow here and sends the frame on through the
  *      other end of the veth, so it comes back to step 3 and passes.
@@ -43,6 +47,13 @@ struct {
 	__type(key, struct mcnp_flow_key);
 	__type(value, struct mcnp_flow);
 } flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1024); /* resized by the loader */
+	__type(key, struct mcnp_flow_key);
+	__type(value, struct mcnp_flow);
+} classes SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -337,24 +348,32 @@ static __always_inline int follow(struct mcnp_flow *f, struct pkt *p, int from_o
 	return 1;
 }
 
-/* Step 3: a cached flow of the revision in force, not idle past its timeout. */
-static __always_inline int cached(struct pkt *p)
+static __always_inline struct mcnp_config *config_in_force(void)
 {
 	__u32 zero = 0;
 	struct mcnp_config *cfg = bpf_map_lookup_elem(&config, &zero);
-	struct mcnp_flow *f;
-	__u64 now;
-	__u32 st;
+
+	return cfg && cfg->revision ? cfg : NULL;
+}
+
+static __always_inline int fresh(const struct mcnp_flow *f, const struct mcnp_config *cfg, __u64 now)
+{
+	__u32 st = f->state;
+
+	return f->revision == cfg->revision && st < MCNP_CTS_COUNT &&
+	       now - f->last_ns <= cfg->timeout_ns[st];
+}
+
+/* Step 3: a cached flow of the revision in force, not idle past its timeout.
+ * 1: passed; 0: cached but not usable as it is (userspace decides); -1: no entry. */
+static __always_inline int cached(struct pkt *p, struct mcnp_config *cfg, __u64 now)
+{
+	struct mcnp_flow *f = bpf_map_lookup_elem(&flows, &p->key);
 	int from_opener, side;
 
-	if (!cfg || cfg->revision == 0)
-		return 0;
-	f = bpf_map_lookup_elem(&flows, &p->key);
-	if (!f || f->revision != cfg->revision)
-		return 0;
-	now = bpf_ktime_get_ns();
-	st = f->state;
-	if (st >= MCNP_CTS_COUNT || now - f->last_ns > cfg->timeout_ns[st])
+	if (!f)
+		return -1;
+	if (!fresh(f, cfg, now))
 		return 0;
 	from_opener = f->opener == hook.role;
 	if (!follow(f, p, from_opener))
@@ -363,6 +382,58 @@ static __always_inline int cached(struct pkt *p)
 	f->last_ns = now;
 	__sync_fetch_and_add(&f->packets[side], 1);
 	__sync_fetch_and_add(&f->bytes[side], p->len);
+	return 1;
+}
+
+static __always_inline __u8 opening_state(__u8 proto)
+{
+	return proto == IPPROTO_TCP ? MCNP_CTS_TCP_OPENING
+	       : proto == IPPROTO_UDP ? MCNP_CTS_UDP : MCNP_CTS_SCTP_OPENING;
+}
+
+/* Step 3, a first packet: the flow's class, admitted by userspace under the tables in
+ * force, admits it too.  The flow is recorded as userspace records a flow it admits
+ * (pipeline.c), this packet counted; 1 when it passes. */
+static __always_inline int by_class(struct pkt *p, struct mcnp_config *cfg, __u64 now, int fragment)
+{
+	struct mcnp_flow_key ck;
+	struct mcnp_flow *c, f = {};
+	__u8 proto = p->key.proto;
+
+	__u32 slot = hook.slot;
+
+	if (!(cfg->flags & MCNP_CFG_CLASSES) || fragment ||
+	    (proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_SCTP_))
+		return 0;
+	/* Only while the judge is there: with this end's socket gone (the daemon away)
+	 * nothing new passes, as nothing new passes without classes (fail static). */
+	if (!bpf_map_lookup_elem(&xsks, &slot))
+		return 0;
+	ck = p->key;
+	if (hook.role == MCNP_ROLE_EGRESS) {
+		ck.kind = MCNP_KIND_CLASS_EGRESS;
+		ck.pod_port = 0;
+	} else {
+		ck.kind = MCNP_KIND_CLASS_INGRESS;
+		ck.peer_port = 0;
+	}
+	c = bpf_map_lookup_elem(&classes, &ck);
+	if (!c || !fresh(c, cfg, now) || c->opener != hook.role)
+		return 0;
+	f.created_ns = now;
+	f.last_ns = now;
+	f.revision = c->revision;
+	f.rule_egress = c->rule_egress;
+	f.rule_ingress = c->rule_ingress;
+	f.state = opening_state(proto);
+	f.opener = hook.role;
+	follow(&f, p, 1);
+	f.packets[0] = 1;
+	f.bytes[0] = p->len;
+	if (bpf_map_update_elem(&flows, &p->key, &f, BPF_NOEXIST))
+		return 0; /* raced another packet of it: userspace decides this one */
+	c->last_ns = now;
+	__sync_fetch_and_add(&c->packets[0], 1);
 	return 1;
 }
 
@@ -425,6 +496,7 @@ int mcnp_hook(struct xdp_md *ctx)
 	void *end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = data;
 	struct mcnp_pod *pod;
+	struct mcnp_config *cfg;
 	struct pkt p = {};
 	__u64 zone = hook.zone;
 	__u16 sport, dport, proto;
@@ -495,8 +567,18 @@ int mcnp_hook(struct xdp_md *ctx)
 		int asked_by_pod = is_echo_request(p.icmp_type) ? sender_is_pod : !sender_is_pod;
 		p.key.initiator = asked_by_pod ? 0 : 1;
 	}
-	if (cached(&p))
-		return count(MCNP_K_PASS_FLOW, XDP_PASS);
+	cfg = config_in_force();
+	if (cfg) {
+		__u64 now = bpf_ktime_get_ns();
+
+		switch (cached(&p, cfg, now)) {
+		case 1:
+			return count(MCNP_K_PASS_FLOW, XDP_PASS);
+		case -1:
+			if (by_class(&p, cfg, now, l4 == 0))
+				return count(MCNP_K_PASS_CLASS, XDP_PASS);
+		}
+	}
 
 	/* 4. userspace judges (the headers only, of a first packet too long for it) */
 	switch (judge_only(ctx, proto, l4, p.key.proto)) {

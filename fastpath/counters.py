@@ -55,7 +55,7 @@ STATUS_REASON[parse.MALFORMED_MIN:][STATUS_REASON[parse.MALFORMED_MIN:] < 0] = R
 
 GAUGES = ("batches", "frames", "revision", "flows", "rechecks", "flows_cut",
           "rx_empty_polls", "heartbeat_ns", "judged", "cache_errors", "pods",
-          "recheck_ns", "expired")
+          "recheck_ns", "expired", "flow_classes")
 GAUGE = {name: i for i, name in enumerate(GAUGES)}
 
 #: Judged rows kept for observers (a ring; a power of two).

@@ -1,4 +1,5 @@
-"""The flow cache's upkeep: re-checking flows on new tables, expiry, listing.
+"""The flow cache's upkeep: re-checking flows and flow classes on new tables,
+expiry, listing, the rule hits of flows admitted by class.
 
 The hooks pass cached flows of the revision in force (``config.revision``) by
 themselves.  When tables change, :func:`recheck` first moves the revision in
@@ -68,13 +69,8 @@ def verdicts(tables, keys: np.ndarray, vals: np.ndarray, pods: dict[int, list[st
     return ok, eg, ing
 
 
-def recheck(kern: K.Kernel, tables, timeouts: dict[str, float], pods: dict[int, list[str]],
-            services=None) -> dict:
-    """Move the kernel to ``tables``' revision and re-judge every cached flow.
-    Flows of pods no longer attached go too.  Returns what it did."""
-    t0 = time.monotonic_ns()
-    kern.set_config(tables.revision, timeouts)
-    keys, vals = kern.dump()
+def _recheck_map(kern: K.Kernel, which: int, tables, pods: dict[int, list[str]], services) -> tuple[int, int]:
+    keys, vals = kern.dump(which=which)
     known = np.isin(keys["zone"], np.fromiter(pods, dtype=np.uint64, count=len(pods)))
     ok = np.zeros(len(keys), dtype=bool)
     eg = np.full(len(keys), DENIED, dtype=np.int32)
@@ -82,29 +78,71 @@ def recheck(kern: K.Kernel, tables, timeouts: dict[str, float], pods: dict[int, 
     if known.any():
         rows = np.nonzero(known)[0]
         ok[rows], eg[rows], ing[rows] = verdicts(tables, keys[rows], vals[rows], pods, services)
-    cut = kern.delete(keys[~ok])
+    cut = kern.delete(keys[~ok], which)
     vals["revision"][ok] = tables.revision
     vals["rule_egress"][ok] = eg[ok]
     vals["rule_ingress"][ok] = ing[ok]
-    kern.update(keys[ok], vals[ok])
-    return {"flows": int(ok.sum()), "cut": int(cut), "ns": time.monotonic_ns() - t0}
+    kern.update(keys[ok], vals[ok], which)
+    return int(ok.sum()), int(cut)
+
+
+def recheck(kern: K.Kernel, tables, timeouts: dict[str, float], pods: dict[int, list[str]],
+            services=None, classes: bool = True) -> dict:
+    """Move the kernel to ``tables``' revision and re-judge every cached flow and flow
+    class (a class is judged as its flows are: its opening direction); ``classes``
+    off leaves none.  Entries of pods no longer attached go too.  Returns what it did."""
+    t0 = time.monotonic_ns()
+    kern.set_config(tables.revision, timeouts, classes)
+    flows, cut = _recheck_map(kern, K.FLOWS, tables, pods, services)
+    if classes:
+        n_classes, _ = _recheck_map(kern, K.CLASSES, tables, pods, services)
+    else:
+        n_classes = 0
+        kern.delete(kern.dump(which=K.CLASSES)[0], K.CLASSES)
+    return {"flows": flows, "cut": cut, "classes": n_classes, "ns": time.monotonic_ns() - t0}
 
 
 def expire(kern: K.Kernel, timeouts: dict[str, float], pods: dict[int, list[str]] | None,
            now_ns: int | None = None) -> int:
-    """Remove flows idle past their state's timeout (and, given ``pods``, flows of pods
-    no longer attached).  Returns how many went."""
-    keys, vals = kern.dump()
-    if not len(keys):
-        return 0
-    now = K.now_ns() if now_ns is None else now_ns
-    limit = np.array([timeouts[s] * 1e9 for s in K.STATES], dtype=np.float64)
-    state = np.minimum(vals["state"], len(K.STATES) - 1)
-    idle = (now - vals["last_ns"].astype(np.int64)).astype(np.float64)
-    gone = idle > limit[state]
-    if pods is not None:
-        gone |= ~np.isin(keys["zone"], np.fromiter(pods, dtype=np.uint64, count=len(pods)))
-    return kern.delete(keys[gone])
+    """Remove flows and classes idle past their state's timeout (and, given ``pods``,
+    those of pods no longer attached).  Returns how many flows went."""
+    gone = 0
+    for which in (K.FLOWS, K.CLASSES):
+        keys, vals = kern.dump(which=which)
+        if not len(keys):
+            continue
+        now = K.now_ns() if now_ns is None else now_ns
+        limit = np.array([timeouts[s] * 1e9 for s in K.STATES], dtype=np.float64)
+        state = np.minimum(vals["state"], len(K.STATES) - 1)
+        idle = (now - vals["last_ns"].astype(np.int64)).astype(np.float64)
+        old = idle > limit[state]
+        if pods is not None:
+            old |= ~np.isin(keys["zone"], np.fromiter(pods, dtype=np.uint64, count=len(pods)))
+        n = kern.delete(keys[old], which)
+        gone += n if which == K.FLOWS else 0
+    return gone
+
+
+def fold_class_hits(kern: K.Kernel, revision: int, hits: np.ndarray, seen: dict[bytes, int]) -> dict[bytes, int]:
+    """Add the flows each class of ``revision`` admitted since ``seen`` (its count at the
+    last fold, by key) to ``hits`` (the rule hits of that revision: one cell per rule id,
+    the last one spare).  Returns the counts to pass as ``seen`` next time.  A class
+    found with fewer than ``seen`` was made again since: all of its count is new."""
+    keys, vals = kern.dump(which=K.CLASSES)
+    now: dict[bytes, int] = {}
+    n_rules = len(hits) - 1
+    for r in np.nonzero(vals["packets"][:, 0])[0]:
+        key = keys[r].tobytes()
+        count = int(vals["packets"][r, 0])
+        last = seen.get(key, 0)
+        now[key] = count
+        delta = count - last if count >= last else count
+        if not delta or int(vals["revision"][r]) != revision:
+            continue
+        for rule in (int(vals["rule_egress"][r]), int(vals["rule_ingress"][r])):
+            if 0 <= rule < n_rules:
+                hits[rule] += delta
+    return now
 
 
 def listing(kern: K.Kernel, limit: int, zone_refs: dict[int, str] | None = None) -> list[dict]:

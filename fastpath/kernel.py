@@ -1,7 +1,7 @@
 """The kernel side of a node's dataplane: the hooks' maps, hooks and flow cache.
 
 One :class:`Kernel` per daemon run holds the maps every hook shares
-(``csrc/mcnp_kernel.h``).  The flow cache, the pods' addresses, the node's own
+(``csrc/mcnp_kernel.h``).  The flow cache and its classes, the pods' addresses, the node's own
 addresses and the config (tables revision in force, idle timeouts) are pinned
 under ``pin_dir`` on a bpffs, so a restarted daemon finds what its predecessor
 left: the hooks stay attached while it is away and keep passing the flows that
@@ -43,11 +43,15 @@ DEFAULT_TIMEOUTS = {
     "sctp_closing": 30, "sctp_closed": 10, "other": 30,
 }
 KSTATS = ("pass_flow", "pass_node", "pass_arp", "pass_nd", "pass_l2", "redirect",
-          "drop_arp", "drop_nd", "drop_l2", "drop_no_socket", "judge_only", "drop_oversize")
+          "drop_arp", "drop_nd", "drop_l2", "drop_no_socket", "judge_only", "drop_oversize",
+          "pass_class")
+#: The maps of flow keys: the flow cache, and the flow classes (csrc/mcnp_proto.h).
+FLOWS, CLASSES = lib.MCNP_MAP_FLOWS, lib.MCNP_MAP_CLASSES
+CLASS_KINDS = {EGRESS: lib.MCNP_KIND_CLASS_EGRESS, INGRESS: lib.MCNP_KIND_CLASS_INGRESS}
 
 FLOW_KEY = np.dtype([("zone", "<u8"), ("pod_addr", "u1", 16), ("peer_addr", "u1", 16),
                      ("pod_port", "<u2"), ("peer_port", "<u2"), ("proto", "u1"),
-                     ("initiator", "u1"), ("pad", "u1", 2)])
+                     ("initiator", "u1"), ("kind", "u1"), ("pad", "u1")])
 FLOW = np.dtype([("created_ns", "<u8"), ("last_ns", "<u8"), ("packets", "<u8", 2),
                  ("bytes", "<u8", 2), ("revision", "<u4"), ("rule_egress", "<i4"),
                  ("rule_ingress", "<i4"), ("state", "u1"), ("opener", "u1"), ("fin", "u1"),
@@ -63,6 +67,9 @@ def _check_layout() -> None:
 
 
 _check_layout()
+
+
+_MAP_NAMES = {FLOWS: "flow cache", CLASSES: "flow classes"}
 
 
 class KernelError(OSError):
@@ -137,16 +144,18 @@ class Kernel:
     """
 
     def __init__(self, pin_dir: str | None = None, *, flow_capacity: int = 131072,
-                 pod_capacity: int = 4096, bpf_object: str = BPF_OBJECT):
+                 class_capacity: int = 65536, pod_capacity: int = 4096,
+                 bpf_object: str = BPF_OBJECT):
         out = ffi.new("struct mcnp_kernel **")
         reused = ffi.new("int *")
         _check(lib.mcnp_kernel_open(out, bpf_object.encode(), (pin_dir or "").encode(),
-                                    flow_capacity, pod_capacity, reused),
+                                    flow_capacity, class_capacity, pod_capacity, reused),
                f"opening the dataplane's BPF maps{' under ' + pin_dir if pin_dir else ''}")
         self._c = out[0]
         self.pin_dir = pin_dir
         self.reused = bool(reused[0])
-        self.flow_capacity = lib.mcnp_kernel_flow_capacity(self._c)
+        self.flow_capacity = lib.mcnp_kernel_capacity(self._c, FLOWS)
+        self.class_capacity = lib.mcnp_kernel_capacity(self._c, CLASSES)
         self._pod = ffi.new("struct mcnp_pod *")
         self._cfg = ffi.new("struct mcnp_config *")
         self._kstats = ffi.new("uint64_t[]", len(KSTATS))
@@ -227,10 +236,12 @@ class Kernel:
         _check(lib.mcnp_node_addrs_set(self._c, ffi.from_buffer(raw) if raw else ffi.NULL,
                                        len(ips)), "setting the node's addresses")
 
-    def set_config(self, revision: int, timeouts: dict[str, float]) -> None:
-        """The tables revision in force (flows of other revisions go to userspace)."""
+    def set_config(self, revision: int, timeouts: dict[str, float], classes: bool = True) -> None:
+        """The tables revision in force (flows of other revisions go to userspace);
+        ``classes``: the hooks admit new flows of classes admitted under it."""
         cfg = self._cfg
         cfg.revision = revision
+        cfg.flags = lib.MCNP_CFG_CLASSES if classes else 0
         for i, name in enumerate(STATES):
             cfg.timeout_ns[i] = int(timeouts[name] * 1e9)
         _check(lib.mcnp_config_set(self._c, cfg), "setting the hooks' config")
@@ -241,33 +252,35 @@ class Kernel:
 
     # -- the flow cache --------------------------------------------------------------
 
-    def dump(self, capacity: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Every cached flow: (keys, values) as FLOW_KEY / FLOW arrays."""
-        cap = capacity or self.flow_capacity
+    # Each takes ``which``: FLOWS (the flow cache) or CLASSES (the flow classes).
+
+    def dump(self, capacity: int | None = None, which: int = FLOWS) -> tuple[np.ndarray, np.ndarray]:
+        """Every entry: (keys, values) as FLOW_KEY / FLOW arrays."""
+        cap = capacity or (self.class_capacity if which == CLASSES else self.flow_capacity)
         keys = np.zeros(cap, dtype=FLOW_KEY)
         vals = np.zeros(cap, dtype=FLOW)
-        n = _check(lib.mcnp_flows_dump(self._c, ffi.from_buffer("struct mcnp_flow_key[]", keys),
+        n = _check(lib.mcnp_flows_dump(self._c, which, ffi.from_buffer("struct mcnp_flow_key[]", keys),
                                        ffi.from_buffer("struct mcnp_flow[]", vals), cap),
-                   "reading the flow cache")
+                   f"reading the {_MAP_NAMES[which]}")
         return keys[:n], vals[:n]
 
-    def update(self, keys: np.ndarray, vals: np.ndarray) -> None:
+    def update(self, keys: np.ndarray, vals: np.ndarray, which: int = FLOWS) -> None:
         if len(keys):
-            _check(lib.mcnp_flows_update(self._c, ffi.from_buffer("struct mcnp_flow_key[]", keys),
+            _check(lib.mcnp_flows_update(self._c, which, ffi.from_buffer("struct mcnp_flow_key[]", keys),
                                          ffi.from_buffer("struct mcnp_flow[]", vals), len(keys)),
-                   "writing flows to the cache")
+                   f"writing to the {_MAP_NAMES[which]}")
 
-    def delete(self, keys: np.ndarray) -> int:
+    def delete(self, keys: np.ndarray, which: int = FLOWS) -> int:
         if not len(keys):
             return 0
-        return _check(lib.mcnp_flows_delete(self._c, ffi.from_buffer("struct mcnp_flow_key[]", keys),
-                                            len(keys)), "removing flows from the cache")
+        return _check(lib.mcnp_flows_delete(self._c, which, ffi.from_buffer("struct mcnp_flow_key[]", keys),
+                                            len(keys)), f"removing entries from the {_MAP_NAMES[which]}")
 
-    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def lookup(self, keys: np.ndarray, which: int = FLOWS) -> tuple[np.ndarray, np.ndarray]:
         vals = np.zeros(len(keys), dtype=FLOW)
         found = np.zeros(len(keys), dtype=np.uint8)
         if len(keys):
-            lib.mcnp_flows_lookup(self._c, ffi.from_buffer("struct mcnp_flow_key[]", keys),
+            lib.mcnp_flows_lookup(self._c, which, ffi.from_buffer("struct mcnp_flow_key[]", keys),
                                   len(keys), ffi.from_buffer("struct mcnp_flow[]", vals),
                                   ffi.from_buffer("uint8_t[]", found))
         return vals, found.astype(bool)

@@ -163,7 +163,9 @@ class Pipeline:
                 ("judge_recheck", "uint8_t *", n, np.uint8), ("drop_addrs", "uint64_t *", n, np.uint64),
                 ("new_keys", "struct mcnp_flow_key *", n, K.FLOW_KEY),
                 ("new_vals", "struct mcnp_flow *", n, K.FLOW),
-                ("old_keys", "struct mcnp_flow_key *", n, K.FLOW_KEY)):
+                ("old_keys", "struct mcnp_flow_key *", n, K.FLOW_KEY),
+                ("class_keys", "struct mcnp_flow_key *", n, K.FLOW_KEY),
+                ("class_vals", "struct mcnp_flow *", n, K.FLOW)):
             self._arr(name, ctype, shape, dtype)
 
     def _alloc_ports(self, max_ports: int) -> None:
@@ -178,14 +180,21 @@ class Pipeline:
             self._alloc_ports(min(MAX_PORTS, max(n_ports, 2 * self._c.max_ports)))
         self._c.n_ports = n_ports
 
+    @property
+    def rule_hits(self) -> np.ndarray:
+        return self._hits
+
     def set_rule_hits(self, hits: np.ndarray) -> None:
         """Where admitted flows count their rules: the array of the tables in force."""
         self._hits = hits
         self._c.rule_hits = _ptr("int64_t *", hits)
         self._c.max_rules = max(len(hits) - 1, 0)
 
-    def set_tables(self, tables, timeouts: dict[str, float], audit_tables=None) -> None:
+    def set_tables(self, tables, timeouts: dict[str, float], audit_tables=None, classes: bool = True) -> None:
+        """The tables in force; ``classes``: record the class of each new flow admitted
+        (the hooks admit its other new flows by it)."""
         self.tables = tables
+        self._c.classes = int(classes)
         self.audit_tables = audit_tables if tables is not None else None
         self._c.revision = tables.revision if tables is not None else 0
         for i, name in enumerate(K.STATES):
@@ -431,8 +440,9 @@ class Loop:
 
     # -- batches --------------------------------------------------------------------------
 
-    def set_tables(self, tables, timeouts: dict[str, float], hits: np.ndarray, audit_tables=None) -> None:
-        self.pipeline.set_tables(tables, timeouts, audit_tables)
+    def set_tables(self, tables, timeouts: dict[str, float], hits: np.ndarray, audit_tables=None,
+                   classes: bool = True) -> None:
+        self.pipeline.set_tables(tables, timeouts, audit_tables, classes)
         self.pipeline.set_rule_hits(hits)
 
     def step(self, now: int | None = None) -> int:

@@ -49,13 +49,15 @@ class Dataplane:
     ``netns`` names the node's network namespace (None: the current one);
     ``pin_dir`` the bpffs directory of the maps that outlive the daemon (None:
     nothing pinned, for tests).  Keywords: ``cpu`` pins the worker;
-    ``flow_capacity``; ``timeouts`` (flow state -> idle seconds); further ones
+    ``flow_capacity``; ``flow_classes`` (the hooks admit new flows of a class
+    userspace admitted under the tables in force; docs/dataplane.md);
+    ``timeouts`` (flow state -> idle seconds); further ones
     (``batch``, ``frames``, ``spin_us``, ``poll_ms``, ``xdp_mode``, ...) go to
     :class:`fastpath.loop.Loop`.
     """
 
     def __init__(self, netns: str | None = None, *, pin_dir: str | None = None,
-                 cpu: int | None = None, flow_capacity: int = 131072,
+                 cpu: int | None = None, flow_capacity: int = 131072, flow_classes: bool = True,
                  timeouts: dict[str, float] | None = None, **loop_options):
         self.netns = netns
         self.prefix = shm.new_prefix()
@@ -66,7 +68,7 @@ class Dataplane:
         self._ids = itertools.count(1)
         self._error: str | None = None
         config = dict(prefix=self.prefix, netns=netns, pin_dir=pin_dir, cpu=cpu,
-                      flow_capacity=flow_capacity,
+                      flow_capacity=flow_capacity, flow_classes=flow_classes,
                       timeouts={**K.DEFAULT_TIMEOUTS, **(timeouts or {})},
                       log_level=logging.getLogger().getEffectiveLevel(),
                       loop_options=loop_options)
@@ -138,16 +140,17 @@ class Dataplane:
 
     def stats(self) -> dict:
         """Counters (shared memory), rule hits by rule, the hooks' and the ports' counters."""
+        try:  # first: the worker folds what the hooks admitted by class into the rule hits
+            asked = self._ask("stats", None, timeout=1.0)
+        except DataplaneError as e:
+            asked = {"error": str(e)}
         self._pub.reclaim()
         out = self._counters.snapshot()
         out["rule_hits"] = self._pub.rule_hits()
         out["ready"] = self.ready()
         out["published_generation"] = self._pub.generation
         out["generation_in_force"] = int(self._pub.ctl[shm.CTL_IN_FORCE])
-        try:
-            out.update(self._ask("stats", None, timeout=1.0))
-        except DataplaneError as e:
-            out["error"] = str(e)
+        out.update(asked)
         if self._error:
             out["error"] = self._error
         return out
@@ -290,6 +293,9 @@ class _Worker:
         self._unpack = PolicyTables.unpack
         self.conn = conn
         self.timeouts = config["timeouts"]
+        self.flow_classes = config.get("flow_classes", True)
+        #: flows each class had admitted at the last fold, by key bytes
+        self._class_seen: dict[bytes, int] = {}
         self.reader = shm.TablesReader(config["prefix"])
         self.counters = Counters(self.reader.counters_map)
         self.stop = False
@@ -301,6 +307,9 @@ class _Worker:
         self.kernel = K.Kernel(pin_dir, flow_capacity=config["flow_capacity"])
         if self.kernel.reused:
             logger.info("Found the flow cache of an earlier run: its flows wait for the first tables.")
+        # Classes admit new flows: none may outlive the run that judged them, or the
+        # hooks would admit new flows before this run's first tables.
+        self.kernel.delete(self.kernel.dump(which=K.CLASSES)[0], K.CLASSES)
         self.loop = Loop(self.kernel, self.counters, **config.get("loop_options", {}))
         self.pods_extra: dict[str, dict] = {}
         self._next_slow = 0.0
@@ -339,8 +348,20 @@ class _Worker:
         self._refresh_node_addrs()
         pods = self._zones()
         if self.loop.pipeline.tables is not None:  # before the first tables nothing is judged yet
+            self._fold_class_hits()
             self.counters.gauges[GAUGE["expired"]] += F.expire(self.kernel, self.timeouts, pods)
         self.counters.gauges[GAUGE["flows"]] = len(self.kernel.dump()[0])
+        self.counters.gauges[GAUGE["flow_classes"]] = len(self.kernel.dump(which=K.CLASSES)[0])
+
+    def _fold_class_hits(self) -> None:
+        """Count the flows the hooks admitted by class since the last fold into the rule
+        hits of the tables in force (a class counts them, the rules it names are those
+        of its revision; classes of another revision count nothing here)."""
+        tables = self.loop.pipeline.tables
+        if tables is None:
+            return
+        self._class_seen = F.fold_class_hits(self.kernel, tables.revision, self.loop.pipeline.rule_hits,
+                                             self._class_seen)
 
     def _refresh_node_addrs(self) -> None:
         from fastpath.netlink import local_addresses
@@ -413,26 +434,30 @@ class _Worker:
         return F.listing(self.kernel, int(limit), refs)
 
     def _do_stats(self, _) -> dict:
+        self._fold_class_hits()
         umem = self.loop.umem
         return {"ports": self.loop.port_stats(), "hooks": self.kernel.kstats(),
                 "umem": {"frames": umem.frames, "free": umem.free_frames, "bad_frees": umem.bad_frees},
                 "hooked_pods": len(self.loop.pods), "kernel_pods": len(self.kernel.pod_zones()),
                 "sockets": sum(p is not None for p in self.loop.ports),
-                "flow_capacity": self.kernel.flow_capacity, "node_addresses": self._node_addrs}
+                "flow_capacity": self.kernel.flow_capacity, "class_capacity": self.kernel.class_capacity,
+                "node_addresses": self._node_addrs}
 
     def _take_tables(self) -> None:
+        self._fold_class_hits()  # into the hits of the tables they were admitted under
         gen, header, data, extra, hits = self.reader.take()
         tables = self._unpack(header, data)
         audit = self._unpack(*self.reader.audit) if self.reader.audit is not None else None
         self.pods_extra = extra.get("pods", {})
         self.loop.pipeline.set_services(extra.get("services", []))
-        self.loop.set_tables(tables, self.timeouts, hits, audit)
+        self.loop.set_tables(tables, self.timeouts, hits, audit, classes=self.flow_classes)
         for sandbox, h in self.loop.pods.items():
             info = self.pods_extra.get(sandbox, {})
             ips = info.get("ips") or h.ips
             ready = bool(info.get("ready"))
             self.loop.set_pod(sandbox, ips, ready, not ready or isolated(tables, ips))
-        done = F.recheck(self.kernel, tables, self.timeouts, self._zones(), self.loop.pipeline.services)
+        done = F.recheck(self.kernel, tables, self.timeouts, self._zones(), self.loop.pipeline.services,
+                         classes=self.flow_classes)
         g = self.counters.gauges
         g[GAUGE["revision"]] = tables.revision
         g[GAUGE["rechecks"]] += 1

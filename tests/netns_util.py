@@ -132,3 +132,22 @@ def echo_ok(conn, payload: bytes = b"ping", timeout: float = 2.0) -> bool:
         return conn.recv(64) == payload
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def socket_in_slot(kern, slot: int = 0):
+    """An AF_XDP socket of this process in ``kern``'s socket map at ``slot`` (a veth of
+    its own, in a namespace of its own): a hook of that slot sees its daemon present."""
+    from fastpath import rings
+
+    with netns("xsk") as ns:
+        veth_pair("x0", ns, "x1", ns)
+        with rings.Umem(frames=128, ring_size=64) as umem:
+            with in_netns(ns):
+                port = rings.Port(umem, "x0", fill=16)
+            try:
+                kern.register(slot, port.fd)
+                yield port
+            finally:
+                kern.unregister(slot)
+                port.close()

@@ -168,3 +168,110 @@ def test_mld_reports_behind_a_hop_by_hop_header_are_checked_in_the_kernel(kern):
     assert kern.test_run(mld("fe80::1"), ZONE, K.EGRESS) == "pass"
     assert kern.test_run(mld("2001:db8::66"), ZONE, K.EGRESS) == "drop"
     assert kern.kstats()["pass_nd"] == 1 and kern.kstats()["drop_nd"] == 1
+
+
+# -- flow classes: a new flow of a class userspace admitted passes without it ----------
+
+def admit_class(kern, peer_port=80, pod_port=0, proto=6, role=K.EGRESS, revision=5, rules=(3, -2)):
+    k = key(pod_port=pod_port, peer_port=peer_port, proto=proto)
+    k["kind"] = K.CLASS_KINDS[role]
+    v = np.zeros(1, dtype=K.FLOW)
+    v["revision"], v["opener"] = revision, role
+    v["state"] = {6: 0, 17: K.STATES.index("udp"), 132: K.STATES.index("sctp_opening")}.get(proto, 10)
+    v["rule_egress"], v["rule_ingress"] = rules
+    v["created_ns"] = v["last_ns"] = K.now_ns()
+    kern.update(k, v, K.CLASSES)
+    return k
+
+
+@pytest.fixture
+def judged(kern):
+    """The hook's socket slot holds a socket: the daemon is there."""
+    with nu.socket_in_slot(kern, 0):
+        yield kern
+
+
+def test_a_new_flow_of_an_admitted_class_is_recorded_and_passes(judged):
+    kern = judged
+    ck = admit_class(kern)
+    assert kern.test_run(out(sport=41000, flags=SYN), ZONE, K.EGRESS) == "pass"
+    vals, found = kern.lookup(key(pod_port=41000))
+    assert found[0]
+    v = vals[0]
+    assert (int(v["revision"]), int(v["rule_egress"]), int(v["rule_ingress"])) == (5, 3, -2)
+    assert int(v["opener"]) == K.EGRESS and int(v["state"]) == K.STATES.index("tcp_opening")
+    assert v["packets"].tolist() == [1, 0] and v["bytes"][0] == 60
+    assert kern.test_run(frame(PEER, POD, 6, 80, 41000, flags=SYN | ACK), ZONE, K.INGRESS) == "pass"  # its reply
+    assert kern.lookup(ck, K.CLASSES)[0]["packets"][0].tolist() == [1, 0]  # flows it admitted
+    assert kern.kstats()["pass_class"] == 1 and kern.kstats()["pass_flow"] == 1
+
+
+def test_a_class_admits_nothing_else(judged):
+    kern = judged
+    admit_class(kern)
+    assert kern.test_run(out(sport=41001, dport=81), ZONE, K.EGRESS) == "redirect"             # another port
+    assert kern.test_run(out(proto=17, sport=41001), ZONE, K.EGRESS) == "redirect"             # another protocol
+    assert kern.test_run(out(dst="198.18.40.3", sport=41001), ZONE, K.EGRESS) == "redirect"    # another peer
+    assert kern.test_run(frame(PEER, POD, 6, 41001, 80), ZONE, K.INGRESS) == "redirect"        # the other end
+    assert kern.test_run(out(src="198.18.40.3", sport=41001), ZONE, K.EGRESS) == "redirect"    # spoofed source
+    assert kern.kstats()["pass_class"] == 0
+    assert not kern.lookup(key(pod_port=41001))[1][0]
+
+
+def test_a_class_admits_only_under_the_revision_in_force_and_while_enabled(judged):
+    kern = judged
+    admit_class(kern, revision=4)
+    assert kern.test_run(out(sport=41000), ZONE, K.EGRESS) == "redirect"
+    admit_class(kern, revision=5)
+    kern.set_config(5, K.DEFAULT_TIMEOUTS, classes=False)
+    assert kern.test_run(out(sport=41001), ZONE, K.EGRESS) == "redirect"
+    kern.set_config(5, dict(K.DEFAULT_TIMEOUTS, tcp_opening=0.000001))  # the class idle too long
+    assert kern.test_run(out(sport=41002), ZONE, K.EGRESS) == "redirect"
+    kern.set_config(5, K.DEFAULT_TIMEOUTS)
+    assert kern.test_run(out(sport=41003), ZONE, K.EGRESS) == "pass"
+
+
+def test_a_flow_already_cached_is_never_taken_over_by_its_class(judged):
+    kern = judged
+    """An entry of an older revision (or a closed connection) is userspace's to re-judge;
+    the class does not overwrite it."""
+    admit_class(kern)
+    admit(kern, key(), revision=4)
+    assert kern.test_run(out(flags=ACK), ZONE, K.EGRESS) == "redirect"
+    assert int(kern.lookup(key())[0]["revision"][0]) == 4
+
+
+def test_classes_are_for_tcp_udp_and_sctp_first_packets_only(judged):
+    kern = judged
+    admit_class(kern, proto=1, peer_port=7)
+    assert kern.test_run(out(proto=1, sport=7, dport=7, icmp_type=8), ZONE, K.EGRESS) == "redirect"
+    admit_class(kern, proto=17, peer_port=53)
+    udp = bytearray(out(proto=17, sport=41000, dport=53))
+    assert kern.test_run(bytes(udp), ZONE, K.EGRESS) == "pass"
+    udp[20:22] = (0x0001).to_bytes(2, "big")  # a later fragment: no ports to match a class by
+    assert kern.test_run(bytes(udp), ZONE, K.EGRESS) == "redirect"
+    admit_class(kern, proto=132, peer_port=9)
+    assert kern.test_run(out(proto=132, sport=41000, dport=9), ZONE, K.EGRESS) == "pass"
+
+
+def test_an_ingress_class_admits_new_flows_the_peer_opens(judged):
+    kern = judged
+    admit_class(kern, peer_port=0, pod_port=8080, role=K.INGRESS, rules=(7, 9))
+    assert kern.test_run(frame(PEER, POD, 6, 5555, 8080), ZONE, K.INGRESS) == "pass"
+    vals, found = kern.lookup(key(pod_port=8080, peer_port=5555))
+    assert found[0] and int(vals["opener"][0]) == K.INGRESS and int(vals["rule_ingress"][0]) == 9
+    assert kern.test_run(out(sport=8080, dport=5555, flags=SYN | ACK), ZONE, K.EGRESS) == "pass"  # its reply
+    assert kern.test_run(out(sport=5556, dport=8080), ZONE, K.EGRESS) == "redirect"  # the pod opening: not this class
+
+
+def test_while_the_daemon_is_away_no_class_admits_anything(kern):
+    """No socket in the hook's slot (the daemon killed or stopped): the class stays, but
+    a new flow of it is not passed (fail static: only flows admitted before keep going)."""
+    admit_class(kern)
+    admit(kern, key(pod_port=40500))
+    assert kern.test_run(out(sport=41000), ZONE, K.EGRESS) == "drop"
+    assert kern.test_run(out(sport=40500, flags=ACK), ZONE, K.EGRESS) == "pass"
+    with nu.socket_in_slot(kern, 0):
+        assert kern.test_run(out(sport=41001), ZONE, K.EGRESS) == "pass"
+    assert kern.test_run(out(sport=41002), ZONE, K.EGRESS) == "drop"
+    assert kern.kstats()["pass_class"] == 1

@@ -11,6 +11,7 @@ from pods labelled app=a; a and c are isolated by nothing.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -393,3 +394,35 @@ def test_flow_counters_agree_with_what_was_carried_and_new_tables_cut_flows(bed)
         for s in servers:
             s.stop.set()
             s.join(2)
+
+
+def test_new_connections_of_an_admitted_class_pass_in_the_kernel_and_are_counted(bed):
+    """Twenty connections from a to b:81: the first is judged in userspace at both ends,
+    the others are admitted by their class in the hooks; the rule that admits them counts
+    every one, and the class admits nothing to anyone else."""
+    state, pods, node_key, state_dir = bed
+    n = 20
+
+    def snapshot():
+        _, stats = testbed.api_get(node_key, "/v1/stats", state_dir=state_dir)
+        dp = stats["dataplane"]
+        hits = {json.dumps(r["name"], sort_keys=True): r["hits"] for r in dp["rule_hits"]}
+        return dp["hooks"]["pass_class"], hits
+
+    server = Echo(pods["b"], IPS["b"], 81)
+    server.start()
+    try:
+        classes0, hits0 = snapshot()
+        for i in range(n):
+            with _sock(pods["a"]) as conn:
+                conn.settimeout(3)
+                conn.connect((IPS["b"], 81))
+                assert echo(conn, b"%02d" % i)
+        assert not connects(pods["c"], IPS["b"], 81) and not connects(pods["c"], IPS["b"], 80)
+        classes1, hits1 = snapshot()
+    finally:
+        server.stop.set()
+        server.join(2)
+    assert classes1 - classes0 >= 2 * (n - 1) - 2, (classes0, classes1)  # both ends, all but the first
+    grown = {name: hits1[name] - hits0.get(name, 0) for name in hits1 if hits1[name] != hits0.get(name, 0)}
+    assert list(grown.values()) == [n], grown  # the one rule of b-in for port 81, once per connection

@@ -139,6 +139,10 @@ class Settings:
     #: Flows the kernel's cache holds (a full cache evicts the least recently used:
     #: an evicted flow is judged again, never passed unjudged).
     flow_capacity: int = 131072
+    #: The hooks admit a new TCP, UDP or SCTP flow by itself when userspace admitted
+    #: another of its class (same pod end, addresses, protocol and destination port)
+    #: under the tables in force; off: every new flow is judged in userspace.
+    flow_classes: bool = True
     #: ``HOST:PORT`` or ``unix:PATH`` of the read-only REST endpoint.
     api_listen: str = "127.0.0.1:9901"
     #: ``HOST:PORT`` or ``unix:PATH`` of a listener serving only ``/metrics`` and
@@ -374,7 +378,7 @@ def _convert(key: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             return int(parse_duration(value))
         return value
-    if key in ("multicluster", "dir_watch", "dataplane"):
+    if key in ("multicluster", "dir_watch", "dataplane", "flow_classes"):
         if not isinstance(value, bool):
             raise TypeError("must be true or false")
         return value

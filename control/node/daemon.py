@@ -144,7 +144,8 @@ def default_compiler(settings: Settings, local: Callable[[Pod], bool]) -> Option
 def default_dataplane(settings: Settings):
     from fastpath.worker import Dataplane
 
-    return Dataplane(settings.netns, pin_dir=settings.bpf_dir, flow_capacity=settings.flow_capacity)
+    return Dataplane(settings.netns, pin_dir=settings.bpf_dir, flow_capacity=settings.flow_capacity,
+                     flow_classes=settings.flow_classes)
 
 
 class Daemon:

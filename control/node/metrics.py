@@ -109,7 +109,8 @@ PORT_GAUGES = {
     "tx_outstanding": "Frames queued for TX on the port whose completion has not come back",
 }
 _DATAPLANE_SPECIAL = {"verdicts", "rule_hits", "flows", "ports", "revision", "heartbeat_ns", "ready", "error",
-                      "published_generation", "generation_in_force", "hooks", "pods", "recheck_ns", "flow_capacity"}
+                      "published_generation", "generation_in_force", "hooks", "pods", "recheck_ns", "flow_capacity",
+                      "flow_classes", "class_capacity"}
 
 
 def dataplane_metrics(stats: Mapping[str, Any], tables: Any = None) -> Iterator[Metric]:
@@ -132,9 +133,14 @@ def dataplane_metrics(stats: Mapping[str, Any], tables: Any = None) -> Iterator[
     yield hits
     if isinstance(stats.get("flows"), (int, float)):
         yield GaugeMetricFamily("mcnp_tracked_flows", "Connections tracked by the dataplane now", value=float(stats["flows"]))
+    if _number(stats.get("flow_classes")):
+        yield GaugeMetricFamily("mcnp_tracked_flow_classes", "Flow classes the hooks admit new flows by now "
+                                "(addresses, protocol and destination port admitted under the tables in force)",
+                                value=float(stats["flow_classes"]))
     levels = {
         "pods": ("mcnp_dataplane_pods", "Pods of this node hooked by the dataplane now"),
         "flow_capacity": ("mcnp_dataplane_flow_capacity", "Flows the kernel's flow cache can hold"),
+        "class_capacity": ("mcnp_dataplane_class_capacity", "Flow classes the kernel can hold"),
         "revision": ("mcnp_dataplane_tables_revision", "Tables revision the packet loop judges with"),
         "published_generation": ("mcnp_dataplane_published_generation", "Tables hand-overs made to the packet loop"),
         "generation_in_force": ("mcnp_dataplane_generation_in_force", "Tables hand-over the packet loop has taken"),

@@ -1,0 +1,124 @@
+"""Flow classes end to end without sockets: the pipeline records the class of a new
+flow it admits, the hook (BPF_PROG_RUN) admits the class's next new flows by itself,
+the worker folds what it admitted into the rule hits, and a re-check on new tables
+keeps, re-stamps or removes classes as it does flows.
+
+World of tests/test_audit.py, pipeline of tests/test_audit_pipeline.py: ``b-in``
+admits TCP 80 into b from a; ``c-in`` admits TCP 80 into c from a and is left out
+of the tables "with audit" (so c is not isolated there) — the tables of full
+enforcement deny b -> c.  Pod a is zone 1, b zone 2, c zone 3.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests import netns_util as nu
+from tests.frames import frame
+from tests.test_audit import IPS
+from tests.test_audit_pipeline import compiled, pipeline, run, use  # noqa: F401 (fixture)
+
+pytestmark = [pytest.mark.privileged, pytest.mark.skipif(not nu.is_root(), reason="BPF maps need root")]
+
+from fastpath import flows as F  # noqa: E402
+from fastpath import kernel as K  # noqa: E402
+
+ZONE = {"a": 1, "b": 2, "c": 3}
+
+
+def classes(kern) -> dict[tuple, dict]:
+    keys, vals = kern.dump(which=K.CLASSES)
+    return {(int(k["zone"]), int(k["kind"]), int(k["pod_port"]), int(k["peer_port"]), K.addr_str(k["peer_addr"])):
+            {"revision": int(v["revision"]), "egress": int(v["rule_egress"]), "ingress": int(v["rule_ingress"]),
+             "admitted": int(v["packets"][0]), "opener": int(v["opener"])}
+            for k, v in zip(keys, vals)}
+
+
+def into(kern, src: str, dst: str, sport: int, flags: int = 0x02) -> str:
+    """A first packet from ``src`` to ``dst``:80 at the ingress hook of ``dst`` (its
+    socket slot 0 holds a socket of this process: the daemon is there)."""
+    kern.set_pod(ZONE[dst], [IPS[dst]], None, ready=True, isolated=False)
+    return kern.test_run(frame(IPS[src], IPS[dst], 6, sport, 80, flags=flags), ZONE[dst], K.INGRESS)
+
+
+@pytest.fixture(autouse=True)
+def judge_present(pipeline):
+    with nu.socket_in_slot(pipeline[0], 0):
+        yield
+
+
+def test_admitted_flows_leave_their_class_and_denied_or_audited_ones_none(pipeline):
+    kern, pipe = pipeline
+    tables, audit_tables = compiled(1)
+    use(kern, pipe, tables, audit_tables)
+    reasons, _, _ = run(pipe, [("a", "b", 41000), ("c", "b", 41001), ("b", "c", 41002)])
+    assert reasons == ["allowed", "denied_ingress", "would_deny"]
+    got = classes(kern)
+    assert list(got) == [(ZONE["b"], K.CLASS_KINDS[K.INGRESS], 80, 0, IPS["a"])]
+    c = got[(ZONE["b"], K.CLASS_KINDS[K.INGRESS], 80, 0, IPS["a"])]
+    assert c["revision"] == 1 and c["opener"] == K.INGRESS and c["admitted"] == 0
+    assert c["ingress"] >= 0 and tables.rules[c["ingress"]]  # the rule of b-in that admitted it
+
+
+def test_the_hook_admits_the_next_flows_of_the_class_and_the_rule_hits_count_them(pipeline):
+    kern, pipe = pipeline
+    tables, _ = compiled(1)
+    use(kern, pipe, tables, None)
+    assert run(pipe, [("a", "b", 41000)])[0] == ["allowed"]
+    rule = classes(kern)[(ZONE["b"], K.CLASS_KINDS[K.INGRESS], 80, 0, IPS["a"])]["ingress"]
+    assert pipe.rule_hits[rule] == 1  # the flow userspace judged
+    for sport in range(41001, 41011):
+        assert into(kern, "a", "b", sport) == "pass"
+    assert into(kern, "c", "b", 42000) == "redirect"  # no class of c: judged in userspace
+    seen = F.fold_class_hits(kern, tables.revision, pipe.rule_hits, {})
+    assert pipe.rule_hits[rule] == 11
+    seen = F.fold_class_hits(kern, tables.revision, pipe.rule_hits, seen)
+    assert pipe.rule_hits[rule] == 11  # folded once
+    # a flow of the class that reached userspace anyway (queued before the class was
+    # written) neither resets the class nor its count
+    assert run(pipe, [("a", "b", 41020)])[0] == ["allowed"]
+    assert classes(kern)[(ZONE["b"], K.CLASS_KINDS[K.INGRESS], 80, 0, IPS["a"])]["admitted"] == 10
+    assert into(kern, "a", "b", 41021) == "pass"
+    seen = F.fold_class_hits(kern, tables.revision, pipe.rule_hits, seen)
+    assert pipe.rule_hits[rule] == 13  # 1 + 10 + the one judged again + 1
+    # a class idle past its timeout is written again when one of its flows is judged,
+    # and keeps its count
+    ck = (ZONE["b"], K.CLASS_KINDS[K.INGRESS], 80, 0, IPS["a"])
+    before = kern.dump(which=K.CLASSES)[1]["last_ns"][0]
+    pipe.set_tables(tables, dict(K.DEFAULT_TIMEOUTS, tcp_opening=1e-9))
+    assert run(pipe, [("a", "b", 41030)])[0] == ["allowed"]
+    assert kern.dump(which=K.CLASSES)[1]["last_ns"][0] > before
+    assert classes(kern)[ck]["admitted"] == 11
+    F.fold_class_hits(kern, tables.revision, pipe.rule_hits, seen)
+    assert pipe.rule_hits[rule] == 14
+
+
+def test_a_recheck_removes_classes_the_new_tables_deny_and_restamps_the_rest(pipeline):
+    kern, pipe = pipeline
+    with_audit, full = compiled(1)[0], compiled(2)[1]
+    use(kern, pipe, with_audit, None)  # c-in left out: c is not isolated
+    assert run(pipe, [("b", "c", 41000), ("a", "c", 41001)])[0] == ["allowed", "allowed"]
+    assert len(classes(kern)) == 2
+    pods = {ZONE[n]: [ip] for n, ip in IPS.items()}
+    done = F.recheck(kern, full, K.DEFAULT_TIMEOUTS, pods)
+    got = classes(kern)
+    assert done["classes"] == 1 and list(got) == [(ZONE["c"], K.CLASS_KINDS[K.INGRESS], 80, 0, IPS["a"])]
+    assert got[(ZONE["c"], K.CLASS_KINDS[K.INGRESS], 80, 0, IPS["a"])]["revision"] == 2
+    assert into(kern, "b", "c", 41002) == "redirect"  # the denied class is gone: judged in userspace
+    assert into(kern, "a", "c", 41003) == "pass"
+    F.recheck(kern, full, K.DEFAULT_TIMEOUTS, {})  # c's pod gone: its classes go
+    assert classes(kern) == {}
+
+
+def test_with_classes_off_every_new_flow_is_judged_in_userspace(pipeline):
+    kern, pipe = pipeline
+    tables, _ = compiled(1)
+    use(kern, pipe, tables, None)
+    assert run(pipe, [("a", "b", 41000)])[0] == ["allowed"]
+    F.recheck(kern, tables, K.DEFAULT_TIMEOUTS, {ZONE[n]: [ip] for n, ip in IPS.items()}, classes=False)
+    assert classes(kern) == {}
+    pipe.set_tables(tables, K.DEFAULT_TIMEOUTS, None, classes=False)
+    assert run(pipe, [("a", "b", 41001)])[0] == ["allowed"]
+    assert classes(kern) == {} and into(kern, "a", "b", 41002) == "redirect"
+    assert np.count_nonzero(pipe.rule_hits) >= 1
