@@ -21,7 +21,10 @@ daemons (control and dataplane worker) on ``RECV_CPU``:
 Workloads: ``udp-1flow`` (64-byte UDP frames of one flow sent by the sender pod as
 fast as one CPU can, bench/sendgen.py, pps); ``udp-newflow`` (the same, every frame a
 new flow: its ports rewritten, new flows/s); ``tcp-1conn`` and ``tcp-100conn`` (iperf3, Gbit/s); ``rtt-first-packet``
-(a new UDP flow per echo) and ``rtt-established`` (echoes on one flow), both at low load
+(a new UDP flow per echo, all to one port: after the first, each is a new flow of a
+class mcnp admitted, which its hooks admit themselves), ``rtt-first-of-class`` (a new
+UDP flow per echo, each to another port: every one the first of its class, judged in
+userspace at both ends) and ``rtt-established`` (echoes on one flow), all at low load
 (one in flight), median ms. Received packets are those that reached the receiving
 pod's UDP layer (its /proc/net/snmp); busy CPU-seconds are /proc/stat deltas of all
 CPUs over the measurement. Conntrack is flushed on both nodes before every workload
@@ -211,11 +214,60 @@ def iperf(bed: Bed, streams: int) -> tuple[float, nb.CpuWindow]:
             srv.wait(5)
 
 
-def echo_rtts(bed: Bed, new_flow_each: bool, probes: int = RTT_PROBES) -> list[float]:
-    """Round trips (ms) of UDP echoes to the receiver, one in flight at a time: each on
-    a new flow (a new socket, so a new source port) or all on one flow."""
+def _echo_ports_main(netns: str, ip: str, ports: list[int], cpu: int, seconds: float, conn) -> None:
+    """Echo UDP on every one of ``ports`` for at most ``seconds`` (a process of its own)."""
+    import select
+
     from control.lab.net import in_netns
-    target = (bed.recv["ip"], nb.ECHO_PORT)
+    os.sched_setaffinity(0, {cpu})
+    socks = []
+    with in_netns(netns):
+        for port in ports:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind((ip, port))
+            socks.append(s)
+    conn.send("ready")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not conn.poll(0):
+        ready, _, _ = select.select(socks, [], [], 0.1)
+        for s in ready:
+            data, peer = s.recvfrom(2048)
+            s.sendto(data, peer)
+
+
+@contextlib.contextmanager
+def echo_ports(bed: Bed, ports: list[int], seconds: float = 120.0):
+    """UDP echo on ``ports`` of the receiver, on RECV_CPU, while the block runs."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_echo_ports_main, args=(bed.recv["netns"], bed.recv["ip"], ports, RECV_CPU,
+                                                        seconds, child), daemon=True)
+    proc.start()
+    try:
+        if not parent.poll(10) or parent.recv() != "ready":
+            raise nb.BenchError("the echo server of the receiver did not start")
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            parent.send("stop")
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+
+
+#: Ports of ``rtt-first-of-class``: inside the policies' UDP range, clear of the ports
+#: the new-flow flood reaches in a run (it moves on one port per SPORT_SPAN frames).
+FIRST_OF_CLASS_PORTS = [nb.NEW_FLOW_DPORTS[0] + nb.NEW_FLOW_DPORTS[1] // 2 + i for i in range(RTT_PROBES)]
+
+
+def echo_rtts(bed: Bed, new_flow_each: bool, probes: int = RTT_PROBES, ports: list[int] | None = None) -> list[float]:
+    """Round trips (ms) of UDP echoes to the receiver, one in flight at a time: each on
+    a new flow (a new socket, so a new source port) or all on one flow; ``ports``: the
+    destination port of each probe (default: the echo port for all)."""
+    from control.lab.net import in_netns
+    ports = ports or [nb.ECHO_PORT] * (probes + 5)
 
     def new_socket() -> socket.socket:
         with in_netns(bed.gen["netns"]):
@@ -230,7 +282,7 @@ def echo_rtts(bed: Bed, new_flow_each: bool, probes: int = RTT_PROBES) -> list[f
             s = new_socket() if new_flow_each else shared
             try:
                 t0 = time.perf_counter()
-                s.sendto(b"%d" % i, target)
+                s.sendto(b"%d" % i, (bed.recv["ip"], ports[i]))
                 s.recvfrom(64)
                 if new_flow_each or i >= 5:  # the shared flow's first echoes open it
                     rtts.append((time.perf_counter() - t0) * 1e3)
@@ -266,6 +318,10 @@ def measure(bed: Bed, config: str, policies: int, rnd: int, programs: dict) -> l
     for workload, fresh in (("rtt-first-packet", True), ("rtt-established", False)):
         flush_conntrack(bed)
         out.append(nb.record(workload, config, policies, rnd, "ms", statistics.median(echo_rtts(bed, fresh))))
+    flush_conntrack(bed)
+    with echo_ports(bed, FIRST_OF_CLASS_PORTS):
+        rtts = echo_rtts(bed, True, ports=FIRST_OF_CLASS_PORTS)
+    out.append(nb.record("rtt-first-of-class", config, policies, rnd, "ms", statistics.median(rtts)))
     logger.info("%s, %d policies, round %d: %s", config, policies, rnd,
                 ", ".join(f"{r['workload']} {r['received']:.4g} {r['unit']}" for r in out))
     return out
@@ -321,7 +377,7 @@ def test_node_comparison(benchmark, programs):
     info = benchmark.pedantic(run_comparison, args=(programs,), rounds=1, iterations=1)
     benchmark.extra_info.update(info)
     got = {(r["workload"], r["config"], r["policies"]) for r in info["comparison"]["records"]}
-    assert len(got) == 6 * 4 * len(POLICIES), "a workload or configuration was not measured"
+    assert len(got) == 7 * 4 * len(POLICIES), "a workload or configuration was not measured"
     assert all(r["received"] > 0 for r in info["comparison"]["records"]), "a workload carried nothing"
 
 
