@@ -90,6 +90,7 @@ struct {
 #define TCP_SYN 0x02
 #define TCP_RST 0x04
 #define TCP_ACK 0x10
+#define LAST_NS_GRAIN (1ULL << 20) /* ns */
 
 struct pkt {
 	struct mcnp_flow_key key;  /* oriented by this hook's pod */
@@ -344,7 +345,8 @@ static __always_inline int follow(struct mcnp_flow *f, struct pkt *p, int from_o
 		else if (st == MCNP_CTS_SCTP_OPENING && !from_opener)
 			st = MCNP_CTS_SCTP_ESTABLISHED;
 	}
-	f->state = st;
+	if (st != f->state) /* written only when it changes: the entry is shared by CPUs */
+		f->state = st;
 	return 1;
 }
 
@@ -379,7 +381,10 @@ static __always_inline int cached(struct pkt *p, struct mcnp_config *cfg, __u64 
 	if (!follow(f, p, from_opener))
 		return 0;
 	side = from_opener ? 0 : 1;
-	f->last_ns = now;
+	/* Idle time to ~1 ms: both directions, often on two CPUs, share this entry, and a
+	 * write per packet would move its cache line back and forth for nothing. */
+	if (now - f->last_ns > LAST_NS_GRAIN)
+		f->last_ns = now;
 	__sync_fetch_and_add(&f->packets[side], 1);
 	__sync_fetch_and_add(&f->bytes[side], p->len);
 	return 1;
@@ -485,6 +490,28 @@ static __always_inline int judge_only(struct xdp_md *ctx, __u16 ethertype, int l
 	return 1;
 }
 
+/* The flow's key as the hook's pod sees it (pipeline.c computes the same bytes). */
+static __always_inline void flow_key(struct pkt *p, __u64 zone, int egress, __u16 sport, __u16 dport)
+{
+	p->key.zone = zone;
+	if (egress) {
+		__builtin_memcpy(p->key.pod_addr, p->src, 16);
+		__builtin_memcpy(p->key.peer_addr, p->dst, 16);
+		p->key.pod_port = sport;
+		p->key.peer_port = dport;
+	} else {
+		__builtin_memcpy(p->key.pod_addr, p->dst, 16);
+		__builtin_memcpy(p->key.peer_addr, p->src, 16);
+		p->key.pod_port = dport;
+		p->key.peer_port = sport;
+	}
+	if (MCNP_IS_ECHO(p->key.proto, p->icmp_type)) {
+		/* who asked: the sender of a request, the receiver of a reply */
+		int asked_by_pod = is_echo_request(p->icmp_type) ? egress : !egress;
+		p->key.initiator = asked_by_pod ? 0 : 1;
+	}
+}
+
 /* Not frags-aware on purpose: measured here, one TCP connection across nodes did
  * 11.1 Gbit/s with the program marked xdp.frags and 12.5-13.9 without (CNI alone
  * 14.7-15.2), in generic mode, which mcnp uses.  Native mode on an interface whose
@@ -498,6 +525,8 @@ int mcnp_hook(struct xdp_md *ctx)
 	struct mcnp_pod *pod;
 	struct mcnp_config *cfg;
 	struct pkt p = {};
+	__u64 now = 0;
+	int ready, found = 0;
 	__u64 zone = hook.zone;
 	__u16 sport, dport, proto;
 	int egress = hook.role == MCNP_ROLE_EGRESS;
@@ -540,45 +569,30 @@ int mcnp_hook(struct xdp_md *ctx)
 		return count(MCNP_K_DROP_ND, XDP_DROP);
 	}
 
+	/* 3 before 2 (the flows of a pod are most of what a hook sees): a flow admitted
+	 * under the tables in force; the key is the pod's view.  The pod must be known to
+	 * the tables and, leaving it, send from its own address. */
+	cfg = config_in_force();
+	ready = (pod->flags & MCNP_POD_READY) && (!egress || pod_owns(pod, p.src));
+	if (ready) {
+		flow_key(&p, zone, egress, sport, dport);
+		if (cfg) {
+			now = bpf_ktime_get_ns();
+			found = cached(&p, cfg, now);
+			if (found == 1)
+				return count(MCNP_K_PASS_FLOW, XDP_PASS);
+		}
+	}
+
 	/* 2. the node's own traffic */
 	if (egress ? is_node(p.dst) : is_node(p.src))
 		return count(MCNP_K_PASS_NODE, XDP_PASS);
+	if (!ready)
+		return to_userspace(); /* not known yet, or spoofed: userspace drops and counts it */
 
-	/* 3. a flow admitted under the tables in force; the key is the pod's view */
-	if (!(pod->flags & MCNP_POD_READY))
-		return to_userspace();
-	p.key.zone = zone;
-	if (egress) {
-		if (!pod_owns(pod, p.src))
-			return to_userspace(); /* spoofed: userspace drops and counts it */
-		__builtin_memcpy(p.key.pod_addr, p.src, 16);
-		__builtin_memcpy(p.key.peer_addr, p.dst, 16);
-		p.key.pod_port = sport;
-		p.key.peer_port = dport;
-	} else {
-		__builtin_memcpy(p.key.pod_addr, p.dst, 16);
-		__builtin_memcpy(p.key.peer_addr, p.src, 16);
-		p.key.pod_port = dport;
-		p.key.peer_port = sport;
-	}
-	if (MCNP_IS_ECHO(p.key.proto, p.icmp_type)) {
-		/* who asked: the sender of a request, the receiver of a reply */
-		int sender_is_pod = egress;
-		int asked_by_pod = is_echo_request(p.icmp_type) ? sender_is_pod : !sender_is_pod;
-		p.key.initiator = asked_by_pod ? 0 : 1;
-	}
-	cfg = config_in_force();
-	if (cfg) {
-		__u64 now = bpf_ktime_get_ns();
-
-		switch (cached(&p, cfg, now)) {
-		case 1:
-			return count(MCNP_K_PASS_FLOW, XDP_PASS);
-		case -1:
-			if (by_class(&p, cfg, now, l4 == 0))
-				return count(MCNP_K_PASS_CLASS, XDP_PASS);
-		}
-	}
+	/* 3, a first packet: a new flow of a class admitted under the tables in force */
+	if (found == -1 && cfg && by_class(&p, cfg, now, l4 == 0))
+		return count(MCNP_K_PASS_CLASS, XDP_PASS);
 
 	/* 4. userspace judges (the headers only, of a first packet too long for it) */
 	switch (judge_only(ctx, proto, l4, p.key.proto)) {
