@@ -314,8 +314,9 @@ def test_pods_with_mtu_9000():
     """Jumbo frames: TCP segments of 8,000 bytes pass (the SYN is judged, the rest goes in
     the kernel); a UDP flow whose first datagram is longer than a UMEM frame has it judged
     from its headers at each end that sees the flow first (the source's, then the
-    destination's), recorded and not delivered, and its next datagrams pass. A denied
-    jumbo datagram stays denied."""
+    destination's), recorded and not delivered, and its next datagrams pass; another flow
+    of the same class is admitted by the hooks, its first datagram delivered whole. A
+    denied jumbo datagram stays denied."""
     with built_net(mtu=9000) as (dp, hosts, _):
         publish(dp, 1)
         with server(hosts["b"], IPS["b"], 8080, "tcp"), server(hosts["b"], IPS["b"], 5353, "udp"):
@@ -341,6 +342,14 @@ def test_pods_with_mtu_9000():
                         u.recv(9000)
                 u.sendto(b"z" * 6000, (IPS["b"], 5353))
                 assert len(u.recv(9000)) > 0  # the flow passes now (the server echoes what it read)
+            with nu.in_netns(hosts["a"]):
+                u2 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            with u2:  # another flow of the same class: admitted by the hooks, delivered whole
+                u2.settimeout(1.0)
+                before = dp.stats()["hooks"]["pass_class"]
+                u2.sendto(b"v" * 6000, (IPS["b"], 5353))
+                assert len(u2.recv(9000)) > 0  # (the server echoes what it read)
+                assert dp.stats()["hooks"]["pass_class"] >= before + 2  # a's end and b's
             with nu.in_netns(hosts["c"]):
                 d = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             with d:
