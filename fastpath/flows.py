@@ -103,24 +103,24 @@ def recheck(kern: K.Kernel, tables, timeouts: dict[str, float], pods: dict[int, 
 
 
 def expire(kern: K.Kernel, timeouts: dict[str, float], pods: dict[int, list[str]] | None,
-           now_ns: int | None = None) -> int:
+           now_ns: int | None = None) -> tuple[int, dict[int, int]]:
     """Remove flows and classes idle past their state's timeout (and, given ``pods``,
-    those of pods no longer attached).  Returns how many flows went."""
-    gone = 0
+    those of pods no longer attached).  Returns (flows removed, entries left per map:
+    ``{K.FLOWS: n, K.CLASSES: n}``) — one read of each map."""
+    gone, left = 0, {}
+    limit = np.array([timeouts[s] * 1e9 for s in K.STATES], dtype=np.float64)
     for which in (K.FLOWS, K.CLASSES):
         keys, vals = kern.dump(which=which)
-        if not len(keys):
-            continue
         now = K.now_ns() if now_ns is None else now_ns
-        limit = np.array([timeouts[s] * 1e9 for s in K.STATES], dtype=np.float64)
         state = np.minimum(vals["state"], len(K.STATES) - 1)
         idle = (now - vals["last_ns"].astype(np.int64)).astype(np.float64)
         old = idle > limit[state]
         if pods is not None:
             old |= ~np.isin(keys["zone"], np.fromiter(pods, dtype=np.uint64, count=len(pods)))
         n = kern.delete(keys[old], which)
+        left[which] = len(keys) - n
         gone += n if which == K.FLOWS else 0
-    return gone
+    return gone, left
 
 
 def fold_class_hits(kern: K.Kernel, revision: int, hits: np.ndarray, seen: dict[bytes, int]) -> dict[bytes, int]:

@@ -347,11 +347,15 @@ class _Worker:
     def _sweep(self) -> None:
         self._refresh_node_addrs()
         pods = self._zones()
+        g = self.counters.gauges
         if self.loop.pipeline.tables is not None:  # before the first tables nothing is judged yet
             self._fold_class_hits()
-            self.counters.gauges[GAUGE["expired"]] += F.expire(self.kernel, self.timeouts, pods)
-        self.counters.gauges[GAUGE["flows"]] = len(self.kernel.dump()[0])
-        self.counters.gauges[GAUGE["flow_classes"]] = len(self.kernel.dump(which=K.CLASSES)[0])
+            gone, left = F.expire(self.kernel, self.timeouts, pods)
+            g[GAUGE["expired"]] += gone
+        else:
+            left = {which: len(self.kernel.dump(which=which)[0]) for which in (K.FLOWS, K.CLASSES)}
+        g[GAUGE["flows"]] = left[K.FLOWS]
+        g[GAUGE["flow_classes"]] = left[K.CLASSES]
 
     def _fold_class_hits(self) -> None:
         """Count the flows the hooks admitted by class since the last fold into the rule
