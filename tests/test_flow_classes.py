@@ -122,3 +122,17 @@ def test_with_classes_off_every_new_flow_is_judged_in_userspace(pipeline):
     assert run(pipe, [("a", "b", 41001)])[0] == ["allowed"]
     assert classes(kern) == {} and into(kern, "a", "b", 41002) == "redirect"
     assert np.count_nonzero(pipe.rule_hits) >= 1
+
+
+def test_expiry_removes_idle_flows_and_classes_and_those_of_pods_gone(pipeline):
+    kern, pipe = pipeline
+    tables, _ = compiled(1)
+    use(kern, pipe, tables, None)
+    assert run(pipe, [("a", "b", 41000), ("a", "b", 41001)])[0] == ["allowed", "allowed"]
+    pods = {ZONE[n]: [ip] for n, ip in IPS.items()}
+    assert F.expire(kern, K.DEFAULT_TIMEOUTS, pods) == (0, {K.FLOWS: 2, K.CLASSES: 1})
+    later = K.now_ns() + int(K.DEFAULT_TIMEOUTS["tcp_opening"] * 1e9) + 1
+    assert F.expire(kern, K.DEFAULT_TIMEOUTS, pods, now_ns=later) == (2, {K.FLOWS: 0, K.CLASSES: 0})
+    assert run(pipe, [("a", "b", 41002)])[0] == ["allowed"]
+    del pods[ZONE["b"]]  # b's sandbox is gone
+    assert F.expire(kern, K.DEFAULT_TIMEOUTS, pods) == (1, {K.FLOWS: 0, K.CLASSES: 0})
