@@ -396,6 +396,7 @@ def test_flow_counters_agree_with_what_was_carried_and_new_tables_cut_flows(bed)
             s.join(2)
 
 
+@pytest.mark.parametrize("bed", ["ptp", "bridge"], indirect=True)
 def test_new_connections_of_an_admitted_class_pass_in_the_kernel_and_are_counted(bed):
     """Twenty connections from a to b:81: the first is judged in userspace at both ends,
     the others are admitted by their class in the hooks; the rule that admits them counts
