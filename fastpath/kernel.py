@@ -257,8 +257,8 @@ class Kernel:
     def dump(self, capacity: int | None = None, which: int = FLOWS) -> tuple[np.ndarray, np.ndarray]:
         """Every entry: (keys, values) as FLOW_KEY / FLOW arrays."""
         cap = capacity or (self.class_capacity if which == CLASSES else self.flow_capacity)
-        keys = np.zeros(cap, dtype=FLOW_KEY)
-        vals = np.zeros(cap, dtype=FLOW)
+        keys = np.empty(cap, dtype=FLOW_KEY)  # only the rows the kernel fills are returned
+        vals = np.empty(cap, dtype=FLOW)
         n = _check(lib.mcnp_flows_dump(self._c, which, ffi.from_buffer("struct mcnp_flow_key[]", keys),
                                        ffi.from_buffer("struct mcnp_flow[]", vals), cap),
                    f"reading the {_MAP_NAMES[which]}")
