@@ -277,8 +277,10 @@ static void log_verdict(struct mcnp_pipe *p, uint32_t r, const struct mcnp_hook_
 }
 
 /* The class of a new flow the verdict admitted (see mcnp_proto.h), if it has one
- * the hook may admit others by: TCP, UDP or SCTP, not a later fragment, between the
- * pod's own address and a peer that is not a Service address. */
+ * the hook may admit others by: TCP, UDP or SCTP, not a later fragment, from or to the
+ * pod's own address.  A class to a Service address holds the verdict on its endpoints
+ * of the hand-over in force: the re-check of the next one removes it unless every
+ * endpoint is a pod of the cluster (judged at the backend: fastpath/flows.py). */
 static void queue_class(struct mcnp_pipe *p, uint32_t r, const struct mcnp_flow *f,
                         const struct mcnp_hook_info *h, uint32_t *n_class)
 {
@@ -290,7 +292,7 @@ static void queue_class(struct mcnp_pipe *p, uint32_t r, const struct mcnp_flow 
     uint32_t j;
     uint8_t found;
 
-    if (!p->classes || p->parsed->frag[i] == 2 || p->judge_kind[r] == MCNP_J_SERVICE ||
+    if (!p->classes || p->parsed->frag[i] == 2 ||
         (k->proto != P_TCP && k->proto != P_UDP && k->proto != P_SCTP) || !owns(h, k->pod_addr))
         return;
     ck = &p->class_keys[*n_class];

@@ -136,3 +136,31 @@ def test_expiry_removes_idle_flows_and_classes_and_those_of_pods_gone(pipeline):
     assert run(pipe, [("a", "b", 41002)])[0] == ["allowed"]
     del pods[ZONE["b"]]  # b's sandbox is gone
     assert F.expire(kern, K.DEFAULT_TIMEOUTS, pods) == (1, {K.FLOWS: 0, K.CLASSES: 0})
+
+
+def test_classes_to_service_addresses_last_until_the_next_hand_over_unless_deferred(pipeline):
+    """A ClusterIP whose endpoints are all pods of the cluster (``defer``: the backend's
+    end judges) keeps its class across a re-check; one judged here against its endpoint
+    list loses it at the next hand-over, whose endpoints may differ."""
+    from tests.frames import frame as mkframe
+    from tests.test_audit_pipeline import SLOT
+
+    kern, pipe = pipeline
+    tables, _ = compiled(1)
+    use(kern, pipe, tables, None)
+    vips = {"defer": "198.18.41.1", "judged": "198.18.41.2"}
+    pipe.set_services([{"ip": vips["defer"], "protocol": 6, "port": 80, "defer": True, "endpoints": []},
+                       {"ip": vips["judged"], "protocol": 6, "port": 80, "defer": False,
+                        "endpoints": [(IPS["b"], 80)]}])
+    buf = np.zeros(2 * SLOT, dtype=np.uint8)
+    lens = np.zeros(2, dtype=np.uint32)
+    for i, vip in enumerate(vips.values()):
+        f = mkframe(IPS["a"], vip, 6, 41000 + i, 80)
+        buf[i * SLOT:i * SLOT + len(f)] = np.frombuffer(f, dtype=np.uint8)
+        lens[i] = len(f)
+    pipe.process(buf, np.arange(2, dtype=np.uint64) * np.uint64(SLOT), lens, np.zeros(2, dtype=np.int16), 2)
+    assert [pipe.reasons(2)[i] for i in range(2)] == [2, 2]  # allowed, both
+    got = classes(kern)
+    assert set(got) == {(ZONE["a"], K.CLASS_KINDS[K.EGRESS], 0, 80, vip) for vip in vips.values()}
+    F.recheck(kern, tables, K.DEFAULT_TIMEOUTS, {ZONE[n]: [ip] for n, ip in IPS.items()}, pipe.services)
+    assert set(classes(kern)) == {(ZONE["a"], K.CLASS_KINDS[K.EGRESS], 0, 80, vips["defer"])}
