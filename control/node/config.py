@@ -134,7 +134,7 @@ class Settings:
     #: Directory of the sandbox records (must survive a daemon restart: a host directory).
     state_dir: str = "/var/lib/mcnp"
     #: Directory (on a bpffs, mounted there if none is) of the maps that outlive the
-    #: daemon: the flow cache, the pods, the node's addresses, the tables revision.
+    #: daemon: the flow cache and its classes, the pods, the node's addresses, the tables revision.
     bpf_dir: str = "/sys/fs/bpf/mcnp"
     #: Flows the kernel's cache holds (a full cache evicts the least recently used:
     #: an evicted flow is judged again, never passed unjudged).
