@@ -338,7 +338,8 @@ def test_detach_all_takes_mcnp_off_the_node(bed):
                           node["daemon_state_dir"], "--bpf-dir", node["bpf_dir"]],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
-    assert "detached 6 hook(s)" in res.stdout and "removed 4 pinned map(s)" in res.stdout
+    assert "detached 6 hook(s)" in res.stdout and "removed 5 pinned map(s)" in res.stdout
+    assert not [n for n in os.listdir(node["bpf_dir"]) if n.endswith("_v1")]  # nothing of mcnp's left
     for ns in list(pods.values()) + [node["netns"]]:
         assert "prog/xdp" not in nu.ip("-d", "link", ns=ns).stdout
     assert connects(pods["c"], IPS["b"], 80)

@@ -256,7 +256,7 @@ def detach_all(settings, out=print) -> int:
     if node is not None:
         node.close()
     removed = []
-    for name in ("flows_v1", "pods_v1", "node_addrs_v1", "config_v1"):
+    for name in ("flows_v1", "classes_v1", "pods_v1", "node_addrs_v1", "config_v1"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(settings.bpf_dir, name))
             removed.append(name)
