@@ -153,21 +153,41 @@ def listing(kern: K.Kernel, limit: int, zone_refs: dict[int, str] | None = None)
     out = []
     for r in order:
         k, v = keys[r], vals[r]
-        by_pod = int(v["opener"]) == K.EGRESS
-        pod, peer = K.addr_str(k["pod_addr"]), K.addr_str(k["peer_addr"])
-        out.append({
-            "pod": (zone_refs or {}).get(int(k["zone"])),
-            "src": pod if by_pod else peer, "dst": peer if by_pod else pod,
-            "sport": int(k["pod_port"] if by_pod else k["peer_port"]),
-            "dport": int(k["peer_port"] if by_pod else k["pod_port"]),
-            "protocol": PROTO_NAMES.get(int(k["proto"]), str(int(k["proto"]))),
-            "direction": "egress" if by_pod else "ingress",
-            "state": K.STATES[min(int(v["state"]), len(K.STATES) - 1)],
-            "revision": int(v["revision"]),
-            "rule_egress": int(v["rule_egress"]), "rule_ingress": int(v["rule_ingress"]),
-            "age_s": round((now - int(v["created_ns"])) / 1e9, 3),
-            "idle_s": round((now - int(v["last_ns"])) / 1e9, 3),
-            "packets": [int(v["packets"][0]), int(v["packets"][1])],
-            "bytes": [int(v["bytes"][0]), int(v["bytes"][1])],
-        })
+        row = _row(k, v, zone_refs, now)
+        row.update(state=K.STATES[min(int(v["state"]), len(K.STATES) - 1)],
+                   packets=[int(v["packets"][0]), int(v["packets"][1])],
+                   bytes=[int(v["bytes"][0]), int(v["bytes"][1])])
+        out.append(row)
     return out
+
+
+def class_listing(kern: K.Kernel, limit: int, zone_refs: dict[int, str] | None = None) -> list[dict]:
+    """Flow classes as ``/v1/classes`` shows them, newest activity first: the opener's
+    source port is any (``sport`` null); ``admitted`` counts the flows the hooks admitted
+    by the class (not the one userspace judged)."""
+    keys, vals = kern.dump(which=K.CLASSES)
+    order = np.argsort(vals["last_ns"])[::-1][:limit]
+    now = K.now_ns()
+    out = []
+    for r in order:
+        row = _row(keys[r], vals[r], zone_refs, now)
+        row.update(sport=None, admitted=int(vals["packets"][r, 0]))
+        out.append(row)
+    return out
+
+
+def _row(k, v, zone_refs: dict[int, str] | None, now: int) -> dict:
+    by_pod = int(v["opener"]) == K.EGRESS
+    pod, peer = K.addr_str(k["pod_addr"]), K.addr_str(k["peer_addr"])
+    return {
+        "pod": (zone_refs or {}).get(int(k["zone"])),
+        "src": pod if by_pod else peer, "dst": peer if by_pod else pod,
+        "sport": int(k["pod_port"] if by_pod else k["peer_port"]),
+        "dport": int(k["peer_port"] if by_pod else k["pod_port"]),
+        "protocol": PROTO_NAMES.get(int(k["proto"]), str(int(k["proto"]))),
+        "direction": "egress" if by_pod else "ingress",
+        "revision": int(v["revision"]),
+        "rule_egress": int(v["rule_egress"]), "rule_ingress": int(v["rule_ingress"]),
+        "age_s": round((now - int(v["created_ns"])) / 1e9, 3),
+        "idle_s": round((now - int(v["last_ns"])) / 1e9, 3),
+    }

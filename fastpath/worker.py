@@ -162,6 +162,13 @@ class Dataplane:
         except DataplaneError:
             return []
 
+    def classes(self, limit: int = 1000) -> list[dict]:
+        """Flow classes the hooks admit new flows by, most recently active first."""
+        try:
+            return self._ask("classes", limit, timeout=2.0)
+        except DataplaneError:
+            return []
+
     def verdicts(self, after_seq: int = -1, limit: int = 1000) -> list[dict]:
         """Judged rows recorded by the loop after ``after_seq`` (numbers only)."""
         rows = self._counters.recent(after_seq, limit)
@@ -433,9 +440,14 @@ class _Worker:
     def _do_pods(self, _) -> list[str]:
         return list(self.loop.pods)
 
+    def _zone_refs(self) -> dict[int, str | None]:
+        return {h.zone: self.pods_extra.get(h.sandbox, {}).get("ref") for h in self.loop.pods.values()}
+
     def _do_flows(self, limit) -> list[dict]:
-        refs = {h.zone: self.pods_extra.get(h.sandbox, {}).get("ref") for h in self.loop.pods.values()}
-        return F.listing(self.kernel, int(limit), refs)
+        return F.listing(self.kernel, int(limit), self._zone_refs())
+
+    def _do_classes(self, limit) -> list[dict]:
+        return F.class_listing(self.kernel, int(limit), self._zone_refs())
 
     def _do_stats(self, _) -> dict:
         self._fold_class_hits()

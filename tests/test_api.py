@@ -179,6 +179,9 @@ def test_metrics_clusters_tables_stats_and_flows(three_clusters):
             status, body = await client.get("/v1/flows")
             assert status == 200 and body == {"dataplane": False, "flows": []}
             assert (await client.get("/v1/flows", limit="x"))[0] == 400
+            status, body = await client.get("/v1/classes")
+            assert status == 200 and body == {"dataplane": False, "classes": []}
+            assert (await client.get("/v1/classes", limit="-1"))[0] == 400
 
     asyncio.run(main())
 

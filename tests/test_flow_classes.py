@@ -75,6 +75,11 @@ def test_the_hook_admits_the_next_flows_of_the_class_and_the_rule_hits_count_the
     assert pipe.rule_hits[rule] == 11
     seen = F.fold_class_hits(kern, tables.revision, pipe.rule_hits, seen)
     assert pipe.rule_hits[rule] == 11  # folded once
+    shown = F.class_listing(kern, 10, {ZONE["b"]: "c1/x/b"})
+    assert len(shown) == 1 and {k: shown[0][k] for k in ("pod", "src", "dst", "sport", "dport", "protocol",
+                                                          "direction", "admitted", "rule_ingress")} == \
+        {"pod": "c1/x/b", "src": IPS["a"], "dst": IPS["b"], "sport": None, "dport": 80, "protocol": "TCP",
+         "direction": "ingress", "admitted": 10, "rule_ingress": rule}
     # a flow of the class that reached userspace anyway (queued before the class was
     # written) neither resets the class nor its count
     assert run(pipe, [("a", "b", 41020)])[0] == ["allowed"]

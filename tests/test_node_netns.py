@@ -430,3 +430,9 @@ def test_new_connections_of_an_admitted_class_pass_in_the_kernel_and_are_counted
     assert classes1 - classes0 >= 2 * (n - 1) - 2, (classes0, classes1)  # both ends, all but the first
     grown = {name: hits1[name] - hits0.get(name, 0) for name in hits1 if hits1[name] != hits0.get(name, 0)}
     assert list(grown.values()) == [n], grown  # the one rule of b-in for port 81, once per connection
+    _, shown = testbed.api_get(node_key, "/v1/classes", state_dir=state_dir)
+    mine = {(c["pod"], c["direction"]): c for c in shown["classes"] if c["src"] == IPS["a"] and c["dport"] == 81}
+    assert set(mine) == {("c1/x/a", "egress"), ("c1/x/b", "ingress")}, shown
+    assert all(c["dst"] == IPS["b"] and c["admitted"] >= n - 2 for c in mine.values()), mine
+    # c's end admitted c's attempt (c's egress is not isolated); b's end denied it: no class there
+    assert not [c for c in shown["classes"] if c["src"] == IPS["c"] and c["pod"] == "c1/x/b"]

@@ -210,17 +210,25 @@ def _limit(query, default: int, most: int) -> int:
     return limit
 
 
-async def flows(request: web.Request) -> web.Response:
+async def _listing(request: web.Request, field: str) -> web.Response:
     d = _daemon(request)
     try:
         limit = _limit(request.query, 1000, 1_000_000)
     except ValueError as e:
         return _error(400, str(e))
     if d.dataplane is None:
-        return web.json_response({"dataplane": False, "flows": []})
+        return web.json_response({"dataplane": False, field: []})
     # The dataplane answers over a pipe: ask from a thread, not on the event loop.
-    found = await asyncio.get_running_loop().run_in_executor(None, d.dataplane.flows, limit)
-    return web.json_response({"dataplane": True, "flows": found})
+    found = await asyncio.get_running_loop().run_in_executor(None, getattr(d.dataplane, field), limit)
+    return web.json_response({"dataplane": True, field: found})
+
+
+async def flows(request: web.Request) -> web.Response:
+    return await _listing(request, "flows")
+
+
+async def classes(request: web.Request) -> web.Response:
+    return await _listing(request, "classes")
 
 
 def _feed(request: web.Request) -> VerdictFeed:
@@ -400,6 +408,7 @@ ROUTES: dict[str, tuple[Any, frozenset]] = {
     "/v1/tables": (tables, frozenset()),
     "/v1/explain": (explain, frozenset({"from", "to", "port", "protocol"})),
     "/v1/flows": (flows, frozenset({"limit"})),
+    "/v1/classes": (classes, frozenset({"limit"})),
     "/v1/verdicts": (verdicts, frozenset({"verdict", "pod", "namespace", "cluster", "since", "after", "limit", "follow"})),
     "/v1/matrix": (matrix, frozenset({"cluster", "namespace", "port", "protocol"})),
     "/v1/stats": (stats, frozenset()),
