@@ -69,7 +69,8 @@ def verdicts(tables, keys: np.ndarray, vals: np.ndarray, pods: dict[int, list[st
     return ok, eg, ing
 
 
-def _recheck_map(kern: K.Kernel, which: int, tables, pods: dict[int, list[str]], services) -> tuple[int, int]:
+def _recheck_map(kern: K.Kernel, which: int, tables, pods: dict[int, list[str]], services,
+                 audit_tables=None) -> tuple[int, int]:
     keys, vals = kern.dump(which=which)
     known = np.isin(keys["zone"], np.fromiter(pods, dtype=np.uint64, count=len(pods)))
     ok = np.zeros(len(keys), dtype=bool)
@@ -78,6 +79,10 @@ def _recheck_map(kern: K.Kernel, which: int, tables, pods: dict[int, list[str]],
     if known.any():
         rows = np.nonzero(known)[0]
         ok[rows], eg[rows], ing[rows] = verdicts(tables, keys[rows], vals[rows], pods, services)
+        if audit_tables is not None:  # what the audit tables would deny must reach userspace
+            would, _, _ = verdicts(audit_tables, keys[rows], vals[rows], pods, services)
+            keep = ok[rows] & would
+            ok[rows] = keep
     cut = kern.delete(keys[~ok], which)
     vals["revision"][ok] = tables.revision
     vals["rule_egress"][ok] = eg[ok]
@@ -87,15 +92,17 @@ def _recheck_map(kern: K.Kernel, which: int, tables, pods: dict[int, list[str]],
 
 
 def recheck(kern: K.Kernel, tables, timeouts: dict[str, float], pods: dict[int, list[str]],
-            services=None, classes: bool = True) -> dict:
+            services=None, classes: bool = True, audit_tables=None) -> dict:
     """Move the kernel to ``tables``' revision and re-judge every cached flow and flow
     class (a class is judged as its flows are: its opening direction); ``classes``
-    off leaves none.  Entries of pods no longer attached go too.  Returns what it did."""
+    off leaves none.  With ``audit_tables`` (some policy in audit mode) a class whose
+    flows they would deny goes too, so its next flows are judged and logged as
+    ``would_deny``.  Entries of pods no longer attached go too.  Returns what it did."""
     t0 = time.monotonic_ns()
     kern.set_config(tables.revision, timeouts, classes)
     flows, cut = _recheck_map(kern, K.FLOWS, tables, pods, services)
     if classes:
-        n_classes, _ = _recheck_map(kern, K.CLASSES, tables, pods, services)
+        n_classes, _ = _recheck_map(kern, K.CLASSES, tables, pods, services, audit_tables)
     else:
         n_classes = 0
         kern.delete(kern.dump(which=K.CLASSES)[0], K.CLASSES)

@@ -473,7 +473,7 @@ class _Worker:
             ready = bool(info.get("ready"))
             self.loop.set_pod(sandbox, ips, ready, not ready or isolated(tables, ips))
         done = F.recheck(self.kernel, tables, self.timeouts, self._zones(), self.loop.pipeline.services,
-                         classes=self.flow_classes)
+                         classes=self.flow_classes, audit_tables=audit)
         g = self.counters.gauges
         g[GAUGE["revision"]] = tables.revision
         g[GAUGE["rechecks"]] += 1

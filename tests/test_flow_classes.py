@@ -169,3 +169,19 @@ def test_classes_to_service_addresses_last_until_the_next_hand_over_unless_defer
     assert set(got) == {(ZONE["a"], K.CLASS_KINDS[K.EGRESS], 0, 80, vip) for vip in vips.values()}
     F.recheck(kern, tables, K.DEFAULT_TIMEOUTS, {ZONE[n]: [ip] for n, ip in IPS.items()}, pipe.services)
     assert set(classes(kern)) == {(ZONE["a"], K.CLASS_KINDS[K.EGRESS], 0, 80, vips["defer"])}
+
+
+def test_a_policy_put_in_audit_mode_removes_the_classes_it_would_deny(pipeline):
+    """b -> c is admitted while c-in is left out of the tables (c not isolated) and
+    nothing is audited: its class is made. Once c-in is in audit mode, the re-check
+    removes that class, so the next b -> c flow is judged — and logged would_deny."""
+    kern, pipe = pipeline
+    with_audit, full = compiled(1)
+    use(kern, pipe, with_audit, None)
+    assert run(pipe, [("b", "c", 41000), ("a", "c", 41001)])[0] == ["allowed", "allowed"]
+    pods = {ZONE[n]: [ip] for n, ip in IPS.items()}
+    F.recheck(kern, with_audit, K.DEFAULT_TIMEOUTS, pods, audit_tables=full)
+    assert set(classes(kern)) == {(ZONE["c"], K.CLASS_KINDS[K.INGRESS], 80, 0, IPS["a"])}
+    use(kern, pipe, with_audit, full)
+    assert into(kern, "b", "c", 41002) == "redirect"
+    assert run(pipe, [("b", "c", 41002)])[0] == ["would_deny"]
