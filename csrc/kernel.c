@@ -529,6 +529,37 @@ int mcnp_flows_dump(struct mcnp_kernel *k, int which, struct mcnp_flow_key *keys
     return (int)total;
 }
 
+int mcnp_flows_dump_slice(struct mcnp_kernel *k, int which, uint64_t *cursor, int *started,
+                          struct mcnp_flow_key *keys, struct mcnp_flow *vals, uint32_t max,
+                          uint32_t capacity)
+{
+    int fd = flow_map(k, which);
+    uint64_t out = 0;
+    uint32_t total = 0, count;
+    int err;
+
+    if (max > capacity)
+        max = capacity;
+    while (total < max) {
+        count = capacity - total; /* the kernel copies whole buckets: leave it room */
+        if (count > max - total + 64)
+            count = max - total + 64;
+        err = bpf_map_lookup_batch(fd, *started ? cursor : NULL, &out, keys + total,
+                                   vals + total, &count, NULL);
+        total += count;
+        if (err) {
+            if (errno == ENOENT) { /* the end of the map: the next walk starts over */
+                *started = 0;
+                return (int)total;
+            }
+            return -errno;
+        }
+        *cursor = out;
+        *started = 1;
+    }
+    return (int)total;
+}
+
 uint64_t mcnp_now_ns(void)
 {
     struct timespec ts;

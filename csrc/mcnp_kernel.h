@@ -85,6 +85,13 @@ int mcnp_flows_lookup(struct mcnp_kernel *k, int which, const struct mcnp_flow_k
 /* Copy up to capacity entries; returns how many. */
 int mcnp_flows_dump(struct mcnp_kernel *k, int which, struct mcnp_flow_key *keys,
                     struct mcnp_flow *vals, uint32_t capacity);
+/* Copy the next entries of a walk through the map, about max of them (whole hash
+ * buckets: a few more may come; capacity bounds the arrays).  *cursor is the walk's
+ * position (*started 0: from the start); *started is 0 again once the walk reached
+ * the end.  Returns how many were copied. */
+int mcnp_flows_dump_slice(struct mcnp_kernel *k, int which, uint64_t *cursor, int *started,
+                          struct mcnp_flow_key *keys, struct mcnp_flow *vals, uint32_t max,
+                          uint32_t capacity);
 /* CLOCK_MONOTONIC in ns, the clock the hooks stamp flows with. */
 uint64_t mcnp_now_ns(void);
 

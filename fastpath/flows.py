@@ -109,25 +109,39 @@ def recheck(kern: K.Kernel, tables, timeouts: dict[str, float], pods: dict[int, 
     return {"flows": flows, "cut": cut, "classes": n_classes, "ns": time.monotonic_ns() - t0}
 
 
+def _expire_rows(kern: K.Kernel, which: int, keys: np.ndarray, vals: np.ndarray, timeouts: dict[str, float],
+                 pods: dict[int, list[str]] | None, now_ns: int | None) -> int:
+    now = K.now_ns() if now_ns is None else now_ns
+    limit = np.array([timeouts[s] * 1e9 for s in K.STATES], dtype=np.float64)
+    state = np.minimum(vals["state"], len(K.STATES) - 1)
+    idle = (now - vals["last_ns"].astype(np.int64)).astype(np.float64)
+    old = idle > limit[state]
+    if pods is not None:
+        old |= ~np.isin(keys["zone"], np.fromiter(pods, dtype=np.uint64, count=len(pods)))
+    return kern.delete(keys[old], which)
+
+
 def expire(kern: K.Kernel, timeouts: dict[str, float], pods: dict[int, list[str]] | None,
-           now_ns: int | None = None) -> tuple[int, dict[int, int]]:
+           now_ns: int | None = None, maps: tuple[int, ...] = (K.FLOWS, K.CLASSES)) -> tuple[int, dict[int, int]]:
     """Remove flows and classes idle past their state's timeout (and, given ``pods``,
     those of pods no longer attached).  Returns (flows removed, entries left per map:
     ``{K.FLOWS: n, K.CLASSES: n}``) — one read of each map."""
     gone, left = 0, {}
-    limit = np.array([timeouts[s] * 1e9 for s in K.STATES], dtype=np.float64)
-    for which in (K.FLOWS, K.CLASSES):
+    for which in maps:
         keys, vals = kern.dump(which=which)
-        now = K.now_ns() if now_ns is None else now_ns
-        state = np.minimum(vals["state"], len(K.STATES) - 1)
-        idle = (now - vals["last_ns"].astype(np.int64)).astype(np.float64)
-        old = idle > limit[state]
-        if pods is not None:
-            old |= ~np.isin(keys["zone"], np.fromiter(pods, dtype=np.uint64, count=len(pods)))
-        n = kern.delete(keys[old], which)
+        n = _expire_rows(kern, which, keys, vals, timeouts, pods, now_ns)
         left[which] = len(keys) - n
         gone += n if which == K.FLOWS else 0
     return gone, left
+
+
+def expire_slice(kern: K.Kernel, walk: K.Walk, max_entries: int, timeouts: dict[str, float],
+                 pods: dict[int, list[str]] | None, now_ns: int | None = None) -> tuple[int, int]:
+    """:func:`expire` for the next ~``max_entries`` flows of ``walk`` through the flow
+    cache: a full cache is swept a slice at a time instead of read whole at once.
+    Returns (flows removed, flows read)."""
+    keys, vals = kern.dump_slice(walk, max_entries)
+    return _expire_rows(kern, K.FLOWS, keys, vals, timeouts, pods, now_ns), len(keys)
 
 
 def fold_class_hits(kern: K.Kernel, revision: int, hits: np.ndarray, seen: dict[bytes, int]) -> dict[bytes, int]:

@@ -264,6 +264,18 @@ class Kernel:
                    f"reading the {_MAP_NAMES[which]}")
         return keys[:n], vals[:n]
 
+    def dump_slice(self, walk: "Walk", max_entries: int, which: int = FLOWS) -> tuple[np.ndarray, np.ndarray]:
+        """About ``max_entries`` more entries of ``walk`` through the map (whole hash
+        buckets); ``walk.done`` tells that this slice reached the end (the next starts over)."""
+        cap = max_entries + 256
+        keys = np.empty(cap, dtype=FLOW_KEY)
+        vals = np.empty(cap, dtype=FLOW)
+        n = _check(lib.mcnp_flows_dump_slice(self._c, which, walk.cursor, walk.started,
+                                             ffi.from_buffer("struct mcnp_flow_key[]", keys),
+                                             ffi.from_buffer("struct mcnp_flow[]", vals), max_entries, cap),
+                   f"reading the {_MAP_NAMES[which]}")
+        return keys[:n], vals[:n]
+
     def update(self, keys: np.ndarray, vals: np.ndarray, which: int = FLOWS) -> None:
         if len(keys):
             _check(lib.mcnp_flows_update(self._c, which, ffi.from_buffer("struct mcnp_flow_key[]", keys),
@@ -284,6 +296,19 @@ class Kernel:
                                   len(keys), ffi.from_buffer("struct mcnp_flow[]", vals),
                                   ffi.from_buffer("uint8_t[]", found))
         return vals, found.astype(bool)
+
+
+class Walk:
+    """A position in a walk through a map of flow keys, slice by slice (Kernel.dump_slice)."""
+
+    def __init__(self):
+        self.cursor = ffi.new("uint64_t *")
+        self.started = ffi.new("int *")
+
+    @property
+    def done(self) -> bool:
+        """True between walks: the last slice reached the end of the map."""
+        return not self.started[0]
 
 
 def now_ns() -> int:

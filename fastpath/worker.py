@@ -293,6 +293,9 @@ class _Worker:
 
     SLOW_EVERY_S = 0.01
     SWEEP_EVERY_S = 2.0
+    #: Flows the sweep reads per tick: a full cache (131,072) is swept in ~8 ticks, and
+    #: never read whole at once on the CPU the worker shares with pods.
+    SWEEP_SLICE = 16384
 
     def __init__(self, config: dict, conn):
         from fastpath.loop import Loop
@@ -303,6 +306,8 @@ class _Worker:
         self.flow_classes = config.get("flow_classes", True)
         #: flows each class had admitted at the last fold, by key bytes
         self._class_seen: dict[bytes, int] = {}
+        self._walk = K.Walk()   # the sweep's place in the flow cache
+        self._walk_flows = 0    # flows kept so far in this walk
         self.reader = shm.TablesReader(config["prefix"])
         self.counters = Counters(self.reader.counters_map)
         self.stop = False
@@ -355,14 +360,19 @@ class _Worker:
         self._refresh_node_addrs()
         pods = self._zones()
         g = self.counters.gauges
-        if self.loop.pipeline.tables is not None:  # before the first tables nothing is judged yet
-            self._fold_class_hits()
-            gone, left = F.expire(self.kernel, self.timeouts, pods)
-            g[GAUGE["expired"]] += gone
-        else:
-            left = {which: len(self.kernel.dump(which=which)[0]) for which in (K.FLOWS, K.CLASSES)}
-        g[GAUGE["flows"]] = left[K.FLOWS]
+        if self.loop.pipeline.tables is None:  # before the first tables nothing is judged yet
+            g[GAUGE["flows"]] = len(self.kernel.dump()[0])
+            g[GAUGE["flow_classes"]] = len(self.kernel.dump(which=K.CLASSES)[0])
+            return
+        self._fold_class_hits()
+        _, left = F.expire(self.kernel, self.timeouts, pods, maps=(K.CLASSES,))
         g[GAUGE["flow_classes"]] = left[K.CLASSES]
+        gone, read = F.expire_slice(self.kernel, self._walk, self.SWEEP_SLICE, self.timeouts, pods)
+        g[GAUGE["expired"]] += gone
+        self._walk_flows += read - gone
+        if self._walk.done:  # a whole walk: the count of the cache, as of this walk
+            g[GAUGE["flows"]] = self._walk_flows
+            self._walk_flows = 0
 
     def _fold_class_hits(self) -> None:
         """Count the flows the hooks admitted by class since the last fold into the rule

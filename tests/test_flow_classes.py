@@ -185,3 +185,37 @@ def test_a_policy_put_in_audit_mode_removes_the_classes_it_would_deny(pipeline):
     use(kern, pipe, with_audit, full)
     assert into(kern, "b", "c", 41002) == "redirect"
     assert run(pipe, [("b", "c", 41002)])[0] == ["would_deny"]
+
+
+@pytest.fixture
+def big_cache():
+    kern = K.Kernel(None, flow_capacity=65536)
+    try:
+        yield kern
+    finally:
+        kern.close()
+
+
+def test_the_sweep_reads_a_full_cache_a_slice_at_a_time_and_misses_nothing(big_cache):
+    """40,000 flows, half idle, swept 16,384 at a time: three slices, the last one ends
+    the walk, every idle flow is gone, and the next walk starts over."""
+    kern = big_cache
+    n = 40000
+    keys = np.zeros(n, dtype=K.FLOW_KEY)
+    keys["zone"], keys["proto"] = ZONE["a"], 17
+    keys["pod_port"], keys["peer_port"] = np.arange(n) % 50000, 9
+    vals = np.zeros(n, dtype=K.FLOW)
+    vals["state"], vals["revision"] = K.STATES.index("udp"), 1
+    vals["last_ns"][: n // 2] = K.now_ns()  # half of them fresh
+    kern.update(keys, vals)
+    walk, removed, read, slices = K.Walk(), 0, 0, 0
+    pods = {ZONE[x]: [ip] for x, ip in IPS.items()}
+    while True:
+        gone, seen = F.expire_slice(kern, walk, 16384, K.DEFAULT_TIMEOUTS, pods)
+        removed, read, slices = removed + gone, read + seen, slices + 1
+        assert slices <= 4
+        if walk.done:
+            break
+    assert (removed, read, slices) == (n // 2, n, 3)
+    assert len(kern.dump()[0]) == n // 2
+    assert F.expire_slice(kern, walk, 16384, K.DEFAULT_TIMEOUTS, pods)[1] > 0  # starts over
