@@ -509,24 +509,11 @@ int mcnp_flows_lookup(struct mcnp_kernel *k, int which, const struct mcnp_flow_k
 int mcnp_flows_dump(struct mcnp_kernel *k, int which, struct mcnp_flow_key *keys,
                     struct mcnp_flow *vals, uint32_t capacity)
 {
-    int fd = flow_map(k, which);
-    struct mcnp_flow_key batch;
-    uint32_t total = 0, count;
-    void *in = NULL;
-    int err;
+    uint64_t cursor = 0;
+    int started = 0;
 
-    while (total < capacity) {
-        count = capacity - total;
-        err = bpf_map_lookup_batch(fd, in, &batch, keys + total, vals + total, &count, NULL);
-        total += count;
-        if (err) {
-            if (errno == ENOENT)
-                break; /* the end of the map */
-            return -errno;
-        }
-        in = &batch;
-    }
-    return (int)total;
+    /* one walk from the start, as far as the arrays go */
+    return mcnp_flows_dump_slice(k, which, &cursor, &started, keys, vals, capacity, capacity);
 }
 
 int mcnp_flows_dump_slice(struct mcnp_kernel *k, int which, uint64_t *cursor, int *started,
