@@ -176,4 +176,33 @@ enum {
 
 /* CDEF END */
 
+/* The state a flow opened by a packet of proto starts in (a later fragment, which
+ * carries no ports: MCNP_CTS_OTHER whatever its protocol). */
+static inline uint8_t mcnp_opening_state(uint8_t proto, int later_fragment)
+{
+    if (later_fragment)
+        return MCNP_CTS_OTHER;
+    switch (proto) {
+    case MCNP_P_TCP: return MCNP_CTS_TCP_OPENING;
+    case MCNP_P_UDP: return MCNP_CTS_UDP;
+    case MCNP_P_SCTP: return MCNP_CTS_SCTP_OPENING;
+    case MCNP_P_ICMP:
+    case MCNP_P_ICMPV6: return MCNP_CTS_ICMP;
+    default: return MCNP_CTS_OTHER;
+    }
+}
+
+/* The key of the class of the flow whose key is k, opened at the end of role: the
+ * opener's source port is any (the hook and userspace must make the same bytes). */
+static inline void mcnp_class_key(struct mcnp_flow_key *k, uint32_t role)
+{
+    if (role == MCNP_ROLE_EGRESS) {
+        k->kind = MCNP_KIND_CLASS_EGRESS;
+        k->pod_port = 0;
+    } else {
+        k->kind = MCNP_KIND_CLASS_INGRESS;
+        k->peer_port = 0;
+    }
+}
+
 #endif /* MCNP_PROTO_H */

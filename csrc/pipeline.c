@@ -236,20 +236,6 @@ uint32_t mcnp_pipe_classify(struct mcnp_pipe *p, uint8_t *buf, uint64_t buf_len,
     return p->n_judge;
 }
 
-static uint8_t opening_state(uint8_t proto, int frag)
-{
-    if (frag == 2)
-        return MCNP_CTS_OTHER;
-    switch (proto) {
-    case P_TCP: return MCNP_CTS_TCP_OPENING;
-    case P_UDP: return MCNP_CTS_UDP;
-    case P_SCTP: return MCNP_CTS_SCTP_OPENING;
-    case P_ICMP:
-    case P_ICMPV6: return MCNP_CTS_ICMP;
-    default: return MCNP_CTS_OTHER;
-    }
-}
-
 static void log_verdict(struct mcnp_pipe *p, uint32_t r, const struct mcnp_hook_info *h,
                         int allowed, uint8_t reason, int32_t eg, int32_t in, uint64_t now_ns)
 {
@@ -298,13 +284,7 @@ static void queue_class(struct mcnp_pipe *p, uint32_t r, const struct mcnp_flow 
     ck = &p->class_keys[*n_class];
     cv = &p->class_vals[*n_class];
     *ck = *k;
-    if (h->role == MCNP_ROLE_EGRESS) {
-        ck->kind = MCNP_KIND_CLASS_EGRESS;
-        ck->pod_port = 0;
-    } else {
-        ck->kind = MCNP_KIND_CLASS_INGRESS;
-        ck->peer_port = 0;
-    }
+    mcnp_class_key(ck, h->role);
     for (j = 0; j < *n_class; j++)
         if (memcmp(&p->class_keys[j], ck, sizeof(*ck)) == 0)
             return; /* already queued in this batch */
@@ -361,7 +341,7 @@ static void apply(struct mcnp_pipe *p, uint32_t r, const uint32_t *lens, const i
     } else {
         memset(f, 0, sizeof(*f));
         f->created_ns = now_ns;
-        f->state = opening_state(q->proto[i], q->frag[i]);
+        f->state = mcnp_opening_state(q->proto[i], q->frag[i] == 2);
         f->opener = h->role;
         /* no packet counted here: the frame is counted by the hook when it comes
          * back through it, sent on into the other end of the veth */

@@ -390,12 +390,6 @@ static __always_inline int cached(struct pkt *p, struct mcnp_config *cfg, __u64 
 	return 1;
 }
 
-static __always_inline __u8 opening_state(__u8 proto)
-{
-	return proto == IPPROTO_TCP ? MCNP_CTS_TCP_OPENING
-	       : proto == IPPROTO_UDP ? MCNP_CTS_UDP : MCNP_CTS_SCTP_OPENING;
-}
-
 /* Step 3, a first packet: the flow's class, admitted by userspace under the tables in
  * force, admits it too.  The flow is recorded as userspace records a flow it admits
  * (pipeline.c), this packet counted; 1 when it passes. */
@@ -404,7 +398,6 @@ static __always_inline int by_class(struct pkt *p, struct mcnp_config *cfg, __u6
 	struct mcnp_flow_key ck;
 	struct mcnp_flow *c, f = {};
 	__u8 proto = p->key.proto;
-
 	__u32 slot = hook.slot;
 
 	if (!(cfg->flags & MCNP_CFG_CLASSES) || fragment ||
@@ -415,13 +408,7 @@ static __always_inline int by_class(struct pkt *p, struct mcnp_config *cfg, __u6
 	if (!bpf_map_lookup_elem(&xsks, &slot))
 		return 0;
 	ck = p->key;
-	if (hook.role == MCNP_ROLE_EGRESS) {
-		ck.kind = MCNP_KIND_CLASS_EGRESS;
-		ck.pod_port = 0;
-	} else {
-		ck.kind = MCNP_KIND_CLASS_INGRESS;
-		ck.peer_port = 0;
-	}
+	mcnp_class_key(&ck, hook.role);
 	c = bpf_map_lookup_elem(&classes, &ck);
 	if (!c || !fresh(c, cfg, now) || c->opener != hook.role)
 		return 0;
@@ -430,7 +417,7 @@ static __always_inline int by_class(struct pkt *p, struct mcnp_config *cfg, __u6
 	f.revision = c->revision;
 	f.rule_egress = c->rule_egress;
 	f.rule_ingress = c->rule_ingress;
-	f.state = opening_state(proto);
+	f.state = mcnp_opening_state(proto, 0);
 	f.opener = hook.role;
 	follow(&f, p, 1);
 	f.packets[0] = 1;
