@@ -98,13 +98,22 @@ static void flow_key(const struct mcnp_parsed *q, uint32_t i, const struct mcnp_
 
 /* A cached flow this frame may use as it is (the hook let it through to us
  * only because it raced the flow's installation). */
+/* An entry (flow or class) idle past its state's timeout at now_ns, or of no known state.
+ * The hooks may have touched it after now_ns was read: then it is not idle. */
+static int stale(const struct mcnp_pipe *p, const struct mcnp_flow *f, uint64_t now_ns)
+{
+    if (f->state >= MCNP_CTS_COUNT)
+        return 1;
+    return f->last_ns < now_ns && now_ns - f->last_ns > p->timeout_ns[f->state];
+}
+
 static int usable(const struct mcnp_pipe *p, const struct mcnp_flow *f, const struct mcnp_parsed *q,
                   uint32_t i, uint8_t chunk, int from_opener, uint64_t now_ns, int *reopen)
 {
     uint8_t fl = q->tcp_flags[i];
 
     *reopen = 0;
-    if (f->state >= MCNP_CTS_COUNT || now_ns - f->last_ns > p->timeout_ns[f->state])
+    if (stale(p, f, now_ns))
         return 0;
     if (q->proto[i] == P_TCP && (fl & TCP_SYN) && !(fl & TCP_ACK) && from_opener &&
         (f->state == MCNP_CTS_TCP_CLOSED || f->state == MCNP_CTS_TCP_CLOSING))
@@ -293,9 +302,7 @@ static void queue_class(struct mcnp_pipe *p, uint32_t r, const struct mcnp_flow 
      * (what the rule hits are folded from). */
     if (mcnp_flows_lookup(p->kernel, MCNP_MAP_CLASSES, ck, 1, cv, &found) < 0)
         found = 0;
-    if (found && cv->revision == p->revision && cv->opener == h->role &&
-        cv->state < MCNP_CTS_COUNT &&
-        (cv->last_ns >= f->last_ns || f->last_ns - cv->last_ns <= p->timeout_ns[cv->state]))
+    if (found && cv->revision == p->revision && cv->opener == h->role && !stale(p, cv, f->last_ns))
         return;
     admitted = found ? cv->packets[0] : 0;
     (*n_class)++;
