@@ -131,8 +131,9 @@ uint32_t mcnp_pipe_classify(struct mcnp_pipe *p, uint8_t *buf, uint64_t buf_len,
  * sent, so a frame sent on finds its flow), fix L4 checksums, and sort every
  * frame into the TX list of the other end of its pod's veth or the drop list.
  * With classes set, the class of each new TCP, UDP or SCTP flow admitted
- * from or to the pod's own address is written too (mcnp_proto.h; flows the audit tables would deny are left out, so
- * every one of them is logged).  Counts every frame once.  audit (NULL: no policy is in audit mode) holds the
+ * from or to the pod's own address is written too (mcnp_proto.h; flows the
+ * audit tables would deny are left out, so every one of them is logged).
+ * Counts every frame once.  audit (NULL: no policy is in audit mode) holds the
  * audit tables' egress and ingress rule ids, two per row: a new flow that ok
  * admits and the audit tables deny (a DENIED side) passes with reason
  * MCNP_R_WOULD_DENY, its record carrying the audit rule ids. */

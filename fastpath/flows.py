@@ -80,9 +80,7 @@ def _recheck_map(kern: K.Kernel, which: int, tables, pods: dict[int, list[str]],
         rows = np.nonzero(known)[0]
         ok[rows], eg[rows], ing[rows] = verdicts(tables, keys[rows], vals[rows], pods, services)
         if audit_tables is not None:  # what the audit tables would deny must reach userspace
-            would, _, _ = verdicts(audit_tables, keys[rows], vals[rows], pods, services)
-            keep = ok[rows] & would
-            ok[rows] = keep
+            ok[rows] &= verdicts(audit_tables, keys[rows], vals[rows], pods, services)[0]
     cut = kern.delete(keys[~ok], which)
     vals["revision"][ok] = tables.revision
     vals["rule_egress"][ok] = eg[ok]
@@ -105,7 +103,7 @@ def recheck(kern: K.Kernel, tables, timeouts: dict[str, float], pods: dict[int, 
         n_classes, _ = _recheck_map(kern, K.CLASSES, tables, pods, services, audit_tables)
     else:
         n_classes = 0
-        kern.delete(kern.dump(which=K.CLASSES)[0], K.CLASSES)
+        kern.clear(K.CLASSES)
     return {"flows": flows, "cut": cut, "classes": n_classes, "ns": time.monotonic_ns() - t0}
 
 

@@ -288,6 +288,10 @@ class Kernel:
         return _check(lib.mcnp_flows_delete(self._c, which, ffi.from_buffer("struct mcnp_flow_key[]", keys),
                                             len(keys)), f"removing entries from the {_MAP_NAMES[which]}")
 
+    def clear(self, which: int) -> int:
+        """Remove every entry; returns how many went."""
+        return self.delete(self.dump(which=which)[0], which)
+
     def lookup(self, keys: np.ndarray, which: int = FLOWS) -> tuple[np.ndarray, np.ndarray]:
         vals = np.zeros(len(keys), dtype=FLOW)
         found = np.zeros(len(keys), dtype=np.uint8)

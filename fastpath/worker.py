@@ -321,7 +321,7 @@ class _Worker:
             logger.info("Found the flow cache of an earlier run: its flows wait for the first tables.")
         # Classes admit new flows: none may outlive the run that judged them, or the
         # hooks would admit new flows before this run's first tables.
-        self.kernel.delete(self.kernel.dump(which=K.CLASSES)[0], K.CLASSES)
+        self.kernel.clear(K.CLASSES)
         self.loop = Loop(self.kernel, self.counters, **config.get("loop_options", {}))
         self.pods_extra: dict[str, dict] = {}
         self._next_slow = 0.0
