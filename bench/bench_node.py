@@ -214,47 +214,31 @@ def iperf(bed: Bed, streams: int) -> tuple[float, nb.CpuWindow]:
             srv.wait(5)
 
 
-def _echo_ports_main(netns: str, ip: str, ports: list[int], cpu: int, seconds: float, conn) -> None:
-    """Echo UDP on every one of ``ports`` for at most ``seconds`` (a process of its own)."""
-    import select
-
-    from control.lab.net import in_netns
-    os.sched_setaffinity(0, {cpu})
-    socks = []
-    with in_netns(netns):
-        for port in ports:
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            s.bind((ip, port))
-            socks.append(s)
-    conn.send("ready")
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and not conn.poll(0):
-        ready, _, _ = select.select(socks, [], [], 0.1)
-        for s in ready:
-            data, peer = s.recvfrom(2048)
-            s.sendto(data, peer)
-
-
 @contextlib.contextmanager
-def echo_ports(bed: Bed, ports: list[int], seconds: float = 120.0):
-    """UDP echo on ``ports`` of the receiver, on RECV_CPU, while the block runs."""
-    import multiprocessing
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_echo_ports_main, args=(bed.recv["netns"], bed.recv["ip"], ports, RECV_CPU,
-                                                        seconds, child), daemon=True)
-    proc.start()
+def echo_ports(bed: Bed, ports: list[int], timeout: float = 10.0):
+    """The testbed's pod server (control/lab/podserver.py) echoing UDP on ``ports`` in the
+    receiver, on RECV_CPU, while the block runs."""
+    import select
+    import sys
+
+    from control.lab.kubelet import PODSERVER
+    argv = ["ip", "netns", "exec", bed.recv["netns"], sys.executable, "-I", "-S", PODSERVER] + \
+        [f"UDP:{p}" for p in ports]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            preexec_fn=lambda: os.sched_setaffinity(0, {RECV_CPU}))
     try:
-        if not parent.poll(10) or parent.recv() != "ready":
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        if not ready or proc.stdout.readline().strip() != b"ready":
             raise nb.BenchError("the echo server of the receiver did not start")
         yield
     finally:
-        with contextlib.suppress(OSError):
-            parent.send("stop")
-        proc.join(5)
-        if proc.is_alive():
+        proc.stdout.close()
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
             proc.kill()
-            proc.join(5)
+            proc.wait(5)
 
 
 #: Ports of ``rtt-first-of-class``: inside the policies' UDP range, clear of the ports
