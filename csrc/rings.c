@@ -6,7 +6,16 @@
  *        -> completion ring -> pool
  * or the caller hands it straight back with mcnp_pool_free.  The pool is a
  * LIFO stack of frame base addresses (recently used frames stay warm in the
- * cache).  Sockets of different interfaces each get their own fill and
+ * cache).
+ *
+ * Packets longer than a frame (multi-buffer, XDP_USE_SG).  The kernel hands such
+ * a packet over as several RX descriptors, all but the last marked XDP_PKT_CONTD.
+ * Userspace parses and judges contiguous bytes, so mcnp_port_rx copies the pieces
+ * into a free *slot* (MCNP_SLOT_BYTES of contiguous frames after the pool's, never
+ * on a fill ring), frees the pieces and hands over the slot as one frame.  A slot
+ * is transmitted as one descriptor per frame it spans, and is free again once the
+ * caller freed it or every one of those descriptors completed (slot_refs counts
+ * its owners: the caller, or the descriptors in flight).  Sockets of different interfaces each get their own fill and
  * completion ring, but all take from and return to this one pool, which is
  * what lets a frame received on one port be transmitted on another without a
  * userspace copy.
@@ -36,7 +45,19 @@
 #include <linux/if_link.h>
 #include <xdp/xsk.h>
 
+#include "mcnp_proto.h"
 #include "mcnp_rings.h"
+
+#ifndef XDP_USE_SG
+#define XDP_USE_SG (1 << 4)     /* Linux >= 6.6; older kernels refuse it */
+#endif
+#ifndef XDP_PKT_CONTD
+#define XDP_PKT_CONTD (1 << 0)
+#endif
+/* The hook hands userspace whole packets of up to MCNP_USER_PACKET_MAX bytes. */
+_Static_assert(MCNP_USER_PACKET_MAX <= MCNP_SLOT_BYTES, "a slot holds the longest packet");
+/* Descriptors of one packet looked at in one go: a slot's worth of the smallest frames. */
+#define CHAIN_MAX (MCNP_SLOT_BYTES / (2048 - 256) + 1)
 
 #define BIND_RETRIES 100        /* x BIND_RETRY_NS: up to 2 s of EBUSY */
 #define BIND_RETRY_NS 20000000L
@@ -61,6 +82,12 @@ struct mcnp_umem {
     uint8_t *in_pool;          /* per frame: 1 while the pool holds it */
     uint64_t bad_frees;
     int nports;
+    int sg;                    /* bound with XDP_USE_SG: packets over a frame come in pieces */
+    uint64_t slots_base;       /* UMEM address of slot 0: frames * frame_size */
+    uint32_t slots;
+    uint32_t *slot_free;       /* stack of free slot indexes */
+    uint32_t slot_free_n;
+    uint16_t *slot_refs;       /* per slot: 0 free, else its owners (see the top) */
 };
 
 struct mcnp_port {
@@ -76,6 +103,7 @@ struct mcnp_port {
     uint32_t queue_id;
     uint32_t fill_target;
     uint32_t tx_per_kick;       /* frames one sendto() may send in copy mode */
+    int skip_pieces;            /* dropping the rest of a chain too long for a slot */
     struct mcnp_port_stats st;
 };
 
@@ -98,7 +126,7 @@ static int create_anchor(struct mcnp_umem *u)
         .tx_size = 64,
         .libxdp_flags = XSK_LIBXDP_FLAGS__INHIBIT_PROG_LOAD,
         .xdp_flags = 0,
-        .bind_flags = XDP_COPY,
+        .bind_flags = XDP_COPY | (u->sg ? XDP_USE_SG : 0),
     };
     struct timespec pause = { 0, BIND_RETRY_NS };
     int err = 0, tries;
@@ -115,6 +143,20 @@ static int create_anchor(struct mcnp_umem *u)
     return err;
 }
 
+/* The anchor's bind sets multi-buffer for every socket sharing the UMEM (sharing
+ * sockets may not ask for it themselves).  A kernel older than 6.6 refuses the
+ * flag: bind without it, and packets longer than a frame stay the hook's to cut. */
+static int create_anchor_sg(struct mcnp_umem *u)
+{
+    int err = create_anchor(u);
+
+    if (err == -EINVAL && u->sg) {
+        u->sg = 0;
+        err = create_anchor(u);
+    }
+    return err;
+}
+
 /* Register the UMEM and its anchor, inside a private namespace if possible. */
 static int create_umem_and_anchor(struct mcnp_umem *u, const struct xsk_umem_config *cfg)
 {
@@ -124,7 +166,7 @@ static int create_umem_and_anchor(struct mcnp_umem *u, const struct xsk_umem_con
 
     err = xsk_umem__create(&u->umem, u->area, u->size, &u->fill0, &u->comp0, cfg);
     if (!err) {
-        err = create_anchor(u);
+        err = create_anchor_sg(u);
         if (err) {
             xsk_umem__delete(u->umem);
             u->umem = NULL;
@@ -137,8 +179,17 @@ static int create_umem_and_anchor(struct mcnp_umem *u, const struct xsk_umem_con
     return err;
 }
 
+static void umem_free(struct mcnp_umem *u)
+{
+    free(u->pool);
+    free(u->in_pool);
+    free(u->slot_free);
+    free(u->slot_refs);
+    free(u);
+}
+
 int mcnp_umem_create(struct mcnp_umem **out, void *area, uint32_t frames,
-                     uint32_t frame_size, uint32_t ring_size)
+                     uint32_t frame_size, uint32_t ring_size, uint32_t slots)
 {
     struct xsk_umem_config cfg = {
         .fill_size = ring_size,
@@ -153,29 +204,30 @@ int mcnp_umem_create(struct mcnp_umem **out, void *area, uint32_t frames,
 
     *out = NULL;
     if (!area || frames == 0 || frame_size < 2048 || (frame_size & (frame_size - 1)) ||
-        ring_size == 0 || (ring_size & (ring_size - 1)))
+        ring_size == 0 || (ring_size & (ring_size - 1)) || slots > 65536)
         return -EINVAL;
     u = calloc(1, sizeof(*u));
     if (!u)
         return -ENOMEM;
     u->pool = malloc(sizeof(uint64_t) * frames);
     u->in_pool = calloc(frames, 1);
-    if (!u->pool || !u->in_pool) {
-        free(u->pool);
-        free(u->in_pool);
-        free(u);
+    u->slot_free = malloc(sizeof(uint32_t) * (slots ? slots : 1));
+    u->slot_refs = calloc(slots ? slots : 1, sizeof(uint16_t));
+    if (!u->pool || !u->in_pool || !u->slot_free || !u->slot_refs) {
+        umem_free(u);
         return -ENOMEM;
     }
     u->area = area;
     u->frames = frames;
     u->frame_size = frame_size;
     u->ring_size = ring_size;
-    u->size = (uint64_t)frames * frame_size;
+    u->slots_base = (uint64_t)frames * frame_size;
+    u->slots = slots;
+    u->sg = slots > 0;
+    u->size = u->slots_base + (uint64_t)slots * MCNP_SLOT_BYTES;
     err = create_umem_and_anchor(u, &cfg);
     if (err) {
-        free(u->pool);
-        free(u->in_pool);
-        free(u);
+        umem_free(u);
         return err < 0 ? err : -err;
     }
     /* Push in reverse so the first allocations hand out the lowest frames. */
@@ -184,6 +236,9 @@ int mcnp_umem_create(struct mcnp_umem **out, void *area, uint32_t frames,
         u->in_pool[i] = 1;
     }
     u->pool_n = frames;
+    for (i = 0; i < slots; i++)
+        u->slot_free[i] = slots - 1 - i;
+    u->slot_free_n = u->sg ? slots : 0;
     *out = u;
     return 0;
 }
@@ -200,14 +255,14 @@ int mcnp_umem_destroy(struct mcnp_umem *u)
     err = xsk_umem__delete(u->umem);
     if (err)
         return err;
-    free(u->pool);
-    free(u->in_pool);
-    free(u);
+    umem_free(u);
     return 0;
 }
 
 uint32_t mcnp_umem_free_frames(struct mcnp_umem *u) { return u->pool_n; }
 uint64_t mcnp_umem_bad_frees(struct mcnp_umem *u) { return u->bad_frees; }
+int mcnp_umem_multi_buffer(struct mcnp_umem *u) { return u->sg; }
+uint32_t mcnp_umem_free_slots(struct mcnp_umem *u) { return u->slot_free_n; }
 
 static inline uint64_t pool_take(struct mcnp_umem *u)
 {
@@ -226,9 +281,32 @@ uint32_t mcnp_pool_alloc(struct mcnp_umem *u, uint64_t *addrs, uint32_t n)
     return n;
 }
 
+/* One owner of the slot holding addr lets go: the caller, or one of its descriptors
+ * completing.  The last one frees it. */
+static void slot_put(struct mcnp_umem *u, uint64_t addr)
+{
+    uint32_t s = (uint32_t)((addr - u->slots_base) / MCNP_SLOT_BYTES);
+
+    if (u->slot_refs[s] == 0) {
+        u->bad_frees++;
+        return;
+    }
+    if (--u->slot_refs[s] == 0)
+        u->slot_free[u->slot_free_n++] = s;
+}
+
+static inline int in_slots(const struct mcnp_umem *u, uint64_t addr)
+{
+    return addr >= u->slots_base && addr < u->size;
+}
+
 static inline void pool_put(struct mcnp_umem *u, uint64_t addr)
 {
     uint64_t frame = addr / u->frame_size;
+    if (in_slots(u, addr)) {
+        slot_put(u, addr);
+        return;
+    }
     /* A frame outside the UMEM or already free: refuse, do not corrupt. */
     if (addr >= u->size || u->in_pool[frame]) {
         u->bad_frees++;
@@ -487,22 +565,89 @@ void mcnp_port_get_stats(struct mcnp_port *p, struct mcnp_port_stats *out)
 
 /* ---- batch RX / TX ---------------------------------------------------- */
 
+/* Descriptors first..last of the RX ring (one packet; complete: the last one ends
+ * it) copied into a free slot, in order; their frames go back to the pool.  Returns
+ * 1 with the slot in *addr and the packet's length in *len, or 0 when it was dropped
+ * (no free slot, too long for one, not ended, a piece outside the frames). */
+static int gather_pieces(struct mcnp_port *p, uint32_t first, uint32_t last, int complete,
+                         uint64_t *addr, uint32_t *len)
+{
+    struct mcnp_umem *u = p->u;
+    uint64_t total = 0, slot = 0;
+    uint32_t i, s;
+    int ok = complete;
+
+    for (i = first; i != last + 1; i++) {
+        const struct xdp_desc *d = xsk_ring_cons__rx_desc(&p->rx, i);
+        total += d->len;
+        ok &= d->addr < u->slots_base && d->len <= u->frame_size - (d->addr % u->frame_size);
+    }
+    ok &= u->slot_free_n > 0 && total <= MCNP_SLOT_BYTES;
+    if (ok) {
+        s = u->slot_free[--u->slot_free_n];
+        u->slot_refs[s] = 1;
+        slot = u->slots_base + (uint64_t)s * MCNP_SLOT_BYTES;
+        total = 0;
+    }
+    for (i = first; i != last + 1; i++) {
+        const struct xdp_desc *d = xsk_ring_cons__rx_desc(&p->rx, i);
+        if (ok) {
+            memcpy(u->area + slot + total, u->area + d->addr, d->len);
+            total += d->len;
+        }
+        pool_put(u, d->addr);
+    }
+    if (!ok) {
+        p->st.rx_multi_dropped++;
+        return 0;
+    }
+    p->st.rx_multi++;
+    *addr = slot;
+    *len = (uint32_t)total;
+    return 1;
+}
+
 int mcnp_port_rx(struct mcnp_port *p, uint64_t *addrs, uint32_t *lens, uint32_t max)
 {
-    uint32_t idx, got, i;
+    uint32_t idx, got, i = 0, n = 0, end;
 
-    got = xsk_ring_cons__peek(&p->rx, max, &idx);
-    for (i = 0; i < got; i++) {
+    /* Up to max packets; a packet in pieces takes several descriptors. */
+    got = xsk_ring_cons__peek(&p->rx, max + (p->u->sg ? CHAIN_MAX : 0), &idx);
+    while (i < got && n < max) {
         const struct xdp_desc *d = xsk_ring_cons__rx_desc(&p->rx, idx + i);
-        addrs[i] = d->addr;
-        lens[i] = d->len;
+        int complete;
+
+        if (p->skip_pieces) { /* the rest of a chain too long for a slot */
+            p->skip_pieces = (d->options & XDP_PKT_CONTD) != 0;
+            pool_put(p->u, d->addr);
+            i++;
+            continue;
+        }
+        if (!(d->options & XDP_PKT_CONTD)) {
+            addrs[n] = d->addr;
+            lens[n++] = d->len;
+            i++;
+            continue;
+        }
+        for (end = i; end < got && end - i < CHAIN_MAX &&
+             (xsk_ring_cons__rx_desc(&p->rx, idx + end)->options & XDP_PKT_CONTD); end++)
+            ;
+        if (end == got)
+            break; /* its last piece is not in view yet: next time */
+        /* pieces i..end; if the last still says "continued", the chain is longer
+         * than any slot holds: dropped, with its pieces still to come */
+        complete = !(xsk_ring_cons__rx_desc(&p->rx, idx + end)->options & XDP_PKT_CONTD);
+        n += (uint32_t)gather_pieces(p, idx + i, idx + end, complete, &addrs[n], &lens[n]);
+        p->skip_pieces = !complete;
+        i = end + 1;
     }
-    xsk_ring_cons__release(&p->rx, got);
-    p->st.fill_outstanding -= got < p->st.fill_outstanding ? got : p->st.fill_outstanding;
-    p->st.rx_frames += got;
+    p->rx.cached_cons -= got - i; /* leave what was looked at but not taken */
+    xsk_ring_cons__release(&p->rx, i);
+    p->st.fill_outstanding -= i < p->st.fill_outstanding ? i : p->st.fill_outstanding;
+    p->st.rx_frames += i;
     mcnp_port_reap(p);
     refill(p);
-    return (int)got;
+    return (int)n;
 }
 
 static int kick(struct mcnp_port *p)
@@ -522,40 +667,68 @@ static int kick(struct mcnp_port *p)
     return 0;
 }
 
+/* Descriptors frame i of a TX batch needs: 1, or one per frame a slot's packet spans;
+ * 0 for one that lies outside the UMEM. */
+static uint32_t tx_pieces(const struct mcnp_umem *u, uint64_t a, uint32_t len)
+{
+    uint64_t off;
+
+    if (in_slots(u, a)) {
+        off = (a - u->slots_base) % MCNP_SLOT_BYTES;
+        if (!u->sg || len == 0 || len > MCNP_SLOT_BYTES - off)
+            return 0;
+        return (uint32_t)((a % u->frame_size + len + u->frame_size - 1) / u->frame_size);
+    }
+    if (a >= u->size || len > u->frame_size - (a & (u->frame_size - 1)))
+        return 0;
+    return 1;
+}
+
 int mcnp_port_tx(struct mcnp_port *p, const uint64_t *addrs, const uint32_t *lens,
                   uint32_t n)
 {
     struct mcnp_umem *u = p->u;
-    uint32_t idx = 0, got, i, q = 0;
+    uint32_t idx = 0, got, i, q = 0, need = 0, sent = 0;
 
     mcnp_port_reap(p);
+    for (i = 0; i < n; i++)
+        need += tx_pieces(u, addrs[i], lens[i]);
     /* reserve() is all-or-nothing: ask for what fits. */
-    got = xsk_ring_prod__reserve(&p->tx, xsk_prod_nb_free(&p->tx, n) < n ?
-                                 xsk_prod_nb_free(&p->tx, n) : n, &idx);
+    got = xsk_ring_prod__reserve(&p->tx, xsk_prod_nb_free(&p->tx, need) < need ?
+                                 xsk_prod_nb_free(&p->tx, need) : need, &idx);
     for (i = 0; i < n; i++) {
         uint64_t a = addrs[i];
-        if (a >= u->size || lens[i] > u->frame_size - (a & (u->frame_size - 1))) {
+        uint32_t left = lens[i], k = tx_pieces(u, a, left), j;
+        if (k == 0) {
             p->st.tx_invalid++;
             pool_put(u, a);
             continue;
         }
-        if (q == got) {
+        if (got - q < k) { /* a packet goes whole or not at all */
             p->st.tx_ring_full++;
             pool_put(u, a);
             continue;
         }
-        struct xdp_desc *d = xsk_ring_prod__tx_desc(&p->tx, idx + q++);
-        d->addr = a;
-        d->len = lens[i];
-        d->options = 0;
+        if (k > 1) /* one owner per descriptor from now on, in place of the caller */
+            u->slot_refs[(a - u->slots_base) / MCNP_SLOT_BYTES] += (uint16_t)(k - 1);
+        for (j = 0; j < k; j++) {
+            struct xdp_desc *d = xsk_ring_prod__tx_desc(&p->tx, idx + q++);
+            uint32_t piece = u->frame_size - (uint32_t)(a % u->frame_size);
+            d->addr = a;
+            d->len = left < piece ? left : piece;
+            d->options = j + 1 < k ? XDP_PKT_CONTD : 0;
+            a += d->len;
+            left -= d->len;
+        }
+        sent++;
     }
     /* Give back reserved slots left unused (reserve only advanced cached_prod). */
     p->tx.cached_prod -= got - q;
     xsk_ring_prod__submit(&p->tx, q);
-    p->st.tx_queued += q;
+    p->st.tx_queued += q;      /* descriptors, as tx_frames counts their completions */
     p->st.tx_outstanding += q;
     /* A kick that fails is this port's fault, counted in kick_errors; the
      * frames stay queued for the next kick, and the other ports go on. */
     kick(p);
-    return (int)q;
+    return (int)sent;
 }

@@ -316,7 +316,9 @@ class Loop:
         self.kernel = kern
         self.node_ns = node_ns
         self.counters = counters or Counters()
-        self.umem = Umem(self.opt["frames"], self.opt["frame_size"], self.opt["ring_size"])
+        # a slot per packet of a batch: a batch of packets in pieces never runs short
+        self.umem = Umem(self.opt["frames"], self.opt["frame_size"], self.opt["ring_size"],
+                         slots=self.opt["batch"])
         self.pipeline = Pipeline(kern, self.counters, self.opt["batch"])
         self.ports: list[Port | None] = []
         self._cports = ffi.new("struct mcnp_port *[]", MAX_PORTS)

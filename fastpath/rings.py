@@ -51,6 +51,10 @@ from fastpath._dp import ffi, lib
 
 logger = logging.getLogger(__name__)
 
+#: Bytes of one slot: the longest packet userspace takes whole.
+SLOT_BYTES = lib.MCNP_SLOT_BYTES
+
+
 class XskError(OSError):
     """A failed AF_XDP/BPF operation; ``errno`` holds the kernel's error."""
 
@@ -95,21 +99,30 @@ class Umem:
     the veth XDP maximum (3506).  ``ring_size`` (power of two) sizes every
     ring of every port; the frames must cover all ports' fill targets plus
     frames in flight.
+
+    ``slots`` (``SLOT_BYTES`` each, after the frames) take packets longer than a
+    frame, which the kernel hands over in several descriptors (multi-buffer):
+    :meth:`Port.rx` copies the pieces into a free slot and hands over the slot
+    as one frame, transmitted and freed like any other.  With none, or on a
+    kernel that refuses multi-buffer sockets (before 6.6), ``multi_buffer`` is
+    false and such packets never reach userspace whole.
     """
 
-    def __init__(self, frames: int = 4096, frame_size: int = 2048, ring_size: int = 2048):
+    def __init__(self, frames: int = 4096, frame_size: int = 2048, ring_size: int = 2048,
+                 slots: int = 0):
         self.frames = frames
         self.frame_size = frame_size
         self.ring_size = ring_size
+        self.slots = slots
         self._ports: "set[Port]" = set()
-        self._mem = mmap.mmap(-1, frames * frame_size,
+        self._mem = mmap.mmap(-1, frames * frame_size + slots * SLOT_BYTES,
                               flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         #: the whole UMEM as uint8; frame at addr is buf[addr:addr+len]
         self.buf = np.frombuffer(self._mem, dtype=np.uint8)
         area = ffi.from_buffer(self._mem)
         out = ffi.new("struct mcnp_umem **")
-        _check(lib.mcnp_umem_create(out, area, frames, frame_size, ring_size),
-               f"creating a UMEM of {frames} x {frame_size} B frames")
+        _check(lib.mcnp_umem_create(out, area, frames, frame_size, ring_size, slots),
+               f"creating a UMEM of {frames} x {frame_size} B frames and {slots} slots")
         self._area = area
         self._c = out[0]
         _live_umems.add(self)
@@ -125,6 +138,16 @@ class Umem:
     def free_frames(self) -> int:
         """Frames currently in the pool."""
         return lib.mcnp_umem_free_frames(self._c) if self._c else 0
+
+    @property
+    def free_slots(self) -> int:
+        """Slots free for a packet in pieces (see the class)."""
+        return lib.mcnp_umem_free_slots(self._c) if self._c else 0
+
+    @property
+    def multi_buffer(self) -> bool:
+        """Whether the sockets take packets longer than a frame (slots, and a kernel that allows it)."""
+        return bool(self._c) and bool(lib.mcnp_umem_multi_buffer(self._c))
 
     @property
     def bad_frees(self) -> int:
