@@ -36,11 +36,15 @@ typedef __s32 int32_t;
      ((proto) == MCNP_P_ICMPV6 && ((type) == MCNP_ICMPV6_ECHO_REQUEST || (type) == MCNP_ICMPV6_ECHO_REPLY)))
 #define MCNP_IS_ECHO_REQUEST(type) ((type) == MCNP_ICMP_ECHO_REQUEST || (type) == MCNP_ICMPV6_ECHO_REQUEST)
 
-/* A first packet longer than a UMEM frame takes cannot go to userspace whole (copy
- * mode, no multi-buffer): the hook sends its first MCNP_JUDGE_ONLY_LEN bytes, lengths
+/* A packet longer than a UMEM frame takes (copy mode) reaches userspace in pieces
+ * (multi-buffer sockets, MCNP_CFG_WHOLE) and is handed on whole when it is at most
+ * MCNP_USER_PACKET_MAX bytes and fits the MTU of the interface it came in on (so it
+ * can be sent on as it is).  Any other (a GRO aggregate, a kernel without multi-buffer
+ * sockets) cannot: the hook sends its first MCNP_JUDGE_ONLY_LEN bytes, lengths
  * rewritten to match and the destination MAC set to this mark, so userspace judges the
  * flow and records it but delivers nothing; the flow's next packets pass in the kernel. */
 #define MCNP_USER_FRAME_MAX 3840
+#define MCNP_USER_PACKET_MAX 16384
 #define MCNP_JUDGE_ONLY_LEN 256
 #define MCNP_JUDGE_ONLY_MAC 0x026d636e7001ULL  /* 02:6d:63:6e:70:01 */
 
@@ -147,7 +151,8 @@ struct mcnp_hook_cfg {
 };
 
 enum {
-    MCNP_CFG_CLASSES = 1      /* admit new flows of admitted classes in the hook */
+    MCNP_CFG_CLASSES = 1,     /* admit new flows of admitted classes in the hook */
+    MCNP_CFG_WHOLE = 2        /* userspace takes packets longer than a frame in pieces */
 };
 
 struct mcnp_config {

@@ -435,17 +435,22 @@ static __always_inline int to_userspace(void)
 	return count(action == XDP_REDIRECT ? MCNP_K_REDIRECT : MCNP_K_DROP_NO_SOCKET, action);
 }
 
-/* A first packet too long for a UMEM frame: keep its headers only, with lengths that
- * agree with what is left and the judge-only mark (mcnp_proto.h), for userspace to
- * judge and record the flow without delivering anything.  Returns 0 when the frame
+/* A first packet too long for a UMEM frame: whole, in pieces, where userspace takes
+ * that and the packet could be sent on as it is; else its headers only, with lengths
+ * that agree with what is left and the judge-only mark (mcnp_proto.h), for userspace
+ * to judge and record the flow without delivering anything.  Returns 0 when the frame
  * goes as it is, 1 when it was cut, -1 when it cannot be cut (dropped). */
-static __always_inline int judge_only(struct xdp_md *ctx, __u16 ethertype, int l4, __u8 proto)
+static __always_inline int judge_only(struct xdp_md *ctx, const struct mcnp_config *cfg,
+				      __u16 ethertype, int l4, __u8 proto)
 {
-	__u32 len = (__u32)(ctx->data_end - ctx->data);
+	__u32 len = (__u32)(ctx->data_end - ctx->data), mtu_len = 0;
 	void *data, *end;
 	__u8 *b;
 
 	if (len <= MCNP_USER_FRAME_MAX)
+		return 0;
+	if (cfg && (cfg->flags & MCNP_CFG_WHOLE) && len <= MCNP_USER_PACKET_MAX &&
+	    bpf_check_mtu(ctx, 0, &mtu_len, 0, 0) == BPF_MTU_CHK_RET_SUCCESS)
 		return 0;
 	if (bpf_xdp_adjust_tail(ctx, -(int)(len - MCNP_JUDGE_ONLY_LEN)))
 		return -1;
@@ -581,8 +586,8 @@ int mcnp_hook(struct xdp_md *ctx)
 	if (found == -1 && cfg && by_class(&p, cfg, now, l4 == 0))
 		return count(MCNP_K_PASS_CLASS, XDP_PASS);
 
-	/* 4. userspace judges (the headers only, of a first packet too long for it) */
-	switch (judge_only(ctx, proto, l4, p.key.proto)) {
+	/* 4. userspace judges (the headers only, of a first packet it cannot take whole) */
+	switch (judge_only(ctx, cfg, proto, l4, p.key.proto)) {
 	case -1:
 		return count(MCNP_K_DROP_OVERSIZE, XDP_DROP);
 	case 1:

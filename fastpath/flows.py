@@ -90,14 +90,15 @@ def _recheck_map(kern: K.Kernel, which: int, tables, pods: dict[int, list[str]],
 
 
 def recheck(kern: K.Kernel, tables, timeouts: dict[str, float], pods: dict[int, list[str]],
-            services=None, classes: bool = True, audit_tables=None) -> dict:
+            services=None, classes: bool = True, audit_tables=None, whole: bool = False) -> dict:
     """Move the kernel to ``tables``' revision and re-judge every cached flow and flow
     class (a class is judged as its flows are: its opening direction); ``classes``
     off leaves none.  With ``audit_tables`` (some policy in audit mode) a class whose
     flows they would deny goes too, so its next flows are judged and logged as
-    ``would_deny``.  Entries of pods no longer attached go too.  Returns what it did."""
+    ``would_deny``.  Entries of pods no longer attached go too.  ``whole``: see
+    ``Kernel.set_config``.  Returns what it did."""
     t0 = time.monotonic_ns()
-    kern.set_config(tables.revision, timeouts, classes)
+    kern.set_config(tables.revision, timeouts, classes, whole)
     flows, cut = _recheck_map(kern, K.FLOWS, tables, pods, services)
     if classes:
         n_classes, _ = _recheck_map(kern, K.CLASSES, tables, pods, services, audit_tables)

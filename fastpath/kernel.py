@@ -236,12 +236,15 @@ class Kernel:
         _check(lib.mcnp_node_addrs_set(self._c, ffi.from_buffer(raw) if raw else ffi.NULL,
                                        len(ips)), "setting the node's addresses")
 
-    def set_config(self, revision: int, timeouts: dict[str, float], classes: bool = True) -> None:
+    def set_config(self, revision: int, timeouts: dict[str, float], classes: bool = True,
+                   whole: bool = False) -> None:
         """The tables revision in force (flows of other revisions go to userspace);
-        ``classes``: the hooks admit new flows of classes admitted under it."""
+        ``classes``: the hooks admit new flows of classes admitted under it; ``whole``:
+        userspace takes a packet longer than a frame in pieces (``Umem.multi_buffer``),
+        so the hooks send it whole instead of its headers only."""
         cfg = self._cfg
         cfg.revision = revision
-        cfg.flags = lib.MCNP_CFG_CLASSES if classes else 0
+        cfg.flags = (lib.MCNP_CFG_CLASSES if classes else 0) | (lib.MCNP_CFG_WHOLE if whole else 0)
         for i, name in enumerate(STATES):
             cfg.timeout_ns[i] = int(timeouts[name] * 1e9)
         _check(lib.mcnp_config_set(self._c, cfg), "setting the hooks' config")

@@ -463,7 +463,9 @@ class _Worker:
         self._fold_class_hits()
         umem = self.loop.umem
         return {"ports": self.loop.port_stats(), "hooks": self.kernel.kstats(),
-                "umem": {"frames": umem.frames, "free": umem.free_frames, "bad_frees": umem.bad_frees},
+                "umem": {"frames": umem.frames, "free": umem.free_frames, "bad_frees": umem.bad_frees,
+                         "slots": umem.slots, "free_slots": umem.free_slots,
+                         "multi_buffer": umem.multi_buffer},
                 "hooked_pods": len(self.loop.pods), "kernel_pods": len(self.kernel.pod_zones()),
                 "sockets": sum(p is not None for p in self.loop.ports),
                 "flow_capacity": self.kernel.flow_capacity, "class_capacity": self.kernel.class_capacity,
@@ -483,7 +485,7 @@ class _Worker:
             ready = bool(info.get("ready"))
             self.loop.set_pod(sandbox, ips, ready, not ready or isolated(tables, ips))
         done = F.recheck(self.kernel, tables, self.timeouts, self._zones(), self.loop.pipeline.services,
-                         classes=self.flow_classes, audit_tables=audit)
+                         classes=self.flow_classes, audit_tables=audit, whole=self.loop.umem.multi_buffer)
         g = self.counters.gauges
         g[GAUGE["revision"]] = tables.revision
         g[GAUGE["rechecks"]] += 1
