@@ -76,7 +76,10 @@ class RecordingDataplane:
                 "rule_hits": [{"rule": 0, "hits": 3, "name": {"policy": "east/shop/api-from-frontends", "direction": "Ingress"}}],
                 "ports": {"veth-api": {"rx_frames": 9, "tx_frames": 8, "tx_queued": 8, "tx_ring_full": 1, "tx_invalid": 0,
                                        "fill_short": 0, "kicks": 4, "kick_errors": 2, "fill_outstanding": 64,
-                                       "tx_outstanding": 0, "xdp_mode": "native"}}}
+                                       "tx_outstanding": 0, "xdp_mode": "native", "rx_multi": 2,
+                                       "rx_multi_dropped": 1}},
+                "umem": {"frames": 16384, "free": 16000, "bad_frees": 0, "slots": 256, "free_slots": 255,
+                         "multi_buffer": True}}
 
     def flows(self, limit):
         return []
@@ -252,6 +255,9 @@ def test_metrics_follow_prometheus_conventions(demo_specs):
     assert value("mcnp_policy_verdicts", policy="east/shop/api-from-frontends", direction="ingress", verdict="denied") == 2
     assert value("mcnp_policy_verdicts", policy="east/shop/api-from-frontends", direction="ingress", verdict="allowed") == 1
     assert value("mcnp_verdicts_lost") == 2
+    assert value("mcnp_port_rx_multi_dropped", port="veth-api") == 1
+    assert value("mcnp_umem_free_frames") == 16000 and value("mcnp_umem_free_slots") == 255
+    assert value("mcnp_umem_multi_buffer") == 1 and "mcnp_umem_bad_frees" in counters
     assert value("mcnp_build_info")  == 1 and families["mcnp_build_info"].samples[0].labels["version"]
 
 

@@ -103,6 +103,8 @@ PORT_COUNTERS = {
     "fill_short": "Refills of the port's fill ring that found no free frame",
     "kicks": "sendto() wake-ups of the port's TX ring",
     "kick_errors": "sendto() wake-ups of the port's TX ring that failed",
+    "rx_multi": "Packets longer than a frame received in pieces and handed on whole",
+    "rx_multi_dropped": "Packets received in pieces and dropped: no free slot, or too long for one",
 }
 PORT_GAUGES = {
     "fill_outstanding": "Frames on the port's fill ring now",
@@ -172,6 +174,27 @@ def dataplane_metrics(stats: Mapping[str, Any], tables: Any = None) -> Iterator[
         else:  # a count this version does not know: a level, the conservative type
             yield GaugeMetricFamily(name, f"Dataplane value {key} (not documented by this version)", value=float(value))
     yield from port_metrics(stats.get("ports") or {})
+    if isinstance(stats.get("umem"), Mapping):
+        yield from umem_metrics(stats["umem"])
+
+
+def umem_metrics(umem: Mapping[str, Any]) -> Iterator[Metric]:
+    """The packet loop's UMEM: its frame pool and its slots for packets longer than a frame."""
+    levels = {
+        "frames": "Frames of the packet loop's UMEM",
+        "free": "Frames in the UMEM's free pool now (a pool that stays near 0 starves the fill rings)",
+        "slots": "Slots of the UMEM for packets longer than a frame, handed on whole",
+        "free_slots": "Slots free now",
+        "multi_buffer": "1 when the sockets take packets longer than a frame in pieces (Linux 6.6 and later)",
+    }
+    names = {"free": "mcnp_umem_free_frames"}
+    for key, text in levels.items():
+        if _number(umem.get(key)) or isinstance(umem.get(key), bool):
+            yield GaugeMetricFamily(names.get(key, f"mcnp_umem_{key}"), text, value=float(umem[key]))
+    if _number(umem.get("bad_frees")):
+        yield CounterMetricFamily("mcnp_umem_bad_frees", "Frees of a frame or slot refused because it was free "
+                                  "already or outside the UMEM (an ownership bug; the pool stays sane)",
+                                  value=float(umem["bad_frees"]))
 
 
 def port_metrics(ports: Mapping[str, Any]) -> Iterator[Metric]:
