@@ -12,6 +12,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -23,6 +25,7 @@
 #include "mcnp_kernel.h"
 
 #define HOOK_PROG_NAME "mcnp_hook"
+#define HOOK_FRAGS_PROG_NAME "mcnp_hook_frags" /* frags-aware: native mode on jumbo veths */
 #define NODE_ADDRS_MAX 256
 #ifndef ENOTSUPP
 #define ENOTSUPP 524 /* the kernel's, not in libc headers */
@@ -211,16 +214,20 @@ static int set_rodata(struct bpf_object *obj, const struct mcnp_hook_cfg *cfg)
     return -ENOENT;
 }
 
+/* Load one instance of the hook (the program named name; the other build is not
+ * loaded) with cfg as its constants and the shared maps. */
 static int load_instance(struct mcnp_kernel *k, const struct mcnp_hook_cfg *cfg,
-                         struct bpf_object **objp)
+                         const char *name, struct bpf_object **objp)
 {
     struct bpf_object *obj = bpf_object__open_file(k->obj_path, NULL);
-    struct bpf_program *prog;
+    struct bpf_program *prog, *each;
     int i, err;
 
     *objp = NULL;
     if (!obj)
         return -errno ? -errno : -ENOENT;
+    bpf_object__for_each_program(each, obj)
+        bpf_program__set_autoload(each, strcmp(bpf_program__name(each), name) == 0);
     err = set_rodata(obj, cfg);
     for (i = 0; !err && i < MCNP_MAP_COUNT; i++) {
         struct bpf_map *map = bpf_object__find_map_by_name(obj, MAP_NAMES[i]);
@@ -228,7 +235,7 @@ static int load_instance(struct mcnp_kernel *k, const struct mcnp_hook_cfg *cfg,
     }
     if (!err)
         err = bpf_object__load(obj);
-    prog = err ? NULL : bpf_object__find_program_by_name(obj, HOOK_PROG_NAME);
+    prog = err ? NULL : bpf_object__find_program_by_name(obj, name);
     if (!err && !prog)
         err = -ENOENT;
     if (err) {
@@ -242,6 +249,27 @@ static int load_instance(struct mcnp_kernel *k, const struct mcnp_hook_cfg *cfg,
 static uint32_t mode_flags(int xdp_mode)
 {
     return xdp_mode == MCNP_XDP_NATIVE ? XDP_FLAGS_DRV_MODE : XDP_FLAGS_SKB_MODE;
+}
+
+/* Native mode on a veth whose MTU is past what a non-frags program takes there (a page,
+ * less headroom and the shared info: 3,506 bytes on x86-64): the frags-aware build.
+ * The veth checks its peer's MTU; a pod's pair has one MTU, and an attach refused
+ * with ERANGE all the same is retried with the frags-aware build. */
+static int native_frags(const char *ifname, int xdp_mode)
+{
+    struct ifreq ifr = {};
+    int fd, mtu = 0;
+
+    if (xdp_mode != MCNP_XDP_NATIVE)
+        return 0;
+    fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return 0;
+    strncpy(ifr.ifr_name, ifname, IFNAMSIZ - 1);
+    if (ioctl(fd, SIOCGIFMTU, &ifr) == 0)
+        mtu = ifr.ifr_mtu;
+    close(fd);
+    return mtu > 3506;
 }
 
 int mcnp_hook_attach(struct mcnp_kernel *k, const char *ifname, uint64_t zone, uint32_t slot,
@@ -258,12 +286,21 @@ int mcnp_hook_attach(struct mcnp_kernel *k, const char *ifname, uint64_t zone, u
         return -ENODEV;
     if (slot >= MCNP_XSKS_MAX || role > MCNP_ROLE_INGRESS)
         return -EINVAL;
-    prog_fd = load_instance(k, &cfg, &obj);
+    prog_fd = load_instance(k, &cfg, native_frags(ifname, xdp_mode) ? HOOK_FRAGS_PROG_NAME
+                                                                     : HOOK_PROG_NAME, &obj);
     if (prog_fd < 0)
         return prog_fd;
     /* Without XDP_FLAGS_UPDATE_IF_NOEXIST the kernel swaps the program in
      * place: an interface already hooked is never left without a hook. */
     err = bpf_xdp_attach(ifindex, prog_fd, mode_flags(xdp_mode), NULL);
+    if (err == -ERANGE && xdp_mode == MCNP_XDP_NATIVE) {
+        /* veth: the peer's MTU is beyond what a non-frags native program takes */
+        bpf_object__close(obj);
+        prog_fd = load_instance(k, &cfg, HOOK_FRAGS_PROG_NAME, &obj);
+        if (prog_fd < 0)
+            return prog_fd;
+        err = bpf_xdp_attach(ifindex, prog_fd, mode_flags(xdp_mode), NULL);
+    }
     if (err)
         err = err < 0 ? err : -err;
     else if (bpf_obj_get_info_by_fd(prog_fd, &info, &len) == 0)
@@ -284,7 +321,7 @@ int mcnp_hook_test(struct mcnp_kernel *k, uint64_t zone, uint32_t slot, uint32_t
 
     if (slot >= MCNP_XSKS_MAX || role > MCNP_ROLE_INGRESS || len > sizeof(out))
         return -EINVAL;
-    prog_fd = load_instance(k, &cfg, &obj);
+    prog_fd = load_instance(k, &cfg, HOOK_PROG_NAME, &obj);
     if (prog_fd < 0)
         return prog_fd;
     err = bpf_prog_test_run_opts(prog_fd, &run);
@@ -316,7 +353,8 @@ int mcnp_hook_query(const char *ifname, uint32_t *prog_id, int *ours)
     if (fd < 0)
         return -errno;
     if (bpf_obj_get_info_by_fd(fd, &info, &len) == 0)
-        *ours = strcmp(info.name, HOOK_PROG_NAME) == 0;
+        *ours = strcmp(info.name, HOOK_PROG_NAME) == 0 ||
+                strncmp(info.name, HOOK_FRAGS_PROG_NAME, sizeof(info.name) - 1) == 0;
     close(fd);
     return 0;
 }

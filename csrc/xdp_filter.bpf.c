@@ -441,9 +441,9 @@ static __always_inline int to_userspace(void)
  * to judge and record the flow without delivering anything.  Returns 0 when the frame
  * goes as it is, 1 when it was cut, -1 when it cannot be cut (dropped). */
 static __always_inline int judge_only(struct xdp_md *ctx, const struct mcnp_config *cfg,
-				      __u16 ethertype, int l4, __u8 proto)
+				      __u32 len, __u16 ethertype, int l4, __u8 proto)
 {
-	__u32 len = (__u32)(ctx->data_end - ctx->data), mtu_len = 0;
+	__u32 mtu_len = len - sizeof(struct ethhdr); /* its L3 length: the helper counts the first buffer only */
 	void *data, *end;
 	__u8 *b;
 
@@ -504,12 +504,14 @@ static __always_inline void flow_key(struct pkt *p, __u64 zone, int egress, __u1
 	}
 }
 
-/* Not frags-aware on purpose: measured here, one TCP connection across nodes did
- * 11.1 Gbit/s with the program marked xdp.frags and 12.5-13.9 without (CNI alone
- * 14.7-15.2), in generic mode, which mcnp uses.  Native mode on an interface whose
- * MTU exceeds a page would need the frags-aware variant. */
-SEC("xdp")
-int mcnp_hook(struct xdp_md *ctx)
+/* The hook, in two builds.  frags: the packet may come in several buffers (a program
+ * marked xdp.frags); the headers are always in the first, which is all the parsers read.
+ * mcnp_hook is not frags-aware, on purpose: measured here, one TCP connection across
+ * nodes did 11.1 Gbit/s with the program marked xdp.frags and 12.5-13.9 without (CNI
+ * alone 14.7-15.2), in generic mode, where the kernel hands a non-frags program every
+ * packet linear.  Native mode on a veth whose peer's MTU exceeds a page refuses a
+ * non-frags program (ERANGE): there csrc/kernel.c attaches mcnp_hook_frags. */
+static __always_inline int hook_body(struct xdp_md *ctx, const int frags)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
@@ -530,7 +532,7 @@ int mcnp_hook(struct xdp_md *ctx)
 	if (!pod)
 		return to_userspace();
 	proto = bpf_ntohs(eth->h_proto);
-	p.len = (__u32)(end - data);
+	p.len = frags ? (__u32)bpf_xdp_get_buff_len(ctx) : (__u32)(end - data);
 
 	/* 1. non-IP */
 	if (proto == ETH_P_ARP_) {
@@ -587,13 +589,25 @@ int mcnp_hook(struct xdp_md *ctx)
 		return count(MCNP_K_PASS_CLASS, XDP_PASS);
 
 	/* 4. userspace judges (the headers only, of a first packet it cannot take whole) */
-	switch (judge_only(ctx, cfg, proto, l4, p.key.proto)) {
+	switch (judge_only(ctx, cfg, p.len, proto, l4, p.key.proto)) {
 	case -1:
 		return count(MCNP_K_DROP_OVERSIZE, XDP_DROP);
 	case 1:
 		count(MCNP_K_JUDGE_ONLY, 0);
 	}
 	return to_userspace();
+}
+
+SEC("xdp")
+int mcnp_hook(struct xdp_md *ctx)
+{
+	return hook_body(ctx, 0);
+}
+
+SEC("xdp.frags")
+int mcnp_hook_frags(struct xdp_md *ctx)
+{
+	return hook_body(ctx, 1);
 }
 
 char LICENSE[] SEC("license") = "GPL";

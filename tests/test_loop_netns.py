@@ -77,7 +77,7 @@ def net():
 
 
 @contextlib.contextmanager
-def built_net(mtu: int = 1500):
+def built_net(mtu: int = 1500, **loop_options):
     """Namespaces, veths, routes and a running Dataplane; torn down whatever happens."""
     from fastpath.worker import Dataplane
     with contextlib.ExitStack() as stack:
@@ -90,7 +90,7 @@ def built_net(mtu: int = 1500):
         nu.add_address(node, "upl", "198.18.20.254/24")
         nu.add_address(hosts["r"], "eth0", f"{IPS['r']}/24")
         nu.ip("route", "add", "198.18.10.0/24", "via", "198.18.20.254", ns=hosts["r"])
-        dp = Dataplane(netns=node)
+        dp = Dataplane(netns=node, **loop_options)
         stack.callback(dp.close)
         dp.wait_ready(15)
         for name in "abc":
@@ -310,14 +310,18 @@ def test_pods_come_and_go_without_leaking_sockets_frames_or_map_entries(net):
     assert not dp.detach("no-such-sandbox")
 
 
-def test_pods_with_mtu_9000():
+@pytest.mark.parametrize("xdp_mode", ["generic", "native"])
+def test_pods_with_mtu_9000(xdp_mode):
     """Jumbo frames: TCP segments of 8,000 bytes pass (the SYN is judged, the rest goes in
     the kernel); the first datagram of a UDP flow, longer than a UMEM frame, reaches
     userspace in pieces at each end that sees the flow first, is judged there and
     delivered whole, byte for byte; another flow of the same class is admitted by the
-    hooks. A denied jumbo datagram stays denied. Nothing is cut to its headers."""
-    with built_net(mtu=9000) as (dp, hosts, _):
+    hooks. A denied jumbo datagram stays denied. Nothing is cut to its headers. In native
+    mode the veths refuse a program that is not frags-aware: the frags-aware build runs."""
+    with built_net(mtu=9000, xdp_mode=xdp_mode) as (dp, hosts, node):
         publish(dp, 1)
+        shown = nu.ip("-d", "link", "show", "pa", ns=node).stdout
+        assert ("mcnp_hook_frags" in shown) == (xdp_mode == "native"), shown
         assert dp.stats()["umem"]["multi_buffer"] is True
         with server(hosts["b"], IPS["b"], 8080, "tcp"), server(hosts["b"], IPS["b"], 5353, "udp"):
             c = tcp_connect(hosts["a"], IPS["b"], 8080, 3)
