@@ -41,7 +41,8 @@ REASONS = (
     "unknown_port",    # drop: a frame from a socket the loop does not know
     "cache_error",     # drop: the flow cache refused the admitted flow (not sent: it would loop)
     "would_deny",      # pass: a new flow enforcement admits and the audit tables deny (audit mode)
-    "oversize",        # drop: a first packet too long for userspace: its flow judged, itself not delivered
+    "oversize",        # drop: a first packet userspace cannot take whole (over the MTU, or no
+                       # multi-buffer sockets): its flow judged from its headers, itself not delivered
 ) + tuple(name for code, name in sorted(parse.STATUS_NAMES.items())
           if code >= parse.MALFORMED_MIN)
 REASON = {name: i for i, name in enumerate(REASONS)}
