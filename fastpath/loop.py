@@ -467,7 +467,9 @@ class Loop:
     def run(self, should_stop: Callable[[], bool], between_batches: Callable[[], None] | None = None,
             max_frames: int | None = None) -> int:
         """Process batches until ``should_stop()`` (or ``max_frames`` received); sleeps
-        in poll() when the rings stay empty for spin_us.  Returns frames processed.
+        in poll() when the rings stay empty for spin_us, and goes on sleeping without
+        spinning while polls time out (an idle node's loop wakes every poll_ms for its
+        housekeeping only).  Returns frames processed.
 
         While it spins it yields the CPU to anything else that wants it: the worker
         often shares a CPU with the pods it serves, and a spinner that does not yield
@@ -478,6 +480,7 @@ class Loop:
         total = 0
         spin_ns = self.opt["spin_us"] * 1000
         idle_since = None
+        asleep = False  # the last poll() timed out: nothing came, poll again without spinning
         while not should_stop():
             n = self.step()
             total += n
@@ -486,15 +489,15 @@ class Loop:
             if max_frames is not None and total >= max_frames:
                 break
             if n:
-                idle_since = None
+                idle_since, asleep = None, False
                 continue
             now = time.monotonic_ns()
-            if idle_since is None:
-                idle_since = now
-            elif now - idle_since > spin_ns:
+            if asleep or (idle_since is not None and now - idle_since > spin_ns):
                 self.counters.gauges[GAUGE["rx_empty_polls"]] += 1
-                self._poll.poll(self.opt["poll_ms"])
+                asleep = not self._poll.poll(self.opt["poll_ms"])
                 idle_since = None
+            elif idle_since is None:
+                idle_since = now
             else:
                 os.sched_yield()
         return total

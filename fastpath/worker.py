@@ -23,6 +23,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import threading
 import time
@@ -302,6 +303,10 @@ class _Worker:
         from fastpath.tables import PolicyTables
         self._unpack = PolicyTables.unpack
         self.conn = conn
+        # one poll() system call per check; Connection.poll builds a selector each time,
+        # which was most of an idle loop's cost (~70 of its ~100 µs per 10 ms tick)
+        self._requests = select.poll()
+        self._requests.register(conn.fileno(), select.POLLIN)
         self.timeouts = config["timeouts"]
         self.flow_classes = config.get("flow_classes", True)
         #: flows each class had admitted at the last fold, by key bytes
@@ -353,7 +358,7 @@ class _Worker:
         if now >= self._next_sweep:
             self._next_sweep = now + self.SWEEP_EVERY_S
             self._sweep()
-        while self.conn.poll(0):
+        while self._requests.poll(0):
             self._serve(self.conn.recv())
 
     def _sweep(self) -> None:
