@@ -28,7 +28,8 @@ userspace at both ends) and ``rtt-established`` (echoes on one flow), all at low
 (one in flight), median ms. Received packets are those that reached the receiving
 pod's UDP layer (its /proc/net/snmp); busy CPU-seconds are /proc/stat deltas of all
 CPUs over the measurement. Conntrack is flushed on both nodes before every workload
-(kube-proxy's rules keep it on in every configuration).
+(kube-proxy's rules keep it on in every configuration), and so are mcnp's flow cache
+and flow classes in (d): every configuration starts each workload tracking no flow.
 
 ``MCNP_BENCH_ROUNDS`` (default 2), ``MCNP_BENCH_SECONDS`` (default 2) and
 ``MCNP_BENCH_POLICIES`` (default "10,1000,10000") size the run. Run (root):
@@ -149,9 +150,24 @@ def node_testbed(mode: str, policies: int, workdir: str, tag: str):
         tb.down(state_dir, log=logger.info)
 
 
-def flush_conntrack(bed: Bed) -> None:
+def forget_flows(bed: Bed) -> None:
+    """No flow tracked at the start of a workload, in any configuration: the kernel's
+    conntrack on both nodes and, with mcnp, its flow cache and flow classes (pinned
+    under each node's bpf directory), which are to mcnp what conntrack is to (c)."""
+    from fastpath import kernel as K
     for netns in (bed.gen_node, bed.recv_node):
         subprocess.run(["ip", "netns", "exec", netns, "conntrack", "-F"], capture_output=True, timeout=30, check=False)
+    if not bed.state.get("daemons"):
+        return
+    for node in bed.state["nodes"].values():
+        if not os.path.exists(os.path.join(node["bpf_dir"], "flows_v1")):  # never pin maps of our own
+            raise nb.BenchError(f"no flow cache of mcnp's pinned under {node['bpf_dir']}")
+        kern = K.Kernel(node["bpf_dir"])
+        try:
+            kern.clear(K.FLOWS)
+            kern.clear(K.CLASSES)
+        finally:
+            kern.close()
 
 
 @contextlib.contextmanager
@@ -287,22 +303,22 @@ def echo_rtts(bed: Bed, new_flow_each: bool, probes: int = RTT_PROBES, ports: li
 def measure(bed: Bed, config: str, policies: int, rnd: int, programs: dict) -> list[dict]:
     """Every workload once in ``config``."""
     out = []
-    flush_conntrack(bed)
+    forget_flows(bed)
     got, sent, elapsed, window = flood(bed, udp_frame(bed, nb.FLOOD_PORT))
     out.append(nb.rate_record("udp-1flow", config, policies, rnd, "pps", got, sent, window, elapsed))
-    flush_conntrack(bed)
+    forget_flows(bed)
     got, sent, elapsed, window = flood(bed, udp_frame(bed, nb.NEW_FLOW_DPORTS[0]),
                                        new_flows=(nb.NEW_FLOW_SPORTS, nb.NEW_FLOW_DPORTS))
     out.append(nb.rate_record("udp-newflow", config, policies, rnd, "flows/s", got, sent, window, elapsed))
     for workload, streams in (("tcp-1conn", 1), ("tcp-100conn", 100)):
-        flush_conntrack(bed)
+        forget_flows(bed)
         gbps, window = iperf(bed, streams)
         out.append(nb.record(workload, config, policies, rnd, "Gbit/s", gbps, cpu_s=window.cpu_s,
                              seconds=window.seconds))
     for workload, fresh in (("rtt-first-packet", True), ("rtt-established", False)):
-        flush_conntrack(bed)
+        forget_flows(bed)
         out.append(nb.record(workload, config, policies, rnd, "ms", statistics.median(echo_rtts(bed, fresh))))
-    flush_conntrack(bed)
+    forget_flows(bed)
     with echo_ports(bed, FIRST_OF_CLASS_PORTS):
         rtts = echo_rtts(bed, True, ports=FIRST_OF_CLASS_PORTS)
     out.append(nb.record("rtt-first-of-class", config, policies, rnd, "ms", statistics.median(rtts)))
