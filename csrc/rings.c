@@ -15,10 +15,11 @@
  * on a fill ring), frees the pieces and hands over the slot as one frame.  A slot
  * is transmitted as one descriptor per frame it spans, and is free again once the
  * caller freed it or every one of those descriptors completed (slot_refs counts
- * its owners: the caller, or the descriptors in flight).  Sockets of different interfaces each get their own fill and
- * completion ring, but all take from and return to this one pool, which is
- * what lets a frame received on one port be transmitted on another without a
- * userspace copy.
+ * its owners: the caller, or the descriptors in flight).
+ *
+ * Sockets of different interfaces each get their own fill and completion ring,
+ * but all take from and return to this one pool, which is what lets a frame
+ * received on one port be transmitted on another without a userspace copy.
  *
  * Kernel facts this code relies on (docs/dataplane.md, "Kernel facts"):
  * copy mode only on veth; libxdp must not load its dispatcher (sockets are
