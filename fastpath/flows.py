@@ -82,10 +82,16 @@ def _recheck_map(kern: K.Kernel, which: int, tables, pods: dict[int, list[str]],
         if audit_tables is not None:  # what the audit tables would deny must reach userspace
             ok[rows] &= verdicts(audit_tables, keys[rows], vals[rows], pods, services)[0]
     cut = kern.delete(keys[~ok], which)
-    vals["revision"][ok] = tables.revision
-    vals["rule_egress"][ok] = eg[ok]
-    vals["rule_ingress"][ok] = ing[ok]
-    kern.update(keys[ok], vals[ok], which)
+    # Only entries whose stamp changes are written back.  Under a new revision the hooks
+    # leave every entry alone until it is re-stamped (it is not fresh for them); under the
+    # same one (a hand-over of pods or Services only) they go on counting and moving its
+    # state, and writing the entry read above back would undo what they did since.
+    stamp = ok & ((vals["revision"] != tables.revision) | (vals["rule_egress"] != eg) |
+                  (vals["rule_ingress"] != ing))
+    vals["revision"][stamp] = tables.revision
+    vals["rule_egress"][stamp] = eg[stamp]
+    vals["rule_ingress"][stamp] = ing[stamp]
+    kern.update(keys[stamp], vals[stamp], which)
     return int(ok.sum()), int(cut)
 
 

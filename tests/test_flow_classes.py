@@ -116,6 +116,42 @@ def test_a_recheck_removes_classes_the_new_tables_deny_and_restamps_the_rest(pip
     assert classes(kern) == {}
 
 
+def test_a_hand_over_that_keeps_the_revision_leaves_what_the_hooks_counted(pipeline, monkeypatch):
+    """A hand-over of pods or Services only (same tables revision) re-checks every entry,
+    but the hooks go on admitting and counting meanwhile: an entry read before they did
+    must not be written back over what they did (flows the class admitted, which the rule
+    hits are folded from, and the flow's own counters)."""
+    kern, pipe = pipeline
+    tables, _ = compiled(1)
+    use(kern, pipe, tables, None)
+    assert run(pipe, [("a", "b", 41000)])[0] == ["allowed"]
+    for sport in range(41001, 41004):
+        assert into(kern, "a", "b", sport) == "pass"
+    ck = (ZONE["b"], K.CLASS_KINDS[K.INGRESS], 80, 0, IPS["a"])
+    assert classes(kern)[ck]["admitted"] == 3
+    dump = kern.dump
+
+    def dump_then_the_hooks_go_on(*args, **kwargs):  # the hooks run between read and write
+        got = dump(*args, **kwargs)
+        assert into(kern, "a", "b", 41100 + len(calls)) == "pass"
+        calls.append(1)
+        return got
+    calls: list[int] = []
+    monkeypatch.setattr(kern, "dump", dump_then_the_hooks_go_on)
+    pods = {ZONE[n]: [ip] for n, ip in IPS.items()}
+    done = F.recheck(kern, tables, K.DEFAULT_TIMEOUTS, pods)
+    monkeypatch.setattr(kern, "dump", dump)
+    assert done["classes"] == 1 and len(calls) == 2  # flows, then classes
+    assert classes(kern)[ck]["admitted"] == 3 + 2  # nothing the hooks admitted was lost
+    keys, vals = kern.dump()
+    first = [v for k, v in zip(keys, vals) if int(k["pod_port"]) == 80 and int(k["peer_port"]) == 41001]
+    assert len(first) == 1 and int(first[0]["revision"]) == 1
+    # a new revision re-stamps every entry (the hooks leave them alone until then)
+    newer, _ = compiled(2)
+    F.recheck(kern, newer, K.DEFAULT_TIMEOUTS, pods)
+    assert classes(kern)[ck]["revision"] == 2 and classes(kern)[ck]["admitted"] == 5
+
+
 def test_with_classes_off_every_new_flow_is_judged_in_userspace(pipeline):
     kern, pipe = pipeline
     tables, _ = compiled(1)
