@@ -114,8 +114,10 @@ def recheck(kern: K.Kernel, tables, timeouts: dict[str, float], pods: dict[int, 
     return {"flows": flows, "cut": cut, "classes": n_classes, "ns": time.monotonic_ns() - t0}
 
 
-def _expire_rows(kern: K.Kernel, which: int, keys: np.ndarray, vals: np.ndarray, timeouts: dict[str, float],
-                 pods: dict[int, list[str]] | None, now_ns: int | None) -> int:
+def expire_rows(kern: K.Kernel, which: int, keys: np.ndarray, vals: np.ndarray, timeouts: dict[str, float],
+                pods: dict[int, list[str]] | None, now_ns: int | None = None) -> int:
+    """Remove those of the entries ``keys``/``vals`` (read from map ``which``) idle past
+    their state's timeout, or of pods not in ``pods``; returns how many went."""
     now = K.now_ns() if now_ns is None else now_ns
     limit = np.array([timeouts[s] * 1e9 for s in K.STATES], dtype=np.float64)
     state = np.minimum(vals["state"], len(K.STATES) - 1)
@@ -127,14 +129,14 @@ def _expire_rows(kern: K.Kernel, which: int, keys: np.ndarray, vals: np.ndarray,
 
 
 def expire(kern: K.Kernel, timeouts: dict[str, float], pods: dict[int, list[str]] | None,
-           now_ns: int | None = None, maps: tuple[int, ...] = (K.FLOWS, K.CLASSES)) -> tuple[int, dict[int, int]]:
+           now_ns: int | None = None) -> tuple[int, dict[int, int]]:
     """Remove flows and classes idle past their state's timeout (and, given ``pods``,
     those of pods no longer attached).  Returns (flows removed, entries left per map:
     ``{K.FLOWS: n, K.CLASSES: n}``) — one read of each map."""
     gone, left = 0, {}
-    for which in maps:
+    for which in (K.FLOWS, K.CLASSES):
         keys, vals = kern.dump(which=which)
-        n = _expire_rows(kern, which, keys, vals, timeouts, pods, now_ns)
+        n = expire_rows(kern, which, keys, vals, timeouts, pods, now_ns)
         left[which] = len(keys) - n
         gone += n if which == K.FLOWS else 0
     return gone, left
@@ -146,15 +148,17 @@ def expire_slice(kern: K.Kernel, walk: K.Walk, max_entries: int, timeouts: dict[
     cache: a full cache is swept a slice at a time instead of read whole at once.
     Returns (flows removed, flows read)."""
     keys, vals = kern.dump_slice(walk, max_entries)
-    return _expire_rows(kern, K.FLOWS, keys, vals, timeouts, pods, now_ns), len(keys)
+    return expire_rows(kern, K.FLOWS, keys, vals, timeouts, pods, now_ns), len(keys)
 
 
-def fold_class_hits(kern: K.Kernel, revision: int, hits: np.ndarray, seen: dict[bytes, int]) -> dict[bytes, int]:
+def fold_class_hits(kern: K.Kernel, revision: int, hits: np.ndarray, seen: dict[bytes, int],
+                    rows: tuple[np.ndarray, np.ndarray] | None = None) -> dict[bytes, int]:
     """Add the flows each class of ``revision`` admitted since ``seen`` (its count at the
     last fold, by key) to ``hits`` (the rule hits of that revision: one cell per rule id,
     the last one spare).  Returns the counts to pass as ``seen`` next time.  A class
-    found with fewer than ``seen`` was made again since: all of its count is new."""
-    keys, vals = kern.dump(which=K.CLASSES)
+    found with fewer than ``seen`` was made again since: all of its count is new.
+    ``rows``: the classes as the caller read them (``kern.dump(which=K.CLASSES)``)."""
+    keys, vals = rows if rows is not None else kern.dump(which=K.CLASSES)
     now: dict[bytes, int] = {}
     n_rules = len(hits) - 1
     for r in np.nonzero(vals["packets"][:, 0])[0]:

@@ -369,9 +369,9 @@ class _Worker:
             g[GAUGE["flows"]] = len(self.kernel.dump()[0])
             g[GAUGE["flow_classes"]] = len(self.kernel.dump(which=K.CLASSES)[0])
             return
-        self._fold_class_hits()
-        _, left = F.expire(self.kernel, self.timeouts, pods, maps=(K.CLASSES,))
-        g[GAUGE["flow_classes"]] = left[K.CLASSES]
+        keys, vals = self.kernel.dump(which=K.CLASSES)  # read once: folded, then expired
+        self._fold_class_hits((keys, vals))
+        g[GAUGE["flow_classes"]] = len(keys) - F.expire_rows(self.kernel, K.CLASSES, keys, vals, self.timeouts, pods)
         gone, read = F.expire_slice(self.kernel, self._walk, self.SWEEP_SLICE, self.timeouts, pods)
         g[GAUGE["expired"]] += gone
         self._walk_flows += read - gone
@@ -379,15 +379,16 @@ class _Worker:
             g[GAUGE["flows"]] = self._walk_flows
             self._walk_flows = 0
 
-    def _fold_class_hits(self) -> None:
+    def _fold_class_hits(self, rows=None) -> None:
         """Count the flows the hooks admitted by class since the last fold into the rule
         hits of the tables in force (a class counts them, the rules it names are those
-        of its revision; classes of another revision count nothing here)."""
+        of its revision; classes of another revision count nothing here).  ``rows``: the
+        classes if already read."""
         tables = self.loop.pipeline.tables
         if tables is None:
             return
         self._class_seen = F.fold_class_hits(self.kernel, tables.revision, self.loop.pipeline.rule_hits,
-                                             self._class_seen)
+                                             self._class_seen, rows)
 
     def _refresh_node_addrs(self) -> None:
         from fastpath.netlink import local_addresses
